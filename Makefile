@@ -1,0 +1,28 @@
+# Two entry points, each installing what it needs into .venv first:
+#   make demo   Selective-DPO on the bundled model and data (CPU, about 7 minutes on 2 cores)
+#   make test   the test suite
+# torch is installed on its own, first, so that no other requirement pulls a multi-GB CUDA build;
+# on another machine pick its wheel index, e.g. `make demo TORCH_INDEX=https://download.pytorch.org/whl/cpu`.
+PYTHON ?= python3
+VENV ?= .venv
+TORCH ?= torch==2.13.0
+TORCH_INDEX ?=
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.selective-po-installed
+
+.PHONY: demo test install
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet "$(TORCH)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/selective-po demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest

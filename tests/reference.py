@@ -1,0 +1,51 @@
+"""Float64 reference implementations, written as directly from the formulas as possible.
+
+Slow (Python loops over rows and tokens) and obviously correct; the fast path in `selective_po`
+is checked against these in values and gradients.
+"""
+
+from __future__ import annotations
+
+import math
+from fractions import Fraction
+
+import torch
+
+
+def reference_keep_count(n: int, threshold: float) -> int:
+    """k = ceil((1 - q) * n), with q read as the decimal it was written as (0.6 is exactly 3/5)."""
+    return math.ceil((1 - Fraction(str(threshold))) * n)
+
+
+def reference_keep(scores: torch.Tensor, mask: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Keep every completion token whose score is >= the k-th largest completion score of its row."""
+    rows = []
+    for row_scores, row_mask in zip(scores.double().tolist(), mask.bool().tolist()):
+        positions = [t for t, real in enumerate(row_mask) if real]
+        k = reference_keep_count(len(positions), threshold)
+        if k == 0:
+            rows.append([False] * len(row_mask))
+            continue
+        kth = sorted((row_scores[t] for t in positions), reverse=True)[k - 1]
+        rows.append([real and row_scores[t] >= kth for t, real in enumerate(row_mask)])
+    return torch.tensor(rows, dtype=torch.bool).reshape(mask.shape)
+
+
+def reference_sdpo(pc, pr, rc, rr, chosen_mask, rejected_mask, *, threshold, beta, label_smoothing=0.0):
+    """Selective-DPO per-example losses in float64, plus the keep masks.
+
+    pc, pr: policy per-token log-probs (float64 leaves if gradients are wanted); rc, rr: reference.
+    """
+    chosen_scores = (rc - pc).detach()
+    rejected_scores = (pr - rr).detach()
+    keep_c = reference_keep(chosen_scores, chosen_mask, threshold)
+    keep_r = reference_keep(rejected_scores, rejected_mask, threshold)
+    losses = []
+    for b in range(pc.shape[0]):
+        chosen = sum((pc[b, t] - rc[b, t] for t in range(pc.shape[1]) if keep_c[b, t]), torch.zeros((), dtype=torch.float64))
+        rejected = sum((pr[b, t] - rr[b, t] for t in range(pr.shape[1]) if keep_r[b, t]), torch.zeros((), dtype=torch.float64))
+        logit = beta * (chosen - rejected)
+        losses.append(
+            -(1 - label_smoothing) * torch.log(torch.sigmoid(logit)) - label_smoothing * torch.log(torch.sigmoid(-logit))
+        )
+    return torch.stack(losses), keep_c, keep_r

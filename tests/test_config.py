@@ -1,0 +1,56 @@
+"""SelectiveDPOConfig: defaults, validation at config time, and the TRL loss list kept in sync."""
+
+import inspect
+import re
+
+import pytest
+from trl import DPOTrainer
+
+from selective_po import SelectiveDPOConfig
+from selective_po.config import TRL_LOSS_TYPES
+
+
+def make(**kwargs):
+    return SelectiveDPOConfig(output_dir="unused", report_to="none", **kwargs)
+
+
+def test_defaults_are_selective_dpo_on_cpu():
+    config = make()
+    assert config.loss_type == ["sdpo"] and config.sdpo_threshold == 0.6
+    assert config.ref_model_name_or_path is None
+    assert config.bf16 is False  # this machine has no accelerator; TRL would default to True and fail
+
+
+@pytest.mark.parametrize("threshold", [-0.1, 1.0, 1.5])
+def test_threshold_out_of_range(threshold):
+    with pytest.raises(ValueError, match=r"sdpo_threshold=.* must lie in \[0, 1\)"):
+        make(sdpo_threshold=threshold)
+
+
+def test_unknown_loss_type_lists_the_allowed_ones():
+    with pytest.raises(ValueError, match="Unknown loss_type.*Allowed: sdpo, sigmoid"):
+        make(loss_type="sdp0")
+
+
+def test_sdpo_cannot_be_combined():
+    with pytest.raises(ValueError, match="cannot be combined"):
+        make(loss_type=["sdpo", "sft"], loss_weights=[1.0, 1.0])
+
+
+@pytest.mark.parametrize(
+    "field, value", [("precompute_ref_log_probs", True), ("use_weighting", True), ("ld_alpha", 0.5)]
+)
+def test_unsupported_trl_options_fail_at_config_time(field, value):
+    with pytest.raises(ValueError, match=field):
+        make(**{field: value})
+
+
+def test_trl_loss_types_still_accepted_without_selection_checks():
+    config = make(loss_type="sigmoid", sdpo_threshold=0.6, precompute_ref_log_probs=True)
+    assert config.loss_type == ["sigmoid"] and not config.uses_selection
+
+
+def test_trl_loss_list_matches_trl_source():
+    """Fails when a TRL upgrade adds or drops a DPO loss type."""
+    source = inspect.getsource(DPOTrainer._compute_loss)
+    assert set(re.findall(r'loss_type == "(\w+)"', source)) == set(TRL_LOSS_TYPES)

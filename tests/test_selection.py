@@ -1,0 +1,75 @@
+"""Selection against the float64 reference: odd shapes, padding sides, ties, empty rows."""
+
+import pytest
+import torch
+
+from reference import reference_keep, reference_keep_count
+from selective_po.selection import keep_counts, top_share_mask
+
+THRESHOLDS = [0.0, 0.1, 0.25, 0.5, 0.6, 0.7, 0.9, 0.99]
+
+
+def random_mask(batch, length, *, side, generator):
+    """Completion masks with random lengths (zero and full included), padded on `side`."""
+    lengths = torch.randint(0, length + 1, (batch,), generator=generator)
+    lengths[0], lengths[-1] = 0, length  # always one empty and one full row
+    positions = torch.arange(length)
+    if side == "right":
+        return positions < lengths[:, None]
+    if side == "left":
+        return positions >= (length - lengths)[:, None]
+    # prompt then completion then padding: the completion sits in the middle of the row
+    start = torch.randint(0, length + 1, (batch,), generator=generator).clamp(max=length - lengths)
+    return (positions >= start[:, None]) & (positions < (start + lengths)[:, None])
+
+
+@pytest.mark.parametrize("threshold", THRESHOLDS)
+@pytest.mark.parametrize("shape", [(1, 1), (3, 47), (5, 13), (7, 2)])
+@pytest.mark.parametrize("side", ["right", "left", "middle"])
+def test_matches_reference_with_ties(threshold, shape, side):
+    generator = torch.Generator().manual_seed(hash((threshold, shape, side)) % 2**31)
+    mask = random_mask(*shape, side=side, generator=generator)
+    # Scores on a coarse grid: many exact ties, including at the selection boundary.
+    scores = torch.randint(-3, 4, shape, generator=generator).float() / 4
+    scores[~mask] = torch.randn(int((~mask).sum()), generator=generator) * 100  # garbage outside the mask
+    keep = top_share_mask(scores, mask, keep_share=1 - threshold)
+    torch.testing.assert_close(keep, reference_keep(scores, mask, threshold))
+    assert not (keep & ~mask).any()
+
+
+@pytest.mark.parametrize("threshold", THRESHOLDS)
+def test_continuous_scores_keep_exactly_k(threshold):
+    generator = torch.Generator().manual_seed(0)
+    mask = random_mask(6, 31, side="right", generator=generator)
+    scores = torch.randn(6, 31, generator=generator)
+    keep = top_share_mask(scores, mask, keep_share=1 - threshold)
+    expected = [reference_keep_count(int(n), threshold) for n in mask.sum(-1)]
+    assert keep.sum(-1).tolist() == expected
+    torch.testing.assert_close(keep, reference_keep(scores, mask, threshold))
+
+
+def test_all_equal_scores_keep_every_token():
+    mask = random_mask(4, 9, side="left", generator=torch.Generator().manual_seed(1))
+    keep = top_share_mask(torch.zeros(4, 9), mask, keep_share=0.1)
+    assert torch.equal(keep, mask)
+
+
+def test_one_token_and_empty_rows():
+    mask = torch.tensor([[False, True, False], [False, False, False]])
+    keep = top_share_mask(torch.tensor([[5.0, -2.0, 9.0], [1.0, 2.0, 3.0]]), mask, keep_share=0.01)
+    assert keep.tolist() == [[False, True, False], [False, False, False]]
+
+
+def test_keep_counts_round_up_without_float_noise():
+    """0.4 * 10 is 4.000000000000001 in floating point; the count must still be 4, not 5."""
+    n = torch.arange(0, 200)
+    for threshold in [0.6, 0.7, 0.3, 0.45, 0.9, 0.05]:
+        expected = [reference_keep_count(int(v), threshold) for v in n]
+        assert keep_counts(n, 1 - threshold).tolist() == expected, threshold
+
+
+def test_bad_inputs_are_rejected():
+    with pytest.raises(ValueError, match="keep_share"):
+        keep_counts(torch.tensor([3]), 1.5)
+    with pytest.raises(ValueError, match="differ"):
+        top_share_mask(torch.zeros(2, 3), torch.ones(2, 4, dtype=torch.bool), keep_share=0.5)
