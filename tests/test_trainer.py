@@ -149,3 +149,30 @@ def test_plain_dpo_config_is_rejected_with_a_hint(tmp_path, tiny_model_dir):
         SelectiveDPOTrainer(
             model=tiny_model_dir, args=DPOConfig(output_dir=str(tmp_path), bf16=False), train_dataset=preference_dataset()
         )
+
+
+def test_peft_reference_is_the_base_model_as_in_trl(tmp_path, tiny_model_dir):
+    """With LoRA and no ref_model, the reference is the policy with its adapter disabled."""
+    from peft import LoraConfig
+
+    results = []
+    for cls, cfg, loss_type in ((DPOTrainer, DPOConfig, "sigmoid"), (SelectiveDPOTrainer, SelectiveDPOConfig, "sdpo")):
+        args = cfg(output_dir=str(tmp_path / loss_type), loss_type=loss_type, bf16=False, **COMMON)
+        if loss_type == "sdpo":
+            args.sdpo_threshold = 0.0
+        lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+        trainer = cls(model=tiny_model_dir, args=args, train_dataset=preference_dataset(), peft_config=lora)
+        assert trainer.ref_model is None
+        # LoRA starts as a no-op (B = 0); give it the same non-zero weights in both runs so the
+        # policy differs from the reference.
+        generator = torch.Generator().manual_seed(0)
+        for name, param in sorted(trainer.model.named_parameters()):
+            if "lora_B" in name:
+                param.data = torch.randn(param.shape, generator=generator) * 0.5
+        results.append(one_batch_loss(trainer))
+    (trl_loss, trl_grads, _), (loss, grads, metrics) = results
+    assert not torch.isclose(trl_loss, torch.log(torch.tensor(2.0)))  # the adapter really moved the policy
+    torch.testing.assert_close(loss, trl_loss, rtol=1e-6, atol=1e-7)
+    assert grads.keys() == trl_grads.keys() and all("lora" in name for name in grads)
+    for name in grads:
+        torch.testing.assert_close(grads[name], trl_grads[name], rtol=1e-5, atol=1e-7, msg=name)
