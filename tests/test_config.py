@@ -38,7 +38,7 @@ def test_sdpo_cannot_be_combined():
 
 
 @pytest.mark.parametrize(
-    "field, value", [("precompute_ref_log_probs", True), ("use_weighting", True), ("ld_alpha", 0.5)]
+    "field, value", [("use_weighting", True), ("ld_alpha", 0.5), ("f_divergence_type", "js_divergence")]
 )
 def test_unsupported_trl_options_fail_at_config_time(field, value):
     with pytest.raises(ValueError, match=field):

@@ -61,6 +61,11 @@ class SelectiveDPOConfig(DPOConfig):
             Model used as the reference (a hub id, a local folder, or an embedded name such as
             `smollm2-135m-instruct`). `None` uses TRL's default, a frozen copy of the initial policy.
             Its tokenizer must have the policy's vocabulary.
+        ref_logps_cache_dir (`str`, *optional*):
+            Where `precompute_ref_log_probs=True` stores per-token reference log-probs (default
+            `$SELECTIVE_PO_CACHE/ref_logps`). With `loss_type="sdpo"`, precomputing stores every
+            token's value, not TRL's one sum per sequence, and the reference is then never kept in
+            memory during training (nor loaded at all when the values are already stored).
     """
 
     loss_type: list[str] = field(
@@ -84,6 +89,15 @@ class SelectiveDPOConfig(DPOConfig):
             "help": "Reference model for scoring and the DPO log-ratio: a hub id, a local folder or an embedded name "
             "(e.g. `smollm2-135m-instruct`). None: a frozen copy of the initial policy (TRL's default). A stronger "
             "reference (a larger model of the same tokenizer, or a DPO-trained copy) selects better tokens."
+        },
+    )
+
+    ref_logps_cache_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "Where per-token reference log-probs are stored with precompute_ref_log_probs=True (default: "
+            "$SELECTIVE_PO_CACHE/ref_logps). Entries are keyed by data, tokenizer, reference weights, max_length, "
+            "truncation mode and dtype, so one directory serves many runs."
         },
     )
 
@@ -116,7 +130,6 @@ class SelectiveDPOConfig(DPOConfig):
         if not 0.0 <= self.label_smoothing < 0.5:
             raise ValueError(f"label_smoothing={self.label_smoothing} must lie in [0, 0.5) for loss_type='sdpo'.")
         unsupported = {
-            "precompute_ref_log_probs": self.precompute_ref_log_probs,
             "use_weighting": self.use_weighting,
             "ld_alpha": self.ld_alpha is not None,
             "f_divergence_type": self.f_divergence_type != "reverse_kl",
@@ -125,8 +138,7 @@ class SelectiveDPOConfig(DPOConfig):
         if bad:
             raise ValueError(
                 f"loss_type='sdpo' does not support {', '.join(bad)}: leave them at TRL's defaults "
-                "(precompute_ref_log_probs=False, use_weighting=False, ld_alpha=None, f_divergence_type='reverse_kl'). "
-                "Selection needs per-token reference log-probs, and TRL precomputes only one sum per sequence."
+                "(use_weighting=False, ld_alpha=None, f_divergence_type='reverse_kl')."
             )
 
     @property

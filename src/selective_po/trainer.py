@@ -13,22 +13,29 @@ to 1.16.x in pyproject.toml, and `tests/test_trainer.py` compares this trainer a
 
 from __future__ import annotations
 
+import functools
+import os
 import textwrap
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
-from accelerate.utils import is_peft_model
+from accelerate.utils import is_peft_model, tqdm
+from datasets import IterableDataset
 from transformers import AutoTokenizer, PreTrainedModel, ProcessorMixin
 from trl import DPOTrainer
 from trl.models.utils import disable_gradient_checkpointing
-from trl.trainer.utils import create_model_from_path, get_config_model_id, use_adapter
+from trl.trainer.utils import add_fused_lm_head, create_model_from_path, disable_dropout_in_model, get_config_model_id, use_adapter
 
+from . import reference_cache
 from .config import SelectiveDPOConfig
 from .losses import SelectiveDPOOutput, masked_sum, select_sdpo_tokens, selective_dpo_loss
-from .models import check_same_vocabulary, resolve_model_path
+from .models import cache_dir, check_same_vocabulary, resolve_model_path
 
-# Batch keys that TRL's collator adds for the loss, not for the model's forward.
-_NON_MODEL_KEYS = {"completion_mask", "ref_chosen_logps", "ref_rejected_logps"}
+# Batch keys that the collators add for the loss, not for the model's forward.
+_NON_MODEL_KEYS = {"completion_mask", "ref_chosen_logps", "ref_rejected_logps", "ref_per_token_logps"}
+# Rows per stored shard of reference log-probs: the unit of resumption after an interruption.
+REFERENCE_SHARD_ROWS = 256
 
 
 class SelectiveDPOTrainer(DPOTrainer):
@@ -75,15 +82,21 @@ class SelectiveDPOTrainer(DPOTrainer):
             )
         if isinstance(model, str):
             model = resolve_model_path(model)
+        # With stored per-token values the reference is loaded only if something is left to score.
+        self._ref_path = None
+        self.reference_stores: dict[str, Path] = {}
         if args.ref_model_name_or_path is not None:
             if ref_model is not None:
                 raise ValueError(
                     "Both `ref_model` and `args.ref_model_name_or_path` were given; pass only one of them."
                 )
-            ref_path = resolve_model_path(args.ref_model_name_or_path)
-            self._check_reference_tokenizer(model, ref_path, args, kwargs.get("processing_class"))
-            ref_model = create_model_from_path(ref_path, **_reference_init_kwargs(args, model))
+            self._ref_path = resolve_model_path(args.ref_model_name_or_path)
+            self._check_reference_tokenizer(model, self._ref_path, args, kwargs.get("processing_class"))
+            if not (args.precompute_ref_log_probs and args.uses_selection):
+                ref_model = create_model_from_path(self._ref_path, **_reference_init_kwargs(args, model))
         super().__init__(model, ref_model=ref_model, args=args, **kwargs)
+        if self.precompute_ref_logps and args.uses_selection:
+            self.data_collator = reference_cache.PerTokenReferenceCollator(self.data_collator)
 
     @staticmethod
     def _check_reference_tokenizer(model, ref_path: str, args: SelectiveDPOConfig, processing_class) -> None:
@@ -172,7 +185,7 @@ class SelectiveDPOTrainer(DPOTrainer):
         seq_len = shift_mask.size(1)
         # Prompt-learning PEFT prepends virtual tokens to the outputs; keep the real positions.
         policy_logps = outputs.log_probs[:, -seq_len:]  # (2B, T-1)
-        ref_logps = self._reference_per_token_logps(model_kwargs, labels)[:, -seq_len:]  # (2B, T-1)
+        ref_logps = self._reference_per_token_logps(inputs, model_kwargs, labels)[:, -seq_len:]  # (2B, T-1)
         return outputs, policy_logps, ref_logps, shift_mask
 
     def _compute_loss(self, model, inputs, return_outputs):
@@ -212,22 +225,127 @@ class SelectiveDPOTrainer(DPOTrainer):
             return loss, outputs
         return loss
 
-    def _reference_per_token_logps(self, model_kwargs: dict, labels: torch.Tensor) -> torch.Tensor:
-        """Per-token reference log-probs `(2B, T-1)`, from the same reference TRL would use."""
+    def _reference_per_token_logps(self, inputs: dict, model_kwargs: dict, labels: torch.Tensor) -> torch.Tensor:
+        """Per-token reference log-probs `(2B, T-1)`: stored ones if the batch has them, else a forward."""
+        if "ref_per_token_logps" in inputs:
+            return inputs["ref_per_token_logps"].to(labels.device)
         if self.precompute_ref_logps:
             raise ValueError(
-                "Selective-DPO needs per-token reference log-probs, but `precompute_ref_log_probs=True` stores only "
-                "one sum per sequence. Set `precompute_ref_log_probs=False`."
+                "precompute_ref_log_probs=True but the batch carries no per-token reference log-probs. Build the "
+                "trainer with this dataset (train_dataset / eval_dataset) so they are scored, or set "
+                "precompute_ref_log_probs=False to run the reference live."
             )
+        return self._reference_forward(model_kwargs, labels)
+
+    def _reference_forward(self, model_kwargs: dict, labels: torch.Tensor, reference=None) -> torch.Tensor:
+        """One reference forward, `(2B, T-1)`: `reference`, else TRL's (ref_model, PEFT base, initial policy)."""
         ref_kwargs = {k: v for k, v in model_kwargs.items() if k != "output_router_logits"}
+        reference = reference if reference is not None else self.ref_model
         with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
-            if is_peft_model(self.model) and self.ref_model is None:
+            if reference is None and is_peft_model(self.model):
                 # PEFT: the reference is the base model (adapter disabled) or an initial "ref" adapter copy.
                 unwrapped = self.accelerator.unwrap_model(self.model)
                 adapter = "ref" if "ref" in unwrapped.peft_config else None
                 with use_adapter(unwrapped, adapter_name=adapter):
                     return self.model(**ref_kwargs, labels=labels, fused_lm_head=True).log_probs
-            return self.ref_model(**ref_kwargs, labels=labels, fused_lm_head=True).log_probs
+            # No reference kept while precomputing: before training the policy is the reference.
+            reference = reference if reference is not None else self.model
+            return reference(**ref_kwargs, labels=labels, fused_lm_head=True).log_probs
+
+    # ----- stored per-token reference log-probs (precompute_ref_log_probs=True) -----
+
+    def _set_signature_columns_if_needed(self):
+        super()._set_signature_columns_if_needed()
+        extra = [reference_cache.CHOSEN_COLUMN, reference_cache.REJECTED_COLUMN]
+        self._signature_columns = list(dict.fromkeys(self._signature_columns + extra))
+
+    def _precompute_ref_logps(self, dataset, name: str, batch_size: int):
+        """Attach per-token reference log-probs to a tokenized dataset, scoring only what is not cached.
+
+        TRL calls this from `__init__` (and `evaluate`) when `precompute_ref_log_probs=True`; its own
+        version stores one sum per sequence, which selection cannot use.
+        """
+        if not self.args.uses_selection:
+            return super()._precompute_ref_logps(dataset, name, batch_size)
+        if isinstance(dataset, IterableDataset):
+            raise ValueError(
+                "precompute_ref_log_probs=True needs a map-style Dataset (its rows are scored and stored); got an "
+                "IterableDataset. Materialize it, or set precompute_ref_log_probs=False."
+            )
+        store = reference_cache.ReferenceLogpsStore(
+            self.args.ref_logps_cache_dir or cache_dir() / "ref_logps",
+            self._reference_cache_components(dataset),
+            n_rows=len(dataset),
+            shard_size=REFERENCE_SHARD_ROWS,
+        )
+        if store.missing_shards():
+            reference = self._load_scoring_reference()
+            collator = getattr(self.data_collator, "inner", self.data_collator)
+            reference_cache.score_missing_shards(
+                store,
+                dataset,
+                collator=collator,
+                forward=functools.partial(self._score_reference_batch, reference),
+                batch_size=batch_size,
+                rank=self.accelerator.process_index,
+                world_size=self.accelerator.num_processes,
+                progress=functools.partial(
+                    tqdm, desc=f"Scoring per-token reference log-probs ({name})", unit="shard",
+                    disable=bool(os.environ.get("TQDM_DISABLE")),
+                ),
+            )  # fmt: skip
+            del reference
+        self.accelerator.wait_for_everyone()
+        self.reference_stores[name] = store.path
+        return reference_cache.attach_reference_logps(dataset, store)
+
+    def _reference_cache_components(self, dataset) -> dict:
+        """Everything that changes the stored values; the cache key is a hash of it."""
+        if self._ref_path is not None:
+            path = Path(self._ref_path)
+            if not path.is_dir():  # a hub id: identify it by the files it resolves to
+                from huggingface_hub import snapshot_download
+
+                path = Path(snapshot_download(self._ref_path, allow_patterns=["*.json", "*.safetensors", "*.bin"]))
+            reference = "files:" + reference_cache.files_weights_hash(path, memo_path=cache_dir() / "file_hashes.json")
+            dtype = str(_reference_init_kwargs(self.args, self.model).get("dtype", "float32"))
+        else:
+            # TRL hashed the reference's weights (or the initial policy's) before anything could change them.
+            reference = "weights:" + self._precompute_model_hash
+            dtype = str((self.ref_model or self.model).dtype)
+        return {
+            "tokens": reference_cache.token_content_hash(dataset),
+            "tokenizer": reference_cache.tokenizer_hash(self._tokenizer),
+            "reference": reference,
+            "max_length": self.args.max_length,
+            "truncation_mode": self.args.truncation_mode,
+            "dtype": dtype.removeprefix("torch."),
+            "autocast": "bf16" if self.args.bf16 else "fp16" if self.args.fp16 else "none",
+        }
+
+    def _load_scoring_reference(self):
+        """The reference from `ref_model_name_or_path`, loaded for scoring only (None: TRL's reference)."""
+        if self._ref_path is None:
+            return None
+        reference = create_model_from_path(self._ref_path, **_reference_init_kwargs(self.args, self.model))
+        reference.to(self.accelerator.device).eval()
+        if self.args.disable_dropout:
+            disable_dropout_in_model(reference)
+        add_fused_lm_head(reference)
+        return reference
+
+    @torch.no_grad()
+    def _score_reference_batch(self, reference, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(log_probs, completion_mask)`, both `(2B, T-1)`, of one collated batch under the reference."""
+        batch = self._prepare_inputs(batch)
+        model_kwargs = {k: v for k, v in batch.items() if k not in _NON_MODEL_KEYS}
+        model_kwargs["use_cache"] = False
+        labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
+        shift_mask = batch["completion_mask"][:, 1:].bool()
+        # Autocast as in training, where the reference runs inside the Trainer's loss context.
+        with self.compute_loss_context_manager():
+            log_probs = self._reference_forward(model_kwargs, labels, reference=reference)
+        return log_probs[:, -shift_mask.size(1) :], shift_mask
 
     def _log_trl_metrics(self, mode, inputs, outputs, per_token_logps, ref_per_token_logps, shift_mask):
         """Log what TRL's DPOTrainer logs, under the same names and with the same definitions.

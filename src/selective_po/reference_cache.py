@@ -1,0 +1,311 @@
+"""Per-token reference log-probs, computed once per dataset and stored on disk.
+
+TRL's `precompute_ref_log_probs` stores one summed log-prob per sequence, which token selection
+cannot use: it needs the reference's log-prob of every response token. This module stores exactly
+that, aligned with the trainer's own batches: scoring runs TRL's tokenized dataset through TRL's
+collator (same tokenization, truncation and masks), so the `i`-th stored value of a response is the
+reference log-prob at the `i`-th position of that response's shifted completion mask in training.
+
+Layout of one cache entry, `<root>/<key>/`:
+
+    key.json                what the key was made of (for people; the directory name is its hash)
+    shard-00000.parquet     rows [0, shard_size): columns row, chosen, rejected (list<float32>)
+    shard-00000.json        rows, token count and sha256 of the parquet file, written after it
+
+A shard counts only when its manifest exists and its file matches the manifest's checksum, so an
+interrupted run (even `kill -9`) leaves at most one partial file that is detected and recomputed;
+completed shards are never computed twice. The key hashes everything that changes the values:
+the token ids of the dataset, the tokenizer, the reference's weights, `max_length`, the truncation
+mode and the compute dtype. Any change gives a new entry; nothing stale is reused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from datasets import Dataset, concatenate_datasets
+
+FORMAT_VERSION = 1
+CHOSEN_COLUMN = "ref_chosen_token_logps"
+REJECTED_COLUMN = "ref_rejected_token_logps"
+TOKEN_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+
+
+# ---------------------------------------------------------------------------------------------
+# What the key is made of
+
+
+def token_content_hash(dataset: Dataset) -> str:
+    """sha256 of the tokenized dataset's token ids (prompt, chosen, rejected), in row order."""
+    missing = [name for name in TOKEN_COLUMNS if name not in dataset.column_names]
+    if missing:
+        raise ValueError(f"Dataset is not tokenized by the trainer: columns {missing} are missing.")
+    digest = hashlib.sha256()
+    table = dataset.with_format("arrow").select_columns(list(TOKEN_COLUMNS))
+    for batch in table.iter(batch_size=4096):
+        for name in TOKEN_COLUMNS:
+            column = pa.chunked_array(batch[name]).combine_chunks()
+            offsets = np.asarray(column.offsets, dtype=np.int64)
+            digest.update(name.encode())
+            digest.update((offsets - offsets[0]).tobytes())
+            digest.update(np.asarray(column.values.to_numpy(zero_copy_only=False), dtype=np.int64).tobytes())
+    return digest.hexdigest()
+
+
+def tokenizer_hash(tokenizer) -> str:
+    """sha256 of what decides token ids: the vocabulary and merges, special tokens, chat template."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    spec = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    digest = hashlib.sha256(spec.encode())
+    digest.update(json.dumps(tokenizer.special_tokens_map, sort_keys=True, default=str).encode())
+    digest.update(str(getattr(tokenizer, "chat_template", None)).encode())
+    return digest.hexdigest()
+
+
+def files_weights_hash(folder: str | os.PathLike, *, memo_path: Path | None = None) -> str:
+    """sha256 over the config and weight files of a local checkpoint folder, by content.
+
+    Hashing a large checkpoint takes a while, so each file's digest is memoized by (path, size,
+    mtime): a file rewritten in place gets a new mtime and is hashed again.
+    """
+    folder = Path(folder)
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and (p.suffix in WEIGHT_SUFFIXES or p.name == "config.json"))
+    if not any(p.suffix in WEIGHT_SUFFIXES for p in files):
+        raise FileNotFoundError(f"No weight files ({', '.join(WEIGHT_SUFFIXES)}) under {folder} to identify the reference by.")
+    memo = _read_json(memo_path) if memo_path else {}
+    digest = hashlib.sha256()
+    for path in files:
+        stat = path.stat()
+        memo_key = f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+        if memo_key not in memo:
+            memo[memo_key] = _file_sha256(path)
+        digest.update(f"{path.relative_to(folder)}:{memo[memo_key]}".encode())
+    if memo_path:
+        _atomic_write(memo_path, json.dumps(memo, indent=0).encode())
+    return digest.hexdigest()
+
+
+def cache_key(components: dict) -> str:
+    """Directory name of a cache entry: a hash of every component, in a fixed order."""
+    payload = json.dumps({"format": FORMAT_VERSION, **components}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:32]
+
+
+# ---------------------------------------------------------------------------------------------
+# Storage
+
+
+@dataclass(frozen=True)
+class ShardSpec:
+    index: int
+    start: int
+    stop: int
+
+
+class ReferenceLogpsStore:
+    """One cache entry: `n_rows` rows of per-token log-probs, in shards of `shard_size` rows."""
+
+    def __init__(self, root: str | os.PathLike, components: dict, *, n_rows: int, shard_size: int):
+        if shard_size < 1:
+            raise ValueError(f"shard_size must be at least 1, got {shard_size}.")
+        self.components = {**components, "rows": n_rows}
+        self.key = cache_key(self.components)
+        self.path = Path(root) / self.key
+        self.n_rows = n_rows
+        self.shard_size = shard_size
+
+    def shards(self) -> list[ShardSpec]:
+        return [
+            ShardSpec(i, start, min(start + self.shard_size, self.n_rows))
+            for i, start in enumerate(range(0, self.n_rows, self.shard_size))
+        ]
+
+    def _files(self, shard: ShardSpec) -> tuple[Path, Path]:
+        return self.path / f"shard-{shard.index:05d}.parquet", self.path / f"shard-{shard.index:05d}.json"
+
+    def is_valid(self, shard: ShardSpec) -> bool:
+        """Whether a shard is complete and intact (manifest present, checksum and row count match)."""
+        data, manifest = self._files(shard)
+        if not (data.is_file() and manifest.is_file()):
+            return False
+        meta = _read_json(manifest)
+        return (
+            meta.get("start") == shard.start
+            and meta.get("stop") == shard.stop
+            and meta.get("sha256") == _file_sha256(data)
+        )
+
+    def missing_shards(self) -> list[ShardSpec]:
+        return [shard for shard in self.shards() if not self.is_valid(shard)]
+
+    def write_shard(self, shard: ShardSpec, chosen: list[np.ndarray], rejected: list[np.ndarray]) -> None:
+        """Write one shard: data first, then its manifest, each through an atomic rename."""
+        if len(chosen) != shard.stop - shard.start or len(rejected) != len(chosen):
+            raise ValueError(f"Shard {shard.index} expects {shard.stop - shard.start} rows, got {len(chosen)}.")
+        for values in (*chosen, *rejected):
+            if not np.isfinite(values).all():
+                raise ValueError(f"Non-finite reference log-prob in rows {shard.start}-{shard.stop - 1}; not stored.")
+        self.path.mkdir(parents=True, exist_ok=True)
+        _atomic_write(self.path / "key.json", json.dumps(self.components, indent=2, sort_keys=True).encode())
+        data, manifest = self._files(shard)
+        float_list = pa.list_(pa.float32())
+        table = pa.table(
+            {
+                "row": pa.array(range(shard.start, shard.stop), pa.int64()),
+                CHOSEN_COLUMN: pa.array([v.astype(np.float32) for v in chosen], float_list),
+                REJECTED_COLUMN: pa.array([v.astype(np.float32) for v in rejected], float_list),
+            }
+        )
+        manifest.unlink(missing_ok=True)  # the old manifest must not vouch for the new file
+        tmp = data.with_suffix(".parquet.tmp")
+        pq.write_table(table, tmp)
+        os.replace(tmp, data)
+        meta = {
+            "start": shard.start,
+            "stop": shard.stop,
+            "tokens": int(sum(len(v) for v in (*chosen, *rejected))),
+            "sha256": _file_sha256(data),
+        }
+        _atomic_write(manifest, json.dumps(meta).encode())
+
+    def load(self) -> Dataset:
+        """All shards as one `Dataset` with the two per-token columns, in row order."""
+        missing = self.missing_shards()
+        if missing:
+            raise RuntimeError(f"Reference cache {self.path} is incomplete: shards {[s.index for s in missing]}.")
+        files = [str(self._files(shard)[0]) for shard in self.shards()]
+        loaded = Dataset.from_parquet(files, cache_dir=str(self.path / "arrow"), keep_in_memory=False)
+        if loaded["row"] != list(range(self.n_rows)):
+            raise RuntimeError(f"Reference cache {self.path} has rows out of order; delete the folder.")
+        return loaded.remove_columns("row")
+
+
+# ---------------------------------------------------------------------------------------------
+# Scoring
+
+
+def score_missing_shards(
+    store: ReferenceLogpsStore,
+    dataset: Dataset,
+    *,
+    collator: Callable[[list[dict]], dict],
+    forward: Callable[[dict], tuple[torch.Tensor, torch.Tensor]],
+    batch_size: int,
+    rank: int = 0,
+    world_size: int = 1,
+    progress: Callable[[Iterator], Iterator] = iter,
+    on_shard_written: Callable[[ShardSpec], None] | None = None,
+) -> int:
+    """Compute and write every missing shard assigned to this process; return how many it wrote.
+
+    Args:
+        store: Where the shards go.
+        dataset: TRL's tokenized dataset (`prompt_ids`, `chosen_ids`, `rejected_ids`), row-aligned with `store`.
+        collator: TRL's preference collator; its masks define which positions are stored.
+        forward: `batch -> (log_probs, completion_mask)`, both `(2B, T-1)`, from the reference.
+        batch_size: Pairs per forward.
+        rank, world_size: Shard `i` is this process's when `i % world_size == rank`.
+        progress: Wraps the shard iterator (a progress bar).
+        on_shard_written: Called after each shard is safely on disk.
+    """
+    mine = [shard for shard in store.missing_shards() if shard.index % world_size == rank]
+    for shard in progress(mine):
+        chosen, rejected = [], []
+        for start in range(shard.start, shard.stop, batch_size):
+            rows = dataset.select(range(start, min(start + batch_size, shard.stop)))
+            batch = collator([dict(row) for row in rows])
+            log_probs, mask = forward(batch)
+            values = [row_values[row_mask].float().cpu().numpy() for row_values, row_mask in zip(log_probs, mask)]
+            half = len(values) // 2  # the collator stacks [chosen; rejected]
+            chosen += values[:half]
+            rejected += values[half:]
+        store.write_shard(shard, chosen, rejected)
+        if on_shard_written is not None:
+            on_shard_written(shard)
+    return len(mine)
+
+
+def attach_reference_logps(dataset: Dataset, store: ReferenceLogpsStore) -> Dataset:
+    """The dataset with the stored per-token columns added (row `i` gets stored row `i`)."""
+    stored = store.load()
+    if len(stored) != len(dataset):
+        raise RuntimeError(f"Reference cache {store.path} has {len(stored)} rows, the dataset {len(dataset)}.")
+    existing = [c for c in (CHOSEN_COLUMN, REJECTED_COLUMN) if c in dataset.column_names]
+    return concatenate_datasets([dataset.remove_columns(existing), stored], axis=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Collation
+
+
+class PerTokenReferenceCollator:
+    """Wraps TRL's preference collator: adds `ref_per_token_logps`, `(2B, T-1)`, from stored values.
+
+    Values are placed at the positions of the shifted completion mask, row by row, in order; a row
+    whose stored length differs from its number of completion positions means the cache does not
+    belong to these tokens, and is an error.
+    """
+
+    def __init__(self, inner: Callable[[list[dict]], dict]):
+        self.inner = inner
+
+    def __call__(self, examples: list[dict]) -> dict:
+        missing = [c for c in (CHOSEN_COLUMN, REJECTED_COLUMN) if c not in examples[0]]
+        if missing:
+            raise ValueError(
+                f"The batch has no stored per-token reference log-probs (columns {missing}). With "
+                "precompute_ref_log_probs=True they are added when the trainer is built; for a dataset prepared "
+                "elsewhere run `selective-po score` with the same settings, or set precompute_ref_log_probs=False."
+            )
+        batch = self.inner(examples)
+        mask = batch["completion_mask"][:, 1:].bool()  # (2B, T-1)
+        rows = [e[CHOSEN_COLUMN] for e in examples] + [e[REJECTED_COLUMN] for e in examples]
+        lengths = torch.tensor([len(r) for r in rows])
+        expected = mask.sum(dim=1)
+        if not torch.equal(lengths, expected):
+            bad = int((lengths != expected).nonzero()[0])
+            raise ValueError(
+                f"Stored reference log-probs do not match the tokens: row {bad % len(examples)} of the batch "
+                f"({'chosen' if bad < len(examples) else 'rejected'}) has {int(lengths[bad])} stored values for "
+                f"{int(expected[bad])} completion tokens. The cache was made for other tokens or another max_length; "
+                "delete it or rescore."
+            )
+        values = torch.tensor(np.concatenate([np.asarray(r, dtype=np.float32) for r in rows]))
+        batch["ref_per_token_logps"] = torch.zeros(mask.shape).masked_scatter_(mask, values)
+        return batch
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _read_json(path: Path | None) -> dict:
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError, TypeError):
+        return {}
+
+
+def _atomic_write(path: Path, payload: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(payload)
+    os.replace(tmp, path)
