@@ -46,7 +46,8 @@ def test_bad_value_in_yaml_names_the_field(tmp_path):
 @pytest.mark.parametrize("example", sorted(EXAMPLES.glob("*.yaml")), ids=lambda p: p.name)
 def test_examples_parse_and_open_with_their_command(example, tmp_path):
     first_line = example.read_text().splitlines()[0]
-    assert first_line.startswith("# ") and f"examples/{example.name}" in first_line, first_line
+    assert first_line.startswith("# selective-po ") or first_line.startswith("# accelerate launch "), first_line
+    assert f"--config examples/{example.name}" in first_line, first_line
     # bf16 is overridden so the GPU example parses on this CPU-only machine too.
     _, training, _ = parse_train_args(["--config", str(example), "--output_dir", str(tmp_path), "--bf16", "false"])
     assert training.loss_type in (["sdpo"], ["sigmoid"])
