@@ -49,3 +49,19 @@ def reference_sdpo(pc, pr, rc, rr, chosen_mask, rejected_mask, *, threshold, bet
             -(1 - label_smoothing) * torch.log(torch.sigmoid(logit)) - label_smoothing * torch.log(torch.sigmoid(-logit))
         )
     return torch.stack(losses), keep_c, keep_r
+
+
+def reference_sepo(pc, pr, reward_c, reward_r, chosen_mask, rejected_mask, *, k_w, k_l, beta, gamma):
+    """SePO per-example losses in float64: top-k_w chosen by reward, bottom-k_l rejected, length-normalized."""
+    keep_c = reference_keep(reward_c, chosen_mask, 1 - k_w)
+    keep_r = reference_keep(-reward_r, rejected_mask, 1 - k_l)
+    losses = []
+    for b in range(pc.shape[0]):
+        def u(logps, keep):
+            kept = [logps[b, t] for t in range(logps.shape[1]) if keep[b, t]]
+            if not kept:
+                return torch.zeros((), dtype=torch.float64)
+            return beta * sum(kept[1:], kept[0]) / len(kept)
+
+        losses.append(-torch.log(torch.sigmoid(u(pc, keep_c) - u(pr, keep_r) - gamma)))
+    return torch.stack(losses), keep_c, keep_r

@@ -76,3 +76,29 @@ def test_train_command_end_to_end(tmp_path, tiny_model_dir):
 def test_unknown_command(capsys):
     assert main(["fly"]) == 2
     assert "unknown command 'fly'" in capsys.readouterr().err
+
+
+def test_loss_type_picks_the_method(tmp_path):
+    from selective_po import SePOConfig, SelectiveDPOConfig
+
+    config = write_yaml(
+        tmp_path / "sepo.yaml", loss_type="sepo", oracle_model_name_or_path="o", oracle_ref_model_name_or_path="r",
+        output_dir=str(tmp_path),
+    )  # fmt: skip
+    _, training, _ = parse_train_args(["--config", config, "--sepo_chosen_share", "0.2"])
+    assert type(training) is SePOConfig and training.sepo_chosen_share == 0.2 and training.beta == 1.0
+    _, training, _ = parse_train_args(["--output_dir", str(tmp_path), "--loss_type", "sdpo"])
+    assert type(training) is SelectiveDPOConfig
+
+
+def test_sepo_train_command_end_to_end(tmp_path, tiny_model_dir):
+    out = tmp_path / "sepo"
+    flags = [
+        "train", "--loss_type", "sepo", "--model_name_or_path", tiny_model_dir,
+        "--oracle_model_name_or_path", tiny_model_dir, "--oracle_ref_model_name_or_path", tiny_model_dir,
+        "--dataset_name", "arithmetic", "--max_steps", "1", "--per_device_train_batch_size", "2",
+        "--max_length", "96", "--report_to", "none", "--save_strategy", "no",
+        "--ref_logps_cache_dir", str(tmp_path / "cache"), "--output_dir", str(out),
+    ]  # fmt: skip
+    assert main(flags) == 0
+    assert (out / "model.safetensors").is_file()

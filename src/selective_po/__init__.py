@@ -12,24 +12,38 @@ import warnings
 # are about TRL's code, not the user's, and nothing the user can change silences them.
 warnings.filterwarnings("ignore", message=r".*gradient_checkpointing.*", category=FutureWarning)
 
-from .config import SelectiveDPOConfig  # noqa: E402
+from .config import SelectiveDPOConfig, SePOConfig  # noqa: E402
 from .data import load_preference_dataset  # noqa: E402
-from .losses import SelectiveDPOOutput, dpo_sigmoid_loss, masked_sum, select_sdpo_tokens, selective_dpo_loss  # noqa: E402
+from .losses import (  # noqa: E402
+    SelectiveDPOOutput,
+    SelectiveLossOutput,
+    dpo_sigmoid_loss,
+    masked_sum,
+    select_sdpo_tokens,
+    selective_dpo_loss,
+    sepo_loss,
+)
 from .scoring import sdpo_token_scores  # noqa: E402
-from .selection import keep_counts, top_share_mask  # noqa: E402
-from .trainer import SelectiveDPOTrainer  # noqa: E402
+from .selection import keep_counts, random_share_mask, select_tokens, top_share_mask  # noqa: E402
+from .trainer import SelectiveDPOTrainer, SePOTrainer  # noqa: E402
 
 __all__ = [
+    "SePOConfig",
+    "SePOTrainer",
     "SelectiveDPOConfig",
     "SelectiveDPOOutput",
     "SelectiveDPOTrainer",
+    "SelectiveLossOutput",
     "dpo_sigmoid_loss",
     "keep_counts",
     "load_preference_dataset",
     "masked_sum",
+    "random_share_mask",
     "sdpo_token_scores",
     "select_sdpo_tokens",
+    "select_tokens",
     "selective_dpo_loss",
+    "sepo_loss",
     "top_share_mask",
 ]
 __version__ = "0.1.0"

@@ -1,7 +1,8 @@
 """`selective-po` command line: `train` (TRL-style) and `demo` (the main job on the defaults).
 
-`train` parses exactly as TRL's own scripts do (`TrlParser`): every field of `SelectiveDPOConfig`,
-of TRL's `ModelConfig` and of the script arguments below is a `--flag`; `--config file.yaml` sets
+`train` parses exactly as TRL's own scripts do (`TrlParser`): every field of the method's config
+(`SelectiveDPOConfig`, or `SePOConfig` when `loss_type` is `sepo`), of TRL's `ModelConfig` and of
+the script arguments below is a `--flag`; `--config file.yaml` sets
 defaults and flags given on the command line override it. It runs unchanged under
 `accelerate launch -m selective_po train ...` on many GPUs and nodes.
 """
@@ -13,15 +14,16 @@ import sys
 import time
 from dataclasses import dataclass, field
 
+import yaml
 from trl import ModelConfig, ScriptArguments, TrlParser, get_peft_config
 
-from .config import SelectiveDPOConfig
+from .config import SEPO_LOSS_TYPES, SelectiveDPOConfig, SePOConfig
 from .data import load_preference_dataset
 from .models import DEFAULT_MODEL
 
 USAGE = """usage: selective-po {train,score,demo} [options]
 
-  train   train with Selective-DPO (or any TRL DPO loss); `selective-po train --help` lists every flag
+  train   train with Selective-DPO, SePO (--loss_type sepo) or any TRL DPO loss; `train --help` lists the flags
   score   store per-token reference log-probs for a run (same flags as train), so that training with
           --precompute_ref_log_probs true never loads the reference
   demo    Selective-DPO on the bundled model and data, with accuracy before and after (~8 min on 2 cores)
@@ -51,17 +53,31 @@ class TrainModelConfig(ModelConfig):
     )
 
 
-def make_train_parser() -> TrlParser:
-    return TrlParser((TrainScriptArguments, SelectiveDPOConfig, TrainModelConfig), prog="selective-po train")
+def config_class_for(argv: list[str]) -> type[SelectiveDPOConfig]:
+    """The method's config class, picked by `loss_type` (a flag wins over the YAML file)."""
+    loss_type = None
+    if "--config" in argv:
+        path = argv[argv.index("--config") + 1]
+        with open(path) as handle:
+            loss_type = (yaml.safe_load(handle) or {}).get("loss_type")
+    if "--loss_type" in argv:
+        loss_type = argv[argv.index("--loss_type") + 1]
+    names = [loss_type] if isinstance(loss_type, str) else list(loss_type or [])
+    return SePOConfig if any(name in SEPO_LOSS_TYPES for name in names) else SelectiveDPOConfig
+
+
+def make_train_parser(config_class: type[SelectiveDPOConfig] = SelectiveDPOConfig) -> TrlParser:
+    return TrlParser((TrainScriptArguments, config_class, TrainModelConfig), prog="selective-po train")
 
 
 def parse_train_args(argv: list[str]) -> tuple[TrainScriptArguments, SelectiveDPOConfig, TrainModelConfig]:
-    return make_train_parser().parse_args_and_config(args=argv)
+    """Parse `train`/`score` arguments into the config class of the method that `loss_type` names."""
+    return make_train_parser(config_class_for(argv)).parse_args_and_config(args=argv)
 
 
 def build_trainer(script_args: TrainScriptArguments, training_args: SelectiveDPOConfig, model_args: TrainModelConfig):
-    """A SelectiveDPOTrainer for the data and model named by the arguments."""
-    from .trainer import SelectiveDPOTrainer
+    """The method's trainer (Selective-DPO, SePO or a TRL loss) for the data and model named by the arguments."""
+    from .trainer import SelectiveDPOTrainer, SePOTrainer
 
     model_init_kwargs = {
         "revision": model_args.model_revision,
@@ -79,7 +95,8 @@ def build_trainer(script_args: TrainScriptArguments, training_args: SelectiveDPO
                 f"Dataset {script_args.dataset_name!r} has no split {needed!r} (it has {sorted(dataset)}); "
                 "set --dataset_train_split / --dataset_test_split, or --eval_strategy no."
             )
-    return SelectiveDPOTrainer(
+    trainer_class = SePOTrainer if isinstance(training_args, SePOConfig) else SelectiveDPOTrainer
+    return trainer_class(
         model=model_args.model_name_or_path,
         args=training_args,
         train_dataset=dataset[train_split],

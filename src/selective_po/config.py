@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 import torch
 from trl import DPOConfig
 
+from .selection import SELECTION_RULES
+
 SELECTIVE_LOSS_TYPES = ("sdpo",)
 # The loss types TRL 1.16's DPOTrainer implements. A test reads them off TRL's source, so an upgrade
 # that adds or removes one fails loudly instead of drifting.
@@ -92,6 +94,13 @@ class SelectiveDPOConfig(DPOConfig):
         },
     )
 
+    selection_rule: str = field(
+        default="scores",
+        metadata={
+            "help": "How tokens are selected: `scores` (the method), or a control: `random` (the same number of "
+            "tokens per response, drawn uniformly with a seed derived from `seed`) or `all` (every response token)."
+        },
+    )
     ref_logps_cache_dir: str | None = field(
         default=None,
         metadata={
@@ -111,16 +120,22 @@ class SelectiveDPOConfig(DPOConfig):
         super().__post_init__()  # turns a single `loss_type` string into a list
         self._check_selective_fields()
 
+    def _allowed_loss_types(self) -> tuple[str, ...]:
+        return SELECTIVE_LOSS_TYPES + TRL_LOSS_TYPES
+
     def _check_selective_fields(self) -> None:
-        allowed = SELECTIVE_LOSS_TYPES + TRL_LOSS_TYPES
+        allowed = self._allowed_loss_types()
         unknown = [name for name in self.loss_type if name not in allowed]
         if unknown:
             raise ValueError(f"Unknown loss_type {unknown}. Allowed: {', '.join(allowed)}.")
+        if self.selection_rule not in SELECTION_RULES:
+            raise ValueError(f"selection_rule={self.selection_rule!r} is unknown. Allowed: {', '.join(SELECTION_RULES)}.")
         if not self.uses_selection:
             return
         if len(self.loss_type) != 1:
             raise ValueError(
-                f"loss_type={self.loss_type}: `sdpo` cannot be combined with other loss types; use `['sdpo']` alone."
+                f"loss_type={self.loss_type}: `{self.loss_type[0]}` cannot be combined with other loss types; "
+                "use one selective loss type alone."
             )
         if not 0.0 <= self.sdpo_threshold < 1.0:
             raise ValueError(
@@ -144,4 +159,86 @@ class SelectiveDPOConfig(DPOConfig):
     @property
     def uses_selection(self) -> bool:
         """Whether the loss is a token-selective one (and so needs per-token reference log-probs)."""
-        return any(name in SELECTIVE_LOSS_TYPES for name in self.loss_type)
+        return any(name in SELECTIVE_LOSS_TYPES + SEPO_LOSS_TYPES for name in self.loss_type)
+
+
+SEPO_LOSS_TYPES = ("sepo",)
+
+
+@dataclass
+class SePOConfig(SelectiveDPOConfig):
+    r"""Configuration for [`SePOTrainer`]: SePO (Yang et al., arXiv 2408.13518).
+
+    An oracle (a model DPO-trained on the target data) and the oracle's own reference (the model it
+    was trained from) give every response token a reward `log p_oracle - log p_oracle_ref`, computed
+    once and stored. The policy is then trained with no reference model, on the highest-reward share
+    of chosen tokens and the lowest-reward share of rejected tokens:
+    `loss = -log sigmoid(u(y_w) - u(y_l) - gamma)`, `u(y) = (beta / |S|) sum_{t in S} log pi(y_t)`.
+
+    Changed defaults: `loss_type=["sepo"]`, `beta=1.0`, and `precompute_ref_log_probs=True`, which
+    here means the token rewards are scored once and TRL keeps no reference model.
+
+    Parameters:
+        oracle_model_name_or_path (`str`):
+            The oracle: a model DPO-trained on the target preference data. It may be smaller than the
+            policy (weak-to-strong); it must share the policy's vocabulary.
+        oracle_ref_model_name_or_path (`str`):
+            The model the oracle was trained from (its DPO reference).
+        sepo_chosen_share (`float`, *optional*, defaults to `0.3`):
+            `k_w`: share of each chosen response's tokens kept, highest reward first, in `(0, 1]`.
+        sepo_rejected_share (`float`, *optional*, defaults to `0.3`):
+            `k_l`: share of each rejected response's tokens kept, lowest reward first, in `(0, 1]`.
+        sepo_gamma (`float`, *optional*, defaults to `0.0`):
+            Target margin `gamma` between `u(y_w)` and `u(y_l)`.
+    """
+
+    loss_type: list[str] = field(
+        default_factory=lambda: ["sepo"],
+        metadata={"help": "`sepo`: SePO's reference-free loss over oracle-selected tokens."},
+    )
+    beta: float = field(default=1.0, metadata={"help": "Scale of the length-normalized log-likelihood u(y)."})
+    precompute_ref_log_probs: bool = field(
+        default=True,
+        metadata={"help": "SePO always scores token rewards once and keeps no reference; must stay True."},
+    )
+    oracle_model_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "Oracle: a model DPO-trained on the target data (hub id, local folder or embedded name)."},
+    )
+    oracle_ref_model_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "The model the oracle was DPO-trained from; token rewards are log p_oracle - log p_this."},
+    )
+    sepo_chosen_share: float = field(
+        default=0.3, metadata={"help": "k_w in (0, 1]: share of chosen tokens kept, highest oracle reward first."}
+    )
+    sepo_rejected_share: float = field(
+        default=0.3, metadata={"help": "k_l in (0, 1]: share of rejected tokens kept, lowest oracle reward first."}
+    )
+    sepo_gamma: float = field(default=0.0, metadata={"help": "Target margin gamma between u(y_w) and u(y_l)."})
+
+    def _allowed_loss_types(self) -> tuple[str, ...]:
+        return SEPO_LOSS_TYPES
+
+    def _check_selective_fields(self) -> None:
+        super()._check_selective_fields()
+        for name in ("sepo_chosen_share", "sepo_rejected_share"):
+            value = getattr(self, name)
+            if not 0.0 < value <= 1.0:
+                raise ValueError(f"{name}={value} is out of range: it must lie in (0, 1] (0.3 keeps 30% of tokens).")
+        if not self.precompute_ref_log_probs:
+            raise ValueError(
+                "SePO scores the oracle's token rewards once and trains without a reference: leave "
+                "precompute_ref_log_probs=True."
+            )
+        missing = [n for n in ("oracle_model_name_or_path", "oracle_ref_model_name_or_path") if getattr(self, n) is None]
+        if missing:
+            raise ValueError(
+                f"SePO needs {' and '.join(missing)}: the oracle (a model DPO-trained on the target data) and the model "
+                "it was trained from. Train one with `selective-po train --loss_type sigmoid ...` first."
+            )
+        if self.ref_model_name_or_path is not None:
+            raise ValueError(
+                "SePO trains without a reference model; set oracle_model_name_or_path and "
+                "oracle_ref_model_name_or_path instead of ref_model_name_or_path."
+            )

@@ -1,5 +1,7 @@
 """Losses: per-example preference losses over the tokens that selection kept.
 
+Two methods, each one function: `selective_dpo_loss` (Selective-DPO) and `sepo_loss` (SePO).
+
 Each loss is a pure function of per-token log-probs `(B, T)` and boolean completion masks. It returns
 per-example values and leaves the reduction (mean over the batch, gradient accumulation) to the
 caller, as TRL does. Rewards are detached: they are for logging.
@@ -12,6 +14,17 @@ Selective-DPO (Dong, arXiv 2507.07725), as implemented here:
 The same mask is applied to policy and reference, so each side's log-ratio is over one token set.
 With q = 0 every completion token is kept and the loss is TRL's `sigmoid` DPO loss. A pair whose
 kept sets are both empty has Delta = 0 and loss log 2: finite, with no gradient.
+
+SePO (Yang et al., arXiv 2408.13518), reference-free, with token rewards r_t = log p_oracle - log
+p_oracle_ref computed offline:
+    keep_w = the k_w share of chosen tokens with the highest r_t
+    keep_l = the k_l share of rejected tokens with the lowest r_t
+    u(y)   = (beta / |S|) sum_{t in S} log pi(y_t)          (u = 0 when S is empty)
+    loss   = -log sigmoid(u(y_w) - u(y_l) - gamma)
+With every token kept this is SimPO's form.
+
+Both take a selection `rule`: `scores` (the method), or the controls `random` (the same number of
+tokens, drawn uniformly) and `all` (every completion token).
 """
 
 from __future__ import annotations
@@ -23,7 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .scoring import sdpo_token_scores
-from .selection import top_share_mask
+from .selection import select_tokens
 
 
 def masked_sum(per_token: Tensor, mask: Tensor) -> Tensor:
@@ -69,6 +82,8 @@ def select_sdpo_tokens(
     chosen_mask: Tensor,
     rejected_mask: Tensor,
     threshold: float,
+    rule: str = "scores",
+    generator: torch.Generator | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Score every response token and keep the top `1 - threshold` share of each response.
 
@@ -76,6 +91,7 @@ def select_sdpo_tokens(
         policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps: Shape `(B, T)`.
         chosen_mask, rejected_mask: Shape `(B, T)`, bool. True on real response tokens.
         threshold: `sdpo_threshold` `q` in `[0, 1)`.
+        rule: `scores`, or a control: `random` (seeded by `generator`) or `all`.
 
     Returns:
         `(chosen_scores, rejected_scores, chosen_keep, rejected_keep)`, each `(B, T)`; scores float32
@@ -86,41 +102,46 @@ def select_sdpo_tokens(
     chosen_scores, rejected_scores = sdpo_token_scores(
         policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps
     )
-    keep_share = 1.0 - threshold
-    chosen_keep = top_share_mask(chosen_scores, chosen_mask, keep_share=keep_share)  # (B, T)
-    rejected_keep = top_share_mask(rejected_scores, rejected_mask, keep_share=keep_share)  # (B, T)
+    select = dict(keep_share=1.0 - threshold, rule=rule, generator=generator)
+    chosen_keep = select_tokens(chosen_scores, chosen_mask, **select)  # (B, T)
+    rejected_keep = select_tokens(rejected_scores, rejected_mask, **select)  # (B, T)
     return chosen_scores, rejected_scores, chosen_keep, rejected_keep
 
 
 @dataclass
-class SelectiveDPOOutput:
-    """What `selective_dpo_loss` computes; every tensor is per example or per token.
+class SelectiveLossOutput:
+    """What a selective loss computes; every tensor is per example `(B,)` or per token `(B, T)`.
 
     Attributes:
         losses: `(B,)` per-example losses (carry the gradient).
-        chosen_logps: `(B,)` policy log-prob of the chosen response over its kept tokens.
-        rejected_logps: `(B,)` same for the rejected response.
-        ref_chosen_logps: `(B,)` reference log-prob of the chosen response over the same tokens.
-        ref_rejected_logps: `(B,)` same for the rejected response.
-        chosen_rewards: `(B,)` `beta * (chosen_logps - ref_chosen_logps)`, detached.
-        rejected_rewards: `(B,)` `beta * (rejected_logps - ref_rejected_logps)`, detached.
-        chosen_scores: `(B, T)` token scores of the chosen response (float32, detached).
-        rejected_scores: `(B, T)` token scores of the rejected response.
+        chosen_rewards: `(B,)` the chosen response's reward as the loss sees it, detached.
+        rejected_rewards: `(B,)` same for the rejected response.
+        chosen_scores: `(B, T)` the per-token values selection ranked (float32, detached).
+        rejected_scores: `(B, T)` same for the rejected response.
         chosen_keep: `(B, T)` bool, kept chosen tokens.
         rejected_keep: `(B, T)` bool, kept rejected tokens.
     """
 
     losses: Tensor
-    chosen_logps: Tensor
-    rejected_logps: Tensor
-    ref_chosen_logps: Tensor
-    ref_rejected_logps: Tensor
     chosen_rewards: Tensor
     rejected_rewards: Tensor
     chosen_scores: Tensor
     rejected_scores: Tensor
     chosen_keep: Tensor
     rejected_keep: Tensor
+
+
+@dataclass
+class SelectiveDPOOutput(SelectiveLossOutput):
+    """`SelectiveLossOutput` plus Selective-DPO's kept-token sums, each `(B,)`.
+
+    Rewards are `beta * (chosen_logps - ref_chosen_logps)` and likewise for rejected.
+    """
+
+    chosen_logps: Tensor
+    rejected_logps: Tensor
+    ref_chosen_logps: Tensor
+    ref_rejected_logps: Tensor
 
 
 def selective_dpo_loss(
@@ -134,6 +155,8 @@ def selective_dpo_loss(
     threshold: float,
     beta: float,
     label_smoothing: float = 0.0,
+    rule: str = "scores",
+    generator: torch.Generator | None = None,
 ) -> SelectiveDPOOutput:
     """Selective-DPO loss: DPO on the top `1 - threshold` share of tokens of each response.
 
@@ -147,6 +170,7 @@ def selective_dpo_loss(
         threshold: `sdpo_threshold` `q` in `[0, 1)`; the top `1 - q` share of tokens is kept.
         beta: DPO's inverse temperature.
         label_smoothing: cDPO's label-flip probability.
+        rule: `scores`, or a control: `random` (seeded by `generator`) or `all`.
 
     Returns:
         A `SelectiveDPOOutput`; `losses` has shape `(B,)`.
@@ -159,6 +183,8 @@ def selective_dpo_loss(
         chosen_mask=chosen_mask,
         rejected_mask=rejected_mask,
         threshold=threshold,
+        rule=rule,
+        generator=generator,
     )
     chosen_logps = masked_sum(policy_chosen_logps, chosen_keep)
     rejected_logps = masked_sum(policy_rejected_logps, rejected_keep)
@@ -176,6 +202,58 @@ def selective_dpo_loss(
         ref_rejected_logps=ref_rejected,
         chosen_rewards=beta * chosen_logratios.detach(),
         rejected_rewards=beta * rejected_logratios.detach(),
+        chosen_scores=chosen_scores,
+        rejected_scores=rejected_scores,
+        chosen_keep=chosen_keep,
+        rejected_keep=rejected_keep,
+    )
+
+
+def sepo_loss(
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    chosen_token_rewards: Tensor,
+    rejected_token_rewards: Tensor,
+    *,
+    chosen_mask: Tensor,
+    rejected_mask: Tensor,
+    chosen_share: float = 0.3,
+    rejected_share: float = 0.3,
+    beta: float = 1.0,
+    gamma: float = 0.0,
+    rule: str = "scores",
+    generator: torch.Generator | None = None,
+) -> SelectiveLossOutput:
+    """SePO loss: reference-free, on the highest-reward chosen and lowest-reward rejected tokens.
+
+    Args:
+        policy_chosen_logps: Shape `(B, T)`. Policy log-prob of each chosen token (with gradient).
+        policy_rejected_logps: Shape `(B, T)`. Policy log-prob of each rejected token (with gradient).
+        chosen_token_rewards: Shape `(B, T)`. Oracle token rewards `log p_oracle - log p_oracle_ref`.
+        rejected_token_rewards: Shape `(B, T)`. Same for the rejected response.
+        chosen_mask, rejected_mask: Shape `(B, T)`, bool. True on real response tokens.
+        chosen_share: `k_w`, share of chosen tokens kept (highest reward first), in `(0, 1]`.
+        rejected_share: `k_l`, share of rejected tokens kept (lowest reward first), in `(0, 1]`.
+        beta: Scale of the length-normalized log-likelihood `u`.
+        gamma: Target margin between `u(y_w)` and `u(y_l)`.
+        rule: `scores`, or a control: `random` (seeded by `generator`) or `all`.
+
+    Returns:
+        A `SelectiveLossOutput` whose rewards are `u(y_w)` and `u(y_l)`; `losses` has shape `(B,)`.
+    """
+    chosen_scores = chosen_token_rewards.detach().float()
+    rejected_scores = rejected_token_rewards.detach().float()
+    select = dict(rule=rule, generator=generator)
+    chosen_keep = select_tokens(chosen_scores, chosen_mask, keep_share=chosen_share, **select)  # (B, T)
+    rejected_keep = select_tokens(-rejected_scores, rejected_mask, keep_share=rejected_share, **select)  # (B, T)
+    # An empty kept set has u = 0 (a zero sum over a count clamped to 1), never a division by zero.
+    chosen_u = beta * masked_sum(policy_chosen_logps, chosen_keep) / chosen_keep.sum(-1).clamp(min=1)
+    rejected_u = beta * masked_sum(policy_rejected_logps, rejected_keep) / rejected_keep.sum(-1).clamp(min=1)
+    losses = -F.logsigmoid(chosen_u - rejected_u - gamma)
+    return SelectiveLossOutput(
+        losses=losses,
+        chosen_rewards=chosen_u.detach(),
+        rejected_rewards=rejected_u.detach(),
         chosen_scores=chosen_scores,
         rejected_scores=rejected_scores,
         chosen_keep=chosen_keep,

@@ -132,10 +132,10 @@ def _dequantize_gguf(gguf_path: Path, out_dir: Path) -> None:
 
 
 def check_same_vocabulary(policy_tokenizer, reference_tokenizer, *, reference_name: str) -> None:
-    """Raise if the reference tokenizes differently from the policy.
+    """Raise if a reference-side model (reference, oracle) tokenizes differently from the policy.
 
-    Token scores compare the two models' log-probs of the same token ids, which only means
-    something when both map every token to the same id.
+    Token scores compare the models' log-probs of the same token ids, which only means something
+    when both map every token to the same id.
     """
     policy_vocab = policy_tokenizer.get_vocab()
     reference_vocab = reference_tokenizer.get_vocab()
@@ -145,9 +145,9 @@ def check_same_vocabulary(policy_tokenizer, reference_tokenizer, *, reference_na
     only_reference = len(reference_vocab.keys() - policy_vocab.keys())
     remapped = sum(1 for tok, idx in policy_vocab.items() if tok in reference_vocab and reference_vocab[tok] != idx)
     raise ValueError(
-        f"The reference model {reference_name!r} has a different vocabulary from the policy's "
+        f"The model {reference_name!r} has a different vocabulary from the policy's "
         f"({len(reference_vocab)} vs {len(policy_vocab)} tokens; {only_policy} only in the policy's, "
-        f"{only_reference} only in the reference's, {remapped} with different ids). Selective-DPO compares the two "
-        "models token by token, so use a reference of the same tokenizer family (e.g. a larger model of the same "
+        f"{only_reference} only in the other model's, {remapped} with different ids). Token scores compare the two "
+        "models token by token, so use a model of the same tokenizer family (e.g. a larger model of the same "
         "series, or a DPO-trained copy of the policy)."
     )

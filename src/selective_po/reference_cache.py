@@ -113,12 +113,26 @@ class ShardSpec:
 
 
 class ReferenceLogpsStore:
-    """One cache entry: `n_rows` rows of per-token log-probs, in shards of `shard_size` rows."""
+    """One cache entry: `n_rows` rows of per-token values, in shards of `shard_size` rows.
 
-    def __init__(self, root: str | os.PathLike, components: dict, *, n_rows: int, shard_size: int):
+    The values are a frozen model's per-token log-probs (Selective-DPO's reference) or anything
+    computed from such models per token (SePO's oracle rewards); `columns` names the chosen and
+    rejected columns.
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        components: dict,
+        *,
+        n_rows: int,
+        shard_size: int,
+        columns: tuple[str, str] = (CHOSEN_COLUMN, REJECTED_COLUMN),
+    ):
         if shard_size < 1:
             raise ValueError(f"shard_size must be at least 1, got {shard_size}.")
-        self.components = {**components, "rows": n_rows}
+        self.columns = columns
+        self.components = {**components, "rows": n_rows, "columns": list(columns)}
         self.key = cache_key(self.components)
         self.path = Path(root) / self.key
         self.n_rows = n_rows
@@ -154,7 +168,7 @@ class ReferenceLogpsStore:
             raise ValueError(f"Shard {shard.index} expects {shard.stop - shard.start} rows, got {len(chosen)}.")
         for values in (*chosen, *rejected):
             if not np.isfinite(values).all():
-                raise ValueError(f"Non-finite reference log-prob in rows {shard.start}-{shard.stop - 1}; not stored.")
+                raise ValueError(f"Non-finite per-token value in rows {shard.start}-{shard.stop - 1}; not stored.")
         self.path.mkdir(parents=True, exist_ok=True)
         _atomic_write(self.path / "key.json", json.dumps(self.components, indent=2, sort_keys=True).encode())
         data, manifest = self._files(shard)
@@ -162,8 +176,8 @@ class ReferenceLogpsStore:
         table = pa.table(
             {
                 "row": pa.array(range(shard.start, shard.stop), pa.int64()),
-                CHOSEN_COLUMN: pa.array([v.astype(np.float32) for v in chosen], float_list),
-                REJECTED_COLUMN: pa.array([v.astype(np.float32) for v in rejected], float_list),
+                self.columns[0]: pa.array([v.astype(np.float32) for v in chosen], float_list),
+                self.columns[1]: pa.array([v.astype(np.float32) for v in rejected], float_list),
             }
         )
         manifest.unlink(missing_ok=True)  # the old manifest must not vouch for the new file
@@ -240,7 +254,7 @@ def attach_reference_logps(dataset: Dataset, store: ReferenceLogpsStore) -> Data
     stored = store.load()
     if len(stored) != len(dataset):
         raise RuntimeError(f"Reference cache {store.path} has {len(stored)} rows, the dataset {len(dataset)}.")
-    existing = [c for c in (CHOSEN_COLUMN, REJECTED_COLUMN) if c in dataset.column_names]
+    existing = [c for c in store.columns if c in dataset.column_names]
     return concatenate_datasets([dataset.remove_columns(existing), stored], axis=1)
 
 
@@ -249,39 +263,48 @@ def attach_reference_logps(dataset: Dataset, store: ReferenceLogpsStore) -> Data
 
 
 class PerTokenReferenceCollator:
-    """Wraps TRL's preference collator: adds `ref_per_token_logps`, `(2B, T-1)`, from stored values.
+    """Wraps TRL's preference collator: adds `output_key`, `(2B, T-1)`, from stored per-token values.
 
     Values are placed at the positions of the shifted completion mask, row by row, in order; a row
     whose stored length differs from its number of completion positions means the cache does not
     belong to these tokens, and is an error.
     """
 
-    def __init__(self, inner: Callable[[list[dict]], dict]):
+    def __init__(
+        self,
+        inner: Callable[[list[dict]], dict],
+        *,
+        columns: tuple[str, str] = (CHOSEN_COLUMN, REJECTED_COLUMN),
+        output_key: str = "ref_per_token_logps",
+    ):
         self.inner = inner
+        self.columns = columns
+        self.output_key = output_key
 
     def __call__(self, examples: list[dict]) -> dict:
-        missing = [c for c in (CHOSEN_COLUMN, REJECTED_COLUMN) if c not in examples[0]]
+        chosen_column, rejected_column = self.columns
+        missing = [c for c in self.columns if c not in examples[0]]
         if missing:
             raise ValueError(
-                f"The batch has no stored per-token reference log-probs (columns {missing}). With "
+                f"The batch has no stored per-token values (columns {missing}). With "
                 "precompute_ref_log_probs=True they are added when the trainer is built; for a dataset prepared "
                 "elsewhere run `selective-po score` with the same settings, or set precompute_ref_log_probs=False."
             )
         batch = self.inner(examples)
         mask = batch["completion_mask"][:, 1:].bool()  # (2B, T-1)
-        rows = [e[CHOSEN_COLUMN] for e in examples] + [e[REJECTED_COLUMN] for e in examples]
+        rows = [e[chosen_column] for e in examples] + [e[rejected_column] for e in examples]
         lengths = torch.tensor([len(r) for r in rows])
         expected = mask.sum(dim=1)
         if not torch.equal(lengths, expected):
             bad = int((lengths != expected).nonzero()[0])
             raise ValueError(
-                f"Stored reference log-probs do not match the tokens: row {bad % len(examples)} of the batch "
+                f"Stored per-token values do not match the tokens: row {bad % len(examples)} of the batch "
                 f"({'chosen' if bad < len(examples) else 'rejected'}) has {int(lengths[bad])} stored values for "
                 f"{int(expected[bad])} completion tokens. The cache was made for other tokens or another max_length; "
                 "delete it or rescore."
             )
         values = torch.tensor(np.concatenate([np.asarray(r, dtype=np.float32) for r in rows]))
-        batch["ref_per_token_logps"] = torch.zeros(mask.shape).masked_scatter_(mask, values)
+        batch[self.output_key] = torch.zeros(mask.shape).masked_scatter_(mask, values)
         return batch
 
 

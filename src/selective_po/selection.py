@@ -57,3 +57,46 @@ def top_share_mask(scores: Tensor, completion_mask: Tensor, *, keep_share: float
     kth_score = ranked.gather(-1, (k - 1).clamp(min=0).unsqueeze(-1))  # (B, 1)
     return completion_mask & (scores >= kth_score) & (k > 0).unsqueeze(-1)
 
+
+
+SELECTION_RULES = ("scores", "random", "all")
+
+
+def random_share_mask(completion_mask: Tensor, *, keep_share: float, generator: torch.Generator) -> Tensor:
+    """Keep `ceil(keep_share * n)` completion tokens of each sequence chosen uniformly at random.
+
+    The control for score-based selection: the same number of tokens, no information in the choice.
+
+    Args:
+        completion_mask: Shape `(B, T)`, bool.
+        keep_share: Share of completion tokens to keep, in `[0, 1]`.
+        generator: Seeds the draw (a CPU generator; the mask is moved to the mask's device).
+
+    Returns:
+        Shape `(B, T)`, bool.
+    """
+    noise = torch.rand(completion_mask.shape, generator=generator).to(completion_mask.device)  # (B, T)
+    return top_share_mask(noise, completion_mask, keep_share=keep_share)
+
+
+def select_tokens(
+    scores: Tensor,
+    completion_mask: Tensor,
+    *,
+    keep_share: float,
+    rule: str = "scores",
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Keep mask `(B, T)` under a selection rule: by `scores` (highest first), `random`, or `all`.
+
+    `random` and `all` are the controls that tell whether choosing by score helped.
+    """
+    if rule == "scores":
+        return top_share_mask(scores, completion_mask, keep_share=keep_share)
+    if rule == "random":
+        if generator is None:
+            raise ValueError("rule='random' needs a seeded torch.Generator.")
+        return random_share_mask(completion_mask, keep_share=keep_share, generator=generator)
+    if rule == "all":
+        return completion_mask.bool().clone()
+    raise ValueError(f"Unknown selection rule {rule!r}; expected one of {SELECTION_RULES}.")

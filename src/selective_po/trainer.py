@@ -14,6 +14,7 @@ to 1.16.x in pyproject.toml, and `tests/test_trainer.py` compares this trainer a
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 import textwrap
 from collections.abc import Callable
@@ -28,8 +29,8 @@ from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import add_fused_lm_head, create_model_from_path, disable_dropout_in_model, get_config_model_id, use_adapter
 
 from . import reference_cache
-from .config import SelectiveDPOConfig
-from .losses import SelectiveDPOOutput, masked_sum, select_sdpo_tokens, selective_dpo_loss
+from .config import SelectiveDPOConfig, SePOConfig
+from .losses import SelectiveLossOutput, masked_sum, select_sdpo_tokens, selective_dpo_loss, sepo_loss
 from .models import cache_dir, check_same_vocabulary, resolve_model_path
 
 # Batch keys that the collators add for the loss, not for the model's forward.
@@ -96,11 +97,14 @@ class SelectiveDPOTrainer(DPOTrainer):
                 ref_model = create_model_from_path(self._ref_path, **_reference_init_kwargs(args, model))
         super().__init__(model, ref_model=ref_model, args=args, **kwargs)
         if self.precompute_ref_logps and args.uses_selection:
-            self.data_collator = reference_cache.PerTokenReferenceCollator(self.data_collator)
+            self.data_collator = reference_cache.PerTokenReferenceCollator(
+                self.data_collator, columns=self._stored_columns, output_key=self._stored_batch_key
+            )
 
     @staticmethod
-    def _check_reference_tokenizer(model, ref_path: str, args: SelectiveDPOConfig, processing_class) -> None:
-        """Fail before any loading or tokenization if the reference tokenizes differently."""
+    def _check_reference_tokenizer(model, ref_path: str, args: SelectiveDPOConfig, processing_class, name=None) -> None:
+        """Fail before any loading or tokenization if a reference-side model tokenizes differently."""
+        name = name or args.ref_model_name_or_path
         if isinstance(processing_class, ProcessorMixin):
             processing_class = processing_class.tokenizer
         if processing_class is None:
@@ -110,10 +114,10 @@ class SelectiveDPOTrainer(DPOTrainer):
             reference_tokenizer = AutoTokenizer.from_pretrained(ref_path, trust_remote_code=args.trust_remote_code)
         except (OSError, ValueError) as error:
             raise ValueError(
-                f"Could not load a tokenizer from the reference {args.ref_model_name_or_path!r} to check that it "
-                "shares the policy's vocabulary. Save the tokenizer next to the reference weights."
+                f"Could not load a tokenizer from {name!r} to check that it shares the policy's vocabulary. Save the "
+                "tokenizer next to the model's weights."
             ) from error
-        check_same_vocabulary(processing_class, reference_tokenizer, reference_name=args.ref_model_name_or_path)
+        check_same_vocabulary(processing_class, reference_tokenizer, reference_name=name)
 
     @staticmethod
     def mask_unimportant_tokens(
@@ -157,22 +161,14 @@ class SelectiveDPOTrainer(DPOTrainer):
             masked_sum(ref_rejected_per_token_logps, rejected_keep),
         )
 
-    def _selective_loss_fn(self) -> Callable[..., SelectiveDPOOutput] | None:
-        """The selective loss for this run, or None when TRL computes the loss."""
-        losses = {"sdpo": lambda **kw: selective_dpo_loss(threshold=self.args.sdpo_threshold, **kw)}
-        return losses.get(self.loss_types[0]) if len(self.loss_types) == 1 else None
+    # Selective variants: loss_type -> method computing (loss output, rewards logged under TRL's names).
+    _variants = {"sdpo": "_sdpo_step"}
 
-    def per_token_logps(self, model, inputs: dict) -> tuple[object, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """One policy forward (with whatever grad mode is on) and one reference forward (without).
+    def _policy_forward(self, model, inputs: dict):
+        """The policy's forward with the fused LM head: `(outputs, logps (2B, T-1), mask (2B, T-1), kwargs, labels)`.
 
-        Args:
-            model: The (possibly accelerate-wrapped) policy.
-            inputs: A batch from TRL's preference collator, stacked as `[chosen; rejected]`.
-
-        Returns:
-            `(outputs, policy_logps, ref_logps, completion_mask)`: the policy's fused-head outputs
-            and three `(2B, T-1)` tensors. Position `t` holds the log-prob of token `t + 1`, so the
-            mask is the collator's completion mask shifted by one.
+        Position `t` holds the log-prob of token `t + 1`, so the mask is the collator's completion
+        mask shifted by one.
         """
         model_kwargs = {k: v for k, v in inputs.items() if k not in _NON_MODEL_KEYS}
         model_kwargs["use_cache"] = False
@@ -182,48 +178,88 @@ class SelectiveDPOTrainer(DPOTrainer):
         labels = inputs["input_ids"].masked_fill(completion_mask == 0, -100)
         outputs = model(**model_kwargs, labels=labels, fused_lm_head=True)
         shift_mask = completion_mask[:, 1:].bool()  # (2B, T-1)
-        seq_len = shift_mask.size(1)
         # Prompt-learning PEFT prepends virtual tokens to the outputs; keep the real positions.
-        policy_logps = outputs.log_probs[:, -seq_len:]  # (2B, T-1)
-        ref_logps = self._reference_per_token_logps(inputs, model_kwargs, labels)[:, -seq_len:]  # (2B, T-1)
+        policy_logps = outputs.log_probs[:, -shift_mask.size(1) :]  # (2B, T-1)
+        return outputs, policy_logps, shift_mask, model_kwargs, labels
+
+    def per_token_logps(self, model, inputs: dict) -> tuple[object, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One policy forward (with whatever grad mode is on) and the reference's log-probs (without).
+
+        Args:
+            model: The (possibly accelerate-wrapped) policy.
+            inputs: A batch from TRL's preference collator, stacked as `[chosen; rejected]`.
+
+        Returns:
+            `(outputs, policy_logps, ref_logps, completion_mask)`: the policy's fused-head outputs
+            and three `(2B, T-1)` tensors.
+        """
+        outputs, policy_logps, shift_mask, model_kwargs, labels = self._policy_forward(model, inputs)
+        ref_logps = self._reference_per_token_logps(inputs, model_kwargs, labels)[:, -shift_mask.size(1) :]
         return outputs, policy_logps, ref_logps, shift_mask
 
     def _compute_loss(self, model, inputs, return_outputs):
-        loss_fn = self._selective_loss_fn()
-        if loss_fn is None:
+        variant = self._variants.get(self.loss_types[0]) if len(self.loss_types) == 1 else None
+        if variant is None:
             return super()._compute_loss(model, inputs, return_outputs)
         mode = "train" if self.model.training else "eval"
-        outputs, per_token_logps, ref_per_token_logps, shift_mask = self.per_token_logps(model, inputs)
-
-        # TRL's collator stacks the batch as [chosen; rejected].
-        chosen_logps, rejected_logps = per_token_logps.chunk(2, dim=0)  # (B, T-1) each
-        ref_chosen_logps, ref_rejected_logps = ref_per_token_logps.chunk(2, dim=0)
-        chosen_mask, rejected_mask = shift_mask.chunk(2, dim=0)
-        result = loss_fn(
-            policy_chosen_logps=chosen_logps,
-            policy_rejected_logps=rejected_logps,
-            ref_chosen_logps=ref_chosen_logps,
-            ref_rejected_logps=ref_rejected_logps,
-            chosen_mask=chosen_mask,
-            rejected_mask=rejected_mask,
-            beta=self.beta,
-            label_smoothing=self.label_smoothing,
+        outputs, policy_logps, shift_mask, model_kwargs, labels = self._policy_forward(model, inputs)
+        result, chosen_rewards, rejected_rewards = getattr(self, variant)(
+            inputs, policy_logps, shift_mask, model_kwargs, labels
         )
         loss = result.losses.mean()
         if self.aux_loss_enabled:
             loss = loss + self.router_aux_loss_coef * outputs.aux_loss
             self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(outputs.aux_loss).mean().item())
 
-        self._log_trl_metrics(mode, inputs, outputs, per_token_logps.detach(), ref_per_token_logps, shift_mask)
-        self._log_selection_metrics(mode, result, chosen_mask, rejected_mask)
+        self._log_trl_metrics(mode, inputs, outputs, policy_logps.detach(), shift_mask, chosen_rewards, rejected_rewards)
+        self._log_selection_metrics(mode, result, *shift_mask.chunk(2, dim=0))
 
         if return_outputs:
             # Mirrors TRL (deprecated there): logits for `compute_metrics` need a plain forward.
-            model_kwargs = {k: v for k, v in inputs.items() if k not in _NON_MODEL_KEYS}
+            plain_kwargs = {k: v for k, v in inputs.items() if k not in _NON_MODEL_KEYS}
             with torch.no_grad():
-                outputs = model(**model_kwargs, use_cache=False)
+                outputs = model(**plain_kwargs, use_cache=False)
             return loss, outputs
         return loss
+
+    def _sdpo_step(self, inputs, policy_logps, shift_mask, model_kwargs, labels):
+        """Selective-DPO on one batch; TRL's reward metrics use DPO's full-response rewards."""
+        ref_logps = self._reference_per_token_logps(inputs, model_kwargs, labels)[:, -shift_mask.size(1) :]
+        # TRL's collator stacks the batch as [chosen; rejected].
+        chosen_logps, rejected_logps = policy_logps.chunk(2, dim=0)  # (B, T-1) each
+        ref_chosen_logps, ref_rejected_logps = ref_logps.chunk(2, dim=0)
+        chosen_mask, rejected_mask = shift_mask.chunk(2, dim=0)
+        result = selective_dpo_loss(
+            chosen_logps,
+            rejected_logps,
+            ref_chosen_logps,
+            ref_rejected_logps,
+            chosen_mask=chosen_mask,
+            rejected_mask=rejected_mask,
+            threshold=self.args.sdpo_threshold,
+            beta=self.beta,
+            label_smoothing=self.label_smoothing,
+            rule=self.args.selection_rule,
+            generator=self._selection_generator(),
+        )
+        with torch.no_grad():  # sums first, then the difference, in TRL's order
+            logratios = masked_sum(policy_logps, shift_mask) - masked_sum(ref_logps, shift_mask)  # (2B,)
+        chosen_rewards, rejected_rewards = (self.beta * logratios).chunk(2, dim=0)
+        return result, chosen_rewards, rejected_rewards
+
+    def _selection_generator(self) -> torch.Generator | None:
+        """A generator for the `random` control, seeded by (seed, step, call within step, process).
+
+        Derived from the step rather than carried along, so a resumed run draws the same tokens.
+        """
+        if self.args.selection_rule != "random":
+            return None
+        step = self.state.global_step
+        if getattr(self, "_rng_step", None) != step:
+            self._rng_step, self._rng_calls = step, 0
+        self._rng_calls += 1
+        key = f"{self.args.seed}:{step}:{self._rng_calls}:{self.accelerator.process_index}"
+        return torch.Generator().manual_seed(int(hashlib.sha256(key.encode()).hexdigest()[:15], 16))
 
     def _reference_per_token_logps(self, inputs: dict, model_kwargs: dict, labels: torch.Tensor) -> torch.Tensor:
         """Per-token reference log-probs `(2B, T-1)`: stored ones if the batch has them, else a forward."""
@@ -256,8 +292,7 @@ class SelectiveDPOTrainer(DPOTrainer):
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
-        extra = [reference_cache.CHOSEN_COLUMN, reference_cache.REJECTED_COLUMN]
-        self._signature_columns = list(dict.fromkeys(self._signature_columns + extra))
+        self._signature_columns = list(dict.fromkeys(self._signature_columns + list(self._stored_columns)))
 
     def _precompute_ref_logps(self, dataset, name: str, batch_size: int):
         """Attach per-token reference log-probs to a tokenized dataset, scoring only what is not cached.
@@ -274,65 +309,81 @@ class SelectiveDPOTrainer(DPOTrainer):
             )
         store = reference_cache.ReferenceLogpsStore(
             self.args.ref_logps_cache_dir or cache_dir() / "ref_logps",
-            self._reference_cache_components(dataset),
+            self._stored_value_components(dataset),
             n_rows=len(dataset),
             shard_size=REFERENCE_SHARD_ROWS,
+            columns=self._stored_columns,
         )
         if store.missing_shards():
-            reference = self._load_scoring_reference()
+            scorer = self._load_scorer()
             collator = getattr(self.data_collator, "inner", self.data_collator)
             reference_cache.score_missing_shards(
                 store,
                 dataset,
                 collator=collator,
-                forward=functools.partial(self._score_reference_batch, reference),
+                forward=scorer,
                 batch_size=batch_size,
                 rank=self.accelerator.process_index,
                 world_size=self.accelerator.num_processes,
                 progress=functools.partial(
-                    tqdm, desc=f"Scoring per-token reference log-probs ({name})", unit="shard",
+                    tqdm, desc=f"Scoring {self._stored_description} ({name})", unit="shard",
                     disable=bool(os.environ.get("TQDM_DISABLE")),
                 ),
             )  # fmt: skip
-            del reference
+            del scorer  # frees any model loaded only for scoring
         self.accelerator.wait_for_everyone()
         self.reference_stores[name] = store.path
         return reference_cache.attach_reference_logps(dataset, store)
 
-    def _reference_cache_components(self, dataset) -> dict:
-        """Everything that changes the stored values; the cache key is a hash of it."""
-        if self._ref_path is not None:
-            path = Path(self._ref_path)
-            if not path.is_dir():  # a hub id: identify it by the files it resolves to
-                from huggingface_hub import snapshot_download
+    # Stored per-token values: dataset columns, batch key, and what the progress bar calls them.
+    _stored_columns = (reference_cache.CHOSEN_COLUMN, reference_cache.REJECTED_COLUMN)
+    _stored_batch_key = "ref_per_token_logps"
+    _stored_description = "per-token reference log-probs"
 
-                path = Path(snapshot_download(self._ref_path, allow_patterns=["*.json", "*.safetensors", "*.bin"]))
-            reference = "files:" + reference_cache.files_weights_hash(path, memo_path=cache_dir() / "file_hashes.json")
+    def _stored_value_components(self, dataset) -> dict:
+        """Everything that changes the stored reference log-probs; the cache key is a hash of it."""
+        if self._ref_path is not None:
+            reference = self._files_identity(self._ref_path)
             dtype = str(_reference_init_kwargs(self.args, self.model).get("dtype", "float32"))
         else:
             # TRL hashed the reference's weights (or the initial policy's) before anything could change them.
             reference = "weights:" + self._precompute_model_hash
             dtype = str((self.ref_model or self.model).dtype)
+        return {**self._token_components(dataset), "reference": reference, "dtype": dtype.removeprefix("torch.")}
+
+    def _token_components(self, dataset) -> dict:
+        """The parts of a cache key that fix which tokens are scored and how."""
         return {
             "tokens": reference_cache.token_content_hash(dataset),
             "tokenizer": reference_cache.tokenizer_hash(self._tokenizer),
-            "reference": reference,
             "max_length": self.args.max_length,
             "truncation_mode": self.args.truncation_mode,
-            "dtype": dtype.removeprefix("torch."),
             "autocast": "bf16" if self.args.bf16 else "fp16" if self.args.fp16 else "none",
         }
 
-    def _load_scoring_reference(self):
-        """The reference from `ref_model_name_or_path`, loaded for scoring only (None: TRL's reference)."""
-        if self._ref_path is None:
-            return None
-        reference = create_model_from_path(self._ref_path, **_reference_init_kwargs(self.args, self.model))
-        reference.to(self.accelerator.device).eval()
+    @staticmethod
+    def _files_identity(name_or_path: str) -> str:
+        """A model's identity by the content of its weight files (a hub id by the files it resolves to)."""
+        path = Path(name_or_path)
+        if not path.is_dir():
+            from huggingface_hub import snapshot_download
+
+            path = Path(snapshot_download(name_or_path, allow_patterns=["*.json", "*.safetensors", "*.bin"]))
+        return "files:" + reference_cache.files_weights_hash(path, memo_path=cache_dir() / "file_hashes.json")
+
+    def _load_scorer(self) -> Callable[[dict], tuple[torch.Tensor, torch.Tensor]]:
+        """`batch -> (reference log-probs, mask)`, loading `ref_model_name_or_path` for scoring only."""
+        reference = self._load_frozen(self._ref_path) if self._ref_path is not None else None
+        return functools.partial(self._score_reference_batch, reference)
+
+    def _load_frozen(self, path: str):
+        """A frozen model from `path`, on this process's device, with TRL's fused LM head."""
+        model = create_model_from_path(path, **_reference_init_kwargs(self.args, self.model))
+        model.to(self.accelerator.device).eval()
         if self.args.disable_dropout:
-            disable_dropout_in_model(reference)
-        add_fused_lm_head(reference)
-        return reference
+            disable_dropout_in_model(model)
+        add_fused_lm_head(model)
+        return model
 
     @torch.no_grad()
     def _score_reference_batch(self, reference, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -347,13 +398,13 @@ class SelectiveDPOTrainer(DPOTrainer):
             log_probs = self._reference_forward(model_kwargs, labels, reference=reference)
         return log_probs[:, -shift_mask.size(1) :], shift_mask
 
-    def _log_trl_metrics(self, mode, inputs, outputs, per_token_logps, ref_per_token_logps, shift_mask):
-        """Log what TRL's DPOTrainer logs, under the same names and with the same definitions.
+    def _log_trl_metrics(self, mode, inputs, outputs, per_token_logps, shift_mask, chosen_rewards, rejected_rewards):
+        """Log what TRL's DPOTrainer logs, under the same names.
 
-        `rewards/*` and `logps/*` are DPO's, over every response token, so curves compare with a
-        plain DPO run. The selective loss sees only kept tokens; its margin is
-        `selection/rewards_margin_kept`, which reads low by design: selection picks the tokens where
-        the policy is furthest behind (chosen) or ahead (rejected) of the reference.
+        Selective-DPO passes DPO's rewards over every response token, so curves compare with a plain
+        DPO run; the selective loss's own margin is `selection/rewards_margin_kept`, which reads low
+        by design (selection picks the tokens where the policy is furthest behind on chosen and
+        ahead on rejected). SePO passes its `u(y)`, as SimPO-style trainers do.
         """
         gather_sum = lambda t: self.accelerator.gather_for_metrics(t).sum()  # noqa: E731
         seq_len = shift_mask.size(1)
@@ -376,18 +427,17 @@ class SelectiveDPOTrainer(DPOTrainer):
         correct, count = gather_sum((chosen_top1 & chosen_mask).sum()), gather_sum(chosen_mask.sum())
         self._metrics[mode]["mean_token_accuracy"].append((correct / count).item() if count > 0 else 0.0)
 
-        chosen_logps, rejected_logps = masked_sum(per_token_logps, shift_mask).chunk(2, dim=0)
-        ref_chosen_logps, ref_rejected_logps = masked_sum(ref_per_token_logps, shift_mask).chunk(2, dim=0)
-        chosen_rewards = self.accelerator.gather(self.beta * (chosen_logps - ref_chosen_logps))
-        rejected_rewards = self.accelerator.gather(self.beta * (rejected_logps - ref_rejected_logps))
+        chosen_rewards = self.accelerator.gather(chosen_rewards)
+        rejected_rewards = self.accelerator.gather(rejected_rewards)
         self._metrics[mode]["rewards/chosen"].append(chosen_rewards.mean().item())
         self._metrics[mode]["rewards/rejected"].append(rejected_rewards.mean().item())
         self._metrics[mode]["rewards/accuracies"].append((chosen_rewards > rejected_rewards).float().mean().item())
         self._metrics[mode]["rewards/margins"].append((chosen_rewards - rejected_rewards).mean().item())
+        chosen_logps, rejected_logps = masked_sum(per_token_logps, shift_mask).chunk(2, dim=0)
         self._metrics[mode]["logps/chosen"].append(self.accelerator.gather(chosen_logps).mean().item())
         self._metrics[mode]["logps/rejected"].append(self.accelerator.gather(rejected_logps).mean().item())
 
-    def _log_selection_metrics(self, mode, result: SelectiveDPOOutput, chosen_mask, rejected_mask) -> None:
+    def _log_selection_metrics(self, mode, result: SelectiveLossOutput, chosen_mask, rejected_mask) -> None:
         """Share of completion tokens kept, mean score of kept and dropped tokens, and the loss's margin."""
         gather_sum = lambda t: self.accelerator.gather_for_metrics(t).sum().item()  # noqa: E731
         margins = self.accelerator.gather(result.chosen_rewards - result.rejected_rewards)
@@ -408,6 +458,98 @@ class SelectiveDPOTrainer(DPOTrainer):
                 self._metrics[mode][f"selection/score_kept_{side}"].append(kept_score / n_kept)
             if n_dropped > 0:
                 self._metrics[mode][f"selection/score_dropped_{side}"].append(dropped_score / n_dropped)
+
+
+class SePOTrainer(SelectiveDPOTrainer):
+    """Trainer for SePO: reference-free training on oracle-selected tokens.
+
+    Takes a [`SePOConfig`]. Before training, the oracle and its reference score every response
+    token of the data once (`log p_oracle - log p_oracle_ref`, stored and keyed like Selective-DPO's
+    reference log-probs); training then runs only the policy. Everything else is TRL's.
+    """
+
+    _tag_names = ["trl", "selective-po", "sepo"]
+    _name = "SePO"
+    _paper = {
+        "title": "Selective Preference Optimization via Token-Level Reward Function Estimation",
+        "id": "2408.13518",
+        # docstyle-ignore
+        "citation": textwrap.dedent("""\
+            @article{yang2024selective,
+                title   = {{Selective Preference Optimization via Token-Level Reward Function Estimation}},
+                author  = {Kailai Yang and Zhiwei Liu and Qianqian Xie and Jimin Huang and Erxue Min and Sophia Ananiadou},
+                year    = 2024,
+                journal = {arXiv preprint arXiv:2408.13518},
+            }"""),
+    }
+    _variants = {"sepo": "_sepo_step"}
+    _stored_columns = ("oracle_chosen_token_rewards", "oracle_rejected_token_rewards")
+    _stored_batch_key = "token_rewards"
+    _stored_description = "oracle token rewards"
+
+    def __init__(self, model, args: SePOConfig | None = None, **kwargs):
+        if not isinstance(args, SePOConfig):
+            raise TypeError(f"SePOTrainer needs a SePOConfig (with the oracle's paths), got {type(args).__name__}.")
+        if kwargs.get("ref_model") is not None:
+            raise ValueError("SePO trains without a reference model; do not pass `ref_model`.")
+        if isinstance(model, str):
+            model = resolve_model_path(model)
+        self._oracle_paths = {}
+        for field_name in ("oracle_model_name_or_path", "oracle_ref_model_name_or_path"):
+            path = resolve_model_path(getattr(args, field_name))
+            self._check_reference_tokenizer(model, path, args, kwargs.get("processing_class"), name=getattr(args, field_name))
+            self._oracle_paths[field_name] = path
+        super().__init__(model, args=args, **kwargs)
+
+    def _stored_value_components(self, dataset) -> dict:
+        """Everything that changes the stored token rewards; the cache key is a hash of it."""
+        dtype = str(_reference_init_kwargs(self.args, self.model).get("dtype", "float32"))
+        return {
+            **self._token_components(dataset),
+            "kind": "sepo-token-rewards",
+            "oracle": self._files_identity(self._oracle_paths["oracle_model_name_or_path"]),
+            "oracle_ref": self._files_identity(self._oracle_paths["oracle_ref_model_name_or_path"]),
+            "dtype": dtype.removeprefix("torch."),
+        }
+
+    def _load_scorer(self):
+        """`batch -> (token rewards, mask)`: the oracle and its reference, loaded for scoring only."""
+        oracle = self._load_frozen(self._oracle_paths["oracle_model_name_or_path"])
+        oracle_ref = self._load_frozen(self._oracle_paths["oracle_ref_model_name_or_path"])
+
+        def token_rewards(batch):
+            oracle_logps, mask = self._score_reference_batch(oracle, batch)
+            ref_logps, _ = self._score_reference_batch(oracle_ref, batch)
+            return oracle_logps.float() - ref_logps.float(), mask
+
+        return token_rewards
+
+    def _sepo_step(self, inputs, policy_logps, shift_mask, model_kwargs, labels):
+        """SePO on one batch: no reference forward; rewards logged are `u(y_w)` and `u(y_l)`."""
+        if self._stored_batch_key not in inputs:
+            raise ValueError(
+                "The batch carries no oracle token rewards. SePOTrainer scores them when it is built; pass the "
+                "dataset as train_dataset / eval_dataset rather than to a later call."
+            )
+        token_rewards = inputs[self._stored_batch_key].to(policy_logps.device)[:, -shift_mask.size(1) :]
+        chosen_logps, rejected_logps = policy_logps.chunk(2, dim=0)  # (B, T-1) each
+        chosen_rewards, rejected_rewards = token_rewards.chunk(2, dim=0)
+        chosen_mask, rejected_mask = shift_mask.chunk(2, dim=0)
+        result = sepo_loss(
+            chosen_logps,
+            rejected_logps,
+            chosen_rewards,
+            rejected_rewards,
+            chosen_mask=chosen_mask,
+            rejected_mask=rejected_mask,
+            chosen_share=self.args.sepo_chosen_share,
+            rejected_share=self.args.sepo_rejected_share,
+            beta=self.beta,
+            gamma=self.args.sepo_gamma,
+            rule=self.args.selection_rule,
+            generator=self._selection_generator(),
+        )
+        return result, result.chosen_rewards, result.rejected_rewards
 
 
 def _reference_init_kwargs(args: SelectiveDPOConfig, model) -> dict:

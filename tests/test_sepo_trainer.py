@@ -1,0 +1,123 @@
+"""SePOTrainer on a tiny model: stored oracle rewards, reference-free loss, controls, errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import build_model, build_tokenizer, preference_dataset
+from selective_po import SePOConfig, SePOTrainer, sepo_loss
+from selective_po.reference_cache import ReferenceLogpsStore
+from test_trainer import COMMON, one_batch_loss
+
+
+@pytest.fixture
+def oracle_dirs(tmp_path, tiny_tokenizer):
+    paths = {}
+    for name, seed in (("oracle", 7), ("oracle_ref", 8)):
+        paths[name] = tmp_path / name
+        build_model(tiny_tokenizer, seed=seed).save_pretrained(paths[name])
+        tiny_tokenizer.save_pretrained(paths[name])
+    return {k: str(v) for k, v in paths.items()}
+
+
+def make(tmp_path, model_dir, oracle_dirs, **overrides):
+    args = SePOConfig(
+        output_dir=str(tmp_path / "out"),
+        oracle_model_name_or_path=oracle_dirs["oracle"],
+        oracle_ref_model_name_or_path=oracle_dirs["oracle_ref"],
+        ref_logps_cache_dir=str(tmp_path / "cache"),
+        **{**COMMON, **overrides},
+    )
+    return SePOTrainer(model=model_dir, args=args, train_dataset=preference_dataset())
+
+
+def direct_logps(model, prompt_ids, completion_ids):
+    ids = torch.tensor([prompt_ids + completion_ids])
+    with torch.no_grad():
+        logps = model(input_ids=ids).logits.log_softmax(-1)[0, :-1].gather(-1, ids[0, 1:, None])[:, 0]
+    return logps[len(prompt_ids) - 1 :]
+
+
+def test_stored_rewards_are_oracle_minus_its_reference(tmp_path, tiny_model_dir, oracle_dirs):
+    from transformers import AutoModelForCausalLM
+
+    trainer = make(tmp_path, tiny_model_dir, oracle_dirs)
+    assert trainer.ref_model is None
+    oracle = AutoModelForCausalLM.from_pretrained(oracle_dirs["oracle"])
+    oracle_ref = AutoModelForCausalLM.from_pretrained(oracle_dirs["oracle_ref"])
+    for i in (0, 5):
+        row = trainer.train_dataset[i]
+        for side in ("chosen", "rejected"):
+            expected = direct_logps(oracle, row["prompt_ids"], row[f"{side}_ids"]) - direct_logps(
+                oracle_ref, row["prompt_ids"], row[f"{side}_ids"]
+            )
+            stored = torch.tensor(row[f"oracle_{side}_token_rewards"])
+            torch.testing.assert_close(stored, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_loss_is_sepo_on_the_policy_alone(tmp_path, tiny_model_dir, oracle_dirs):
+    trainer = make(tmp_path, tiny_model_dir, oracle_dirs, beta=2.0, sepo_gamma=0.1)
+    loss, _, metrics = one_batch_loss(trainer)
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
+    with torch.no_grad():
+        _, policy, mask, _, _ = trainer._policy_forward(trainer.model, batch)
+    rewards = batch["token_rewards"]
+    expected = sepo_loss(
+        *policy.chunk(2), *rewards.chunk(2), chosen_mask=mask.chunk(2)[0], rejected_mask=mask.chunk(2)[1],
+        chosen_share=0.3, rejected_share=0.3, beta=2.0, gamma=0.1,
+    )  # fmt: skip
+    torch.testing.assert_close(loss, expected.losses.mean())
+    assert 0.3 <= metrics["selection/kept_share_chosen"] < 0.5  # ceil(0.3 n) of short responses
+    assert metrics["selection/score_kept_chosen"] > metrics["selection/score_dropped_chosen"]
+    assert metrics["selection/score_kept_rejected"] < metrics["selection/score_dropped_rejected"]
+
+
+def test_training_run_and_controls(tmp_path, tiny_model_dir, oracle_dirs):
+    for rule in ("scores", "random", "all"):
+        trainer = make(
+            tmp_path / rule, tiny_model_dir, oracle_dirs, selection_rule=rule, max_steps=3, learning_rate=5e-3,
+            logging_steps=1, save_strategy="no",
+        )  # fmt: skip
+        before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+        trainer.train()
+        assert all(not torch.equal(before[n], p) for n, p in trainer.model.named_parameters())
+        last = [e for e in trainer.state.log_history if "loss" in e][-1]
+        share = last["selection/kept_share_chosen"]
+        assert share == 1.0 if rule == "all" else 0.3 <= share < 0.5, (rule, share)
+
+
+def test_oracle_change_rescores(tmp_path, tiny_tokenizer, tiny_model_dir, oracle_dirs, monkeypatch):
+    first = make(tmp_path, tiny_model_dir, oracle_dirs).reference_stores["train"]
+    build_model(tiny_tokenizer, seed=9).save_pretrained(oracle_dirs["oracle"])
+    written = []
+    original = ReferenceLogpsStore.write_shard
+    monkeypatch.setattr(ReferenceLogpsStore, "write_shard", lambda self, s, *a: (written.append(s.index), original(self, s, *a))[1])
+    second = make(tmp_path, tiny_model_dir, oracle_dirs).reference_stores["train"]
+    assert second != first and written
+
+
+def test_oracle_with_another_vocabulary_is_an_error(tmp_path, tiny_model_dir, oracle_dirs):
+    other = build_tokenizer(vocab_size=280, seed_texts=["unrelated text entirely"] * 3)
+    build_model(other).save_pretrained(oracle_dirs["oracle"])
+    other.save_pretrained(oracle_dirs["oracle"])
+    with pytest.raises(ValueError, match="different vocabulary"):
+        make(tmp_path, tiny_model_dir, oracle_dirs)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"sepo_chosen_share": 0.0}, r"sepo_chosen_share=0.0 is out of range"),
+        ({"sepo_rejected_share": 1.5}, r"sepo_rejected_share=1.5 is out of range"),
+        ({"oracle_model_name_or_path": None}, "SePO needs oracle_model_name_or_path"),
+        ({"precompute_ref_log_probs": False}, "leave precompute_ref_log_probs=True"),
+        ({"ref_model_name_or_path": "x"}, "without a reference model"),
+        ({"loss_type": "sdpo"}, r"Unknown loss_type \['sdpo'\]. Allowed: sepo"),
+        ({"selection_rule": "best"}, "selection_rule='best' is unknown"),
+    ],
+)
+def test_config_errors(overrides, message):
+    values = {"oracle_model_name_or_path": "o", "oracle_ref_model_name_or_path": "r", **overrides}
+    with pytest.raises(ValueError, match=message):
+        SePOConfig(output_dir="unused", report_to="none", **values)
