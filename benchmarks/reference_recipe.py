@@ -24,11 +24,12 @@ from selective_po.evaluation import evaluate_preferences
 from selective_po.models import DEFAULT_MODEL, resolve_model_path
 
 
-def train(name, base, data, opts, **config) -> tuple[str, dict]:
+def train(name, base, data, opts, *, config_class=SelectiveDPOConfig, trainer_class=SelectiveDPOTrainer, **config):
+    """Train one run from `base`; returns its output folder and timings."""
     out = Path(opts.output_dir) / name
-    args = SelectiveDPOConfig(
+    config.setdefault("beta", 0.1)
+    args = config_class(
         output_dir=str(out),
-        beta=0.1,
         learning_rate=opts.learning_rate,
         lr_scheduler_type="constant",
         max_steps=opts.steps,
@@ -41,8 +42,8 @@ def train(name, base, data, opts, **config) -> tuple[str, dict]:
         **config,
     )
     start = time.perf_counter()
-    trainer = SelectiveDPOTrainer(model=base, args=args, train_dataset=data)
-    built = time.perf_counter() - start  # includes scoring when precompute_ref_log_probs=True
+    trainer = trainer_class(model=base, args=args, train_dataset=data)
+    built = time.perf_counter() - start  # includes scoring when values are not stored yet
     result = trainer.train()
     trainer.save_model(str(out))
     return str(out), {"build_s": built, "train_s": result.metrics["train_runtime"], "train_loss": result.training_loss}
@@ -58,6 +59,16 @@ def heldout(model_path, base, data, opts) -> dict:
     )
     trainer = SelectiveDPOTrainer(model=model_path, args=args, train_dataset=data, eval_dataset=data)
     return evaluate_preferences(trainer, desc=f"held-out: {Path(model_path).name}").summary()
+
+
+def print_results(results: dict, title: str) -> None:
+    print(f"\n{title}")
+    print(f"{'run':<42}{'likelihood acc':>15}{'reward acc vs base':>20}{'margin':>9}{'build s':>9}{'train s':>9}")
+    for name, r in results.items():
+        build = f"{r['build_s']:.0f}" if "build_s" in r else "-"
+        trained = f"{r['train_s']:.0f}" if "train_s" in r else "-"
+        print(f"{name:<42}{r['likelihood_accuracy']:>15.1%}{r['reward_accuracy']:>20.1%}{r['mean_margin']:>+9.3f}"
+              f"{build:>9}{trained:>9}")
 
 
 def main():
@@ -100,14 +111,8 @@ def main():
     }
     results = {name: {**runs.get(name, {}), **heldout(path, base, eval_data, opts)} for name, path in paths.items()}
 
-    print(f"\n{opts.model}: {opts.train_pairs} training pairs, {opts.steps} steps x {opts.batch_size} pairs, "
-          f"lr {opts.learning_rate}, sdpo_threshold {opts.sdpo_threshold}; {opts.eval_pairs} held-out pairs")
-    print(f"{'run':<42}{'likelihood acc':>15}{'reward acc vs base':>20}{'margin':>9}{'build s':>9}{'train s':>9}")
-    for name, r in results.items():
-        build = f"{r['build_s']:.0f}" if "build_s" in r else "-"
-        trained = f"{r['train_s']:.0f}" if "train_s" in r else "-"
-        print(f"{name:<42}{r['likelihood_accuracy']:>15.1%}{r['reward_accuracy']:>20.1%}{r['mean_margin']:>+9.3f}"
-              f"{build:>9}{trained:>9}")
+    print_results(results, f"{opts.model}: {opts.train_pairs} training pairs, {opts.steps} steps x {opts.batch_size} "
+                  f"pairs, lr {opts.learning_rate}, sdpo_threshold {opts.sdpo_threshold}; {opts.eval_pairs} held-out pairs")
     Path(opts.output_dir, "results.json").write_text(json.dumps(results, indent=2))
 
 

@@ -16,41 +16,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 
-from reference_recipe import heldout, train
+from reference_recipe import heldout, print_results, train
 
 from selective_po import SePOConfig, SePOTrainer, load_preference_dataset
 from selective_po.models import DEFAULT_MODEL, resolve_model_path
-
-
-def train_sepo(name, base, oracle, data, opts, rule) -> tuple[str, dict]:
-    out = Path(opts.output_dir) / name
-    args = SePOConfig(
-        output_dir=str(out),
-        oracle_model_name_or_path=oracle,
-        oracle_ref_model_name_or_path=base,
-        sepo_chosen_share=opts.share,
-        sepo_rejected_share=opts.share,
-        beta=opts.beta,
-        selection_rule=rule,
-        learning_rate=opts.learning_rate,
-        lr_scheduler_type="constant",
-        max_steps=opts.steps,
-        per_device_train_batch_size=opts.batch_size,
-        logging_steps=10,
-        save_strategy="no",
-        report_to="none",
-        seed=opts.seed,
-        ref_logps_cache_dir=str(Path(opts.output_dir) / "token_rewards"),
-    )
-    start = time.perf_counter()
-    trainer = SePOTrainer(model=base, args=args, train_dataset=data)
-    built = time.perf_counter() - start  # includes scoring when the rewards are not stored yet
-    result = trainer.train()
-    trainer.save_model(str(out))
-    return str(out), {"build_s": built, "train_s": result.metrics["train_runtime"], "train_loss": result.training_loss}
 
 
 def main():
@@ -79,17 +50,15 @@ def main():
         oracle, runs["DPO (the oracle)"] = train("oracle-dpo", base, train_data, opts, loss_type="sigmoid")
     paths = {"base model": base, "DPO (the oracle)": oracle}
     for rule, label in (("scores", f"SePO, {opts.share:.0%} by oracle reward"), ("random", f"SePO, {opts.share:.0%} random (control)")):
-        paths[label], runs[label] = train_sepo(f"sepo-{rule}", base, oracle, train_data, opts, rule)
+        paths[label], runs[label] = train(
+            f"sepo-{rule}", base, train_data, opts, config_class=SePOConfig, trainer_class=SePOTrainer,
+            oracle_model_name_or_path=oracle, oracle_ref_model_name_or_path=base, sepo_chosen_share=opts.share,
+            sepo_rejected_share=opts.share, beta=opts.beta, selection_rule=rule,
+        )  # fmt: skip
     results = {name: {**runs.get(name, {}), **heldout(path, base, eval_data, opts)} for name, path in paths.items()}
 
-    print(f"\n{opts.model}: {opts.train_pairs} training pairs, {opts.steps} steps x {opts.batch_size} pairs, "
-          f"lr {opts.learning_rate}, SePO beta {opts.beta}; {opts.eval_pairs} held-out pairs")
-    print(f"{'run':<36}{'likelihood acc':>15}{'reward acc vs base':>20}{'margin':>9}{'build s':>9}{'train s':>9}")
-    for name, r in results.items():
-        build = f"{r['build_s']:.0f}" if "build_s" in r else "-"
-        trained = f"{r['train_s']:.0f}" if "train_s" in r else "-"
-        print(f"{name:<36}{r['likelihood_accuracy']:>15.1%}{r['reward_accuracy']:>20.1%}{r['mean_margin']:>+9.3f}"
-              f"{build:>9}{trained:>9}")
+    print_results(results, f"{opts.model}: {opts.train_pairs} training pairs, {opts.steps} steps x {opts.batch_size} "
+                  f"pairs, lr {opts.learning_rate}, SePO beta {opts.beta}; {opts.eval_pairs} held-out pairs")
     Path(opts.output_dir).mkdir(parents=True, exist_ok=True)
     Path(opts.output_dir, "results.json").write_text(json.dumps(results, indent=2))
 
