@@ -121,3 +121,17 @@ def test_config_errors(overrides, message):
     values = {"oracle_model_name_or_path": "o", "oracle_ref_model_name_or_path": "r", **overrides}
     with pytest.raises(ValueError, match=message):
         SePOConfig(output_dir="unused", report_to="none", **values)
+
+
+def test_weak_to_strong_oracle_smaller_than_the_policy(tmp_path, tiny_tokenizer):
+    """A 1-layer, 16-wide oracle pair scores tokens for a 3-layer, 48-wide policy."""
+    dirs = {}
+    for name, (layers, hidden, seed) in {"policy": (3, 48, 1), "oracle": (1, 16, 2), "oracle_ref": (1, 16, 3)}.items():
+        dirs[name] = str(tmp_path / name)
+        build_model(tiny_tokenizer, seed=seed, layers=layers, hidden=hidden).save_pretrained(dirs[name])
+        tiny_tokenizer.save_pretrained(dirs[name])
+    trainer = make(tmp_path, dirs["policy"], dirs, max_steps=2, learning_rate=5e-3, logging_steps=1, save_strategy="no")
+    assert trainer.model.config.hidden_size == 48
+    trainer.train()
+    logs = [e for e in trainer.state.log_history if "loss" in e]
+    assert len(logs) == 2 and all(0.3 <= e["selection/kept_share_chosen"] < 0.5 for e in logs)
