@@ -128,9 +128,9 @@ def scoring_throughput(opts, tmpdir) -> tuple[float, float, int]:
     store = reference_cache.ReferenceLogpsStore(f"{tmpdir}/scoring-cache", {"benchmark": 1}, n_rows=len(rows), shard_size=REFERENCE_SHARD_ROWS)
     batch_size = opts.scoring_batch_size
     start = time.perf_counter()
-    reference_cache.score_missing_shards(
-        store, rows, collator=trainer.data_collator, forward=lambda b: trainer._score_reference_batch(trainer.model, b), batch_size=batch_size
-    )
+    forward = lambda batch: trainer._score_reference_batch(trainer.model, batch)  # noqa: E731
+    score_rows = reference_cache.collated_scorer(trainer.data_collator, forward)
+    reference_cache.score_missing_shards(store, rows, score_rows=score_rows, batch_size=batch_size)
     scoring = time.perf_counter() - start
 
     batches = [trainer.data_collator([rows[j] for j in range(i, min(i + batch_size, len(rows)))]) for i in range(0, len(rows), batch_size)]

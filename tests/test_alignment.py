@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from conftest import build_tokenizer
-from selective_po.alignment import map_token_values
+from selective_po.alignment import completion_offsets, map_completion_values, map_token_values
 
 TEXTS = [
     "Add the ones: 7 + 8 = 15, write 5 and carry 1. So 47 + 38 = 85.",
@@ -124,3 +124,30 @@ def test_conservation_on_random_values(seed):
         alone = [i for i, (s, _) in enumerate(src) if [x for x, _ in src].count(s) == 1]
         same = map_token_values(src, values, src, text)
         np.testing.assert_allclose(same[alone], values[alone], atol=1e-9)
+
+
+def test_completion_offsets_cover_the_decoded_text():
+    tokenizer = build_tokenizer()
+    ids = tokenizer("So 47 + 38 = 85.<|im_end|>\n", add_special_tokens=False)["input_ids"]
+    text, spans = completion_offsets(tokenizer, ids)
+    assert text == "So 47 + 38 = 85.<|im_end|>\n"
+    assert "".join(text[s:e] for s, e in spans) == text
+    assert [tokenizer.decode([i]) for i in ids] == [text[s:e] for s, e in spans]
+
+
+def test_map_completion_values_between_two_templates():
+    """Chat-template tokens differ around the same content; content maps by characters, the rest as wholes."""
+    content = "ab cd"
+    source = ("<s>ab cd</s>", [(0, 3), (3, 5), (5, 8), (8, 12)])  # "<s>", "ab", " cd", "</s>"
+    target = ("ab cd<|end|>\n", [(0, 1), (1, 5), (5, 12), (12, 13)])  # "a", "b cd", "<|end|>", "\n"
+    got = map_completion_values(source, [1.0, 2.0, 4.0, 8.0], target, content)
+    # prefix "<s>" (1.0) has no target token before the content: it goes to the first content token.
+    # content: "ab" (2.0) spreads over a, b; " cd" (4.0) over c, d -> "a" 1.0, "b cd" 1.0 + 4.0
+    # suffix "</s>" (8.0) is shared by "<|end|>" and "\n"
+    np.testing.assert_allclose(got, [1.0 + 1.0, 5.0, 4.0, 4.0])
+    np.testing.assert_allclose(got.sum(), 15.0)
+
+
+def test_map_completion_values_needs_the_content():
+    with pytest.raises(ValueError, match="not found in the target"):
+        map_completion_values(("xy", [(0, 2)]), [1.0], ("zz", [(0, 2)]), "xy")

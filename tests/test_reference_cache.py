@@ -198,7 +198,8 @@ def test_processes_split_the_shards(tmp_path, tiny_tokenizer):
 
     counts = [
         reference_cache.score_missing_shards(
-            store, dataset, collator=collator, forward=forward, batch_size=2, rank=rank, world_size=2
+            store, dataset, score_rows=reference_cache.collated_scorer(collator, forward), batch_size=2, rank=rank,
+            world_size=2,
         )
         for rank in (0, 1)
     ]

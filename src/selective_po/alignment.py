@@ -87,3 +87,85 @@ def map_token_values(
     cumulative = np.concatenate([[0.0], np.cumsum(per_char)])  # cumulative[c]: value of characters [0, c)
     owned = cumulative[target_stop] - cumulative[target_start]
     return owned[target_group] / tokens_per_group[target_group]
+
+
+def completion_offsets(tokenizer, ids: Sequence[int]) -> tuple[str, list[tuple[int, int]]]:
+    """The text of `ids` (special tokens kept) and each token's `(start, end)` span in it.
+
+    Spans come from decoding growing prefixes, so they hold for any tokenizer, whatever its own
+    offset conventions; a piece of a split character gets a zero-width span after it.
+    """
+    spans, previous = [], 0
+    for i in range(len(ids)):
+        length = len(tokenizer.decode(ids[: i + 1], skip_special_tokens=False))
+        spans.append((previous, max(length, previous)))
+        previous = max(length, previous)
+    return tokenizer.decode(list(ids), skip_special_tokens=False), spans
+
+
+def map_completion_values(
+    source: tuple[str, Sequence[tuple[int, int]]],
+    source_values: Sequence[float],
+    target: tuple[str, Sequence[tuple[int, int]]],
+    content: str,
+) -> np.ndarray:
+    """Move per-token values of one rendering of a response onto another rendering of it.
+
+    The two renderings (e.g. two chat templates) share the message `content` but wrap it in
+    different template tokens. Tokens are assigned to the segment their span starts in: before the
+    content, the content, after it. Content tokens map by characters (`map_token_values`), and so
+    do the segments before and after when both renderings have the same text there. Otherwise a
+    template segment maps as a whole: its sum is shared equally by the target's tokens in the same
+    segment (or given to the nearest target token if the target has none there).
+
+    Args:
+        source: `(text, spans)` of the source completion, as `completion_offsets` returns.
+        source_values: One value per source token.
+        target: `(text, spans)` of the target completion.
+        content: The response's message text, which both renderings contain.
+
+    Returns:
+        float64 array, one value per target token; it sums to `sum(source_values)`.
+    """
+    source_values = np.asarray(source_values, dtype=np.float64)
+    (source_text, source_spans), (target_text, target_spans) = source, target
+    segments = []
+    for name, text, spans in (("source", source_text, source_spans), ("target", target_text, target_spans)):
+        begin = text.find(content)
+        if begin < 0:
+            raise ValueError(f"The response text is not found in the {name} rendering {text!r}.")
+        end = begin + len(content)
+        starts = np.asarray([start for start, _ in spans], dtype=np.int64)
+        segment = np.where(starts < begin, 0, np.where(starts < end, 1, 2)) if len(spans) else np.zeros(0, int)
+        # a zero-width token at the end of the content belongs after it
+        segment[(segment == 1) & (starts == end)] = 2
+        segments.append((segment, begin, end, spans))
+    (s_seg, s_begin, s_end, _), (t_seg, t_begin, t_end, _) = segments
+    if not np.any(t_seg == 1) and len(content):
+        raise ValueError("The target rendering has no token inside the response text.")
+
+    out = np.zeros(len(target_spans))
+    in_content = np.flatnonzero(t_seg == 1)
+    s_content = np.flatnonzero(s_seg == 1)
+    clip = lambda spans, idx, begin, end: [  # noqa: E731
+        (min(max(spans[i][0], begin), end) - begin, min(max(spans[i][1], begin), end) - begin) for i in idx
+    ]
+    if len(in_content):
+        out[in_content] = map_token_values(
+            clip(source_spans, s_content, s_begin, s_end), source_values[s_content],
+            clip(target_spans, in_content, t_begin, t_end), content,
+        )  # fmt: skip
+    bounds = {0: ((0, s_begin), (0, t_begin)), 2: ((s_end, len(source_text)), (t_end, len(target_text)))}
+    for seg, fallback in ((0, in_content[:1]), (2, in_content[-1:])):
+        s_idx, receivers = np.flatnonzero(s_seg == seg), np.flatnonzero(t_seg == seg)
+        (s_lo, s_hi), (t_lo, t_hi) = bounds[seg]
+        if len(s_idx) and len(receivers) and source_text[s_lo:s_hi] == target_text[t_lo:t_hi]:
+            # the same template text on both sides: map it by characters like the content
+            out[receivers] += map_token_values(
+                clip(source_spans, s_idx, s_lo, s_hi), source_values[s_idx],
+                clip(target_spans, receivers, t_lo, t_hi), source_text[s_lo:s_hi],
+            )  # fmt: skip
+            continue
+        receivers = receivers if len(receivers) else (fallback if len(fallback) else np.arange(len(out))[:1])
+        out[receivers] += source_values[s_idx].sum() / len(receivers)
+    return out

@@ -101,6 +101,15 @@ class SelectiveDPOConfig(DPOConfig):
             "tokens per response, drawn uniformly with a seed derived from `seed`) or `all` (every response token)."
         },
     )
+    map_across_tokenizers: bool = field(
+        default=False,
+        metadata={
+            "help": "Let the reference (Selective-DPO) or the oracle and its reference (SePO) use another tokenizer "
+            "than the policy: they score the response in their own tokens and the values move onto the policy's "
+            "tokens through character offsets (see selective_po.alignment). Needs conversational data and stored "
+            "values (precompute_ref_log_probs=True)."
+        },
+    )
     ref_logps_cache_dir: str | None = field(
         default=None,
         metadata={
@@ -149,6 +158,11 @@ class SelectiveDPOConfig(DPOConfig):
             "ld_alpha": self.ld_alpha is not None,
             "f_divergence_type": self.f_divergence_type != "reverse_kl",
         }
+        if self.map_across_tokenizers and not self.precompute_ref_log_probs:
+            raise ValueError(
+                "map_across_tokenizers=True maps stored per-token values; set precompute_ref_log_probs=True (a live "
+                "reference with another tokenizer is not supported)."
+            )
         bad = [name for name, is_set in unsupported.items() if is_set]
         if bad:
             raise ValueError(

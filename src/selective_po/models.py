@@ -149,5 +149,6 @@ def check_same_vocabulary(policy_tokenizer, reference_tokenizer, *, reference_na
         f"({len(reference_vocab)} vs {len(policy_vocab)} tokens; {only_policy} only in the policy's, "
         f"{only_reference} only in the other model's, {remapped} with different ids). Token scores compare the two "
         "models token by token, so use a model of the same tokenizer family (e.g. a larger model of the same "
-        "series, or a DPO-trained copy of the policy)."
+        "series, or a DPO-trained copy of the policy), or set map_across_tokenizers=True to move its values onto "
+        "the policy's tokens through character offsets."
     )

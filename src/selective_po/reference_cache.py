@@ -208,12 +208,33 @@ class ReferenceLogpsStore:
 # Scoring
 
 
+RowScorer = Callable[[list[dict]], tuple[list[np.ndarray], list[np.ndarray]]]
+
+
+def collated_scorer(
+    collator: Callable[[list[dict]], dict], forward: Callable[[dict], tuple[torch.Tensor, torch.Tensor]]
+) -> RowScorer:
+    """Score rows through TRL's collator: the values at the positions of its shifted completion mask.
+
+    Args:
+        collator: TRL's preference collator; its masks define which positions are stored.
+        forward: `batch -> (values, completion_mask)`, both `(2B, T-1)`.
+    """
+
+    def score_rows(rows: list[dict]) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        values, mask = forward(collator(rows))
+        per_row = [row_values[row_mask].float().cpu().numpy() for row_values, row_mask in zip(values, mask)]
+        half = len(per_row) // 2  # the collator stacks [chosen; rejected]
+        return per_row[:half], per_row[half:]
+
+    return score_rows
+
+
 def score_missing_shards(
     store: ReferenceLogpsStore,
     dataset: Dataset,
     *,
-    collator: Callable[[list[dict]], dict],
-    forward: Callable[[dict], tuple[torch.Tensor, torch.Tensor]],
+    score_rows: RowScorer,
     batch_size: int,
     rank: int = 0,
     world_size: int = 1,
@@ -225,9 +246,9 @@ def score_missing_shards(
     Args:
         store: Where the shards go.
         dataset: TRL's tokenized dataset (`prompt_ids`, `chosen_ids`, `rejected_ids`), row-aligned with `store`.
-        collator: TRL's preference collator; its masks define which positions are stored.
-        forward: `batch -> (log_probs, completion_mask)`, both `(2B, T-1)`, from the reference.
-        batch_size: Pairs per forward.
+        score_rows: `rows -> (chosen values, rejected values)`, one array per row, one value per
+            completion position the trainer scores (see `collated_scorer`).
+        batch_size: Pairs per call of `score_rows`.
         rank, world_size: Shard `i` is this process's when `i % world_size == rank`.
         progress: Wraps the shard iterator (a progress bar).
         on_shard_written: Called after each shard is safely on disk.
@@ -237,12 +258,9 @@ def score_missing_shards(
         chosen, rejected = [], []
         for start in range(shard.start, shard.stop, batch_size):
             rows = dataset.select(range(start, min(start + batch_size, shard.stop)))
-            batch = collator([dict(row) for row in rows])
-            log_probs, mask = forward(batch)
-            values = [row_values[row_mask].float().cpu().numpy() for row_values, row_mask in zip(log_probs, mask)]
-            half = len(values) // 2  # the collator stacks [chosen; rejected]
-            chosen += values[:half]
-            rejected += values[half:]
+            batch_chosen, batch_rejected = score_rows([dict(row) for row in rows])
+            chosen += batch_chosen
+            rejected += batch_rejected
         store.write_shard(shard, chosen, rejected)
         if on_shard_written is not None:
             on_shard_written(shard)

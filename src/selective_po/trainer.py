@@ -20,6 +20,7 @@ import textwrap
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
 from accelerate.utils import is_peft_model, tqdm
 from datasets import IterableDataset
@@ -117,7 +118,8 @@ class SelectiveDPOTrainer(DPOTrainer):
                 f"Could not load a tokenizer from {name!r} to check that it shares the policy's vocabulary. Save the "
                 "tokenizer next to the model's weights."
             ) from error
-        check_same_vocabulary(processing_class, reference_tokenizer, reference_name=name)
+        if not args.map_across_tokenizers:
+            check_same_vocabulary(processing_class, reference_tokenizer, reference_name=name)
 
     @staticmethod
     def mask_unimportant_tokens(
@@ -316,12 +318,10 @@ class SelectiveDPOTrainer(DPOTrainer):
         )
         if store.missing_shards():
             scorer = self._load_scorer()
-            collator = getattr(self.data_collator, "inner", self.data_collator)
             reference_cache.score_missing_shards(
                 store,
                 dataset,
-                collator=collator,
-                forward=scorer,
+                score_rows=scorer,
                 batch_size=batch_size,
                 rank=self.accelerator.process_index,
                 world_size=self.accelerator.num_processes,
@@ -349,7 +349,15 @@ class SelectiveDPOTrainer(DPOTrainer):
             # TRL hashed the reference's weights (or the initial policy's) before anything could change them.
             reference = "weights:" + self._precompute_model_hash
             dtype = str((self.ref_model or self.model).dtype)
-        return {**self._token_components(dataset), "reference": reference, "dtype": dtype.removeprefix("torch.")}
+        components = {**self._token_components(dataset), "reference": reference, "dtype": dtype.removeprefix("torch.")}
+        return {**components, **self._mapping_components(self._ref_path)}
+
+    def _mapping_components(self, other_path: str | None) -> dict:
+        """Key parts for values moved across tokenizers: the rule's version and the other tokenizer."""
+        if not self.args.map_across_tokenizers:
+            return {}
+        other = AutoTokenizer.from_pretrained(other_path, trust_remote_code=self.args.trust_remote_code)
+        return {"mapping": "char-offsets-v1", "other_tokenizer": reference_cache.tokenizer_hash(other)}
 
     def _token_components(self, dataset) -> dict:
         """The parts of a cache key that fix which tokens are scored and how."""
@@ -371,10 +379,74 @@ class SelectiveDPOTrainer(DPOTrainer):
             path = Path(snapshot_download(name_or_path, allow_patterns=["*.json", "*.safetensors", "*.bin"]))
         return "files:" + reference_cache.files_weights_hash(path, memo_path=cache_dir() / "file_hashes.json")
 
-    def _load_scorer(self) -> Callable[[dict], tuple[torch.Tensor, torch.Tensor]]:
-        """`batch -> (reference log-probs, mask)`, loading `ref_model_name_or_path` for scoring only."""
+    @property
+    def _policy_collator(self):
+        """TRL's collator, without the wrapper that adds stored values."""
+        return getattr(self.data_collator, "inner", self.data_collator)
+
+    def _load_scorer(self) -> reference_cache.RowScorer:
+        """`rows -> per-token reference log-probs`, loading `ref_model_name_or_path` for scoring only."""
         reference = self._load_frozen(self._ref_path) if self._ref_path is not None else None
-        return functools.partial(self._score_reference_batch, reference)
+        if self.args.map_across_tokenizers:
+            if reference is None:
+                raise ValueError("map_across_tokenizers=True needs ref_model_name_or_path: the reference to map from.")
+            return self._cross_tokenizer_scorer(self._ref_path, lambda forward: forward(reference))
+        return reference_cache.collated_scorer(self._policy_collator, functools.partial(self._score_reference_batch, reference))
+
+    def _cross_tokenizer_scorer(self, tokenizer_path: str, values_of: Callable) -> reference_cache.RowScorer:
+        """Score rows in another tokenizer's tokens and move the values onto the policy's tokens.
+
+        `values_of(forward)` returns the per-token values of the other tokenization, where
+        `forward(model)` gives one model's completion log-probs (a list of arrays, one per sequence).
+        """
+        from trl.data_utils import _tokenize, common_prefix_length
+
+        from .alignment import completion_offsets, map_completion_values
+
+        other = AutoTokenizer.from_pretrained(tokenizer_path, trust_remote_code=self.args.trust_remote_code)
+
+        def score_rows(rows: list[dict]) -> tuple[list[np.ndarray], list[np.ndarray]]:
+            counts = self._policy_collator(rows)["completion_mask"][:, 1:].sum(dim=1).tolist()  # scored per row
+            sequences, contents, policy_ids = [], [], []
+            for side in ("chosen", "rejected"):
+                for row in rows:
+                    if not isinstance(row[side], list):
+                        raise ValueError("map_across_tokenizers=True needs conversational data (lists of messages).")
+                    prompt_ids = _tokenize(other, row["prompt"], add_generation_prompt=True)["input_ids"]
+                    full_ids = _tokenize(other, row["prompt"] + row[side])["input_ids"]
+                    sequences.append((full_ids, common_prefix_length(prompt_ids, full_ids)))
+                    contents.append(row[side][-1]["content"])
+                    policy_ids.append(row[f"{side}_ids"])
+            values = values_of(lambda model: self._completion_logps(model, sequences))
+            mapped = []
+            for (full_ids, start), content, ids, n, value in zip(sequences, contents, policy_ids, counts, values):
+                moved = map_completion_values(
+                    completion_offsets(other, full_ids[start:]), value, completion_offsets(self._tokenizer, ids), content
+                )
+                # The collator keeps the first completion tokens (keep_start) or the last ones (keep_end).
+                mapped.append(moved[:n] if self.args.truncation_mode == "keep_start" else moved[len(moved) - n :])
+            return mapped[: len(rows)], mapped[len(rows) :]
+
+        return score_rows
+
+    @torch.no_grad()
+    def _completion_logps(self, model, sequences: list[tuple[list[int], int]]) -> list[np.ndarray]:
+        """Per-token log-probs of each sequence's completion (tokens from `start` on) under `model`."""
+        length = max(len(ids) for ids, _ in sequences)
+        input_ids = torch.zeros(len(sequences), length, dtype=torch.long)
+        attention_mask = torch.zeros_like(input_ids)
+        labels = torch.full_like(input_ids, -100)
+        for i, (ids, start) in enumerate(sequences):
+            input_ids[i, : len(ids)] = torch.tensor(ids)
+            attention_mask[i, : len(ids)] = 1
+            labels[i, start : len(ids)] = torch.tensor(ids[start:])
+        device = self.accelerator.device
+        with self.compute_loss_context_manager():
+            log_probs = model(
+                input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), labels=labels.to(device),
+                fused_lm_head=True, use_cache=False,
+            ).log_probs.float().cpu()  # fmt: skip
+        return [log_probs[i, start - 1 : len(ids) - 1].numpy() for i, (ids, start) in enumerate(sequences)]
 
     def _load_frozen(self, path: str):
         """A frozen model from `path`, on this process's device, with TRL's fused LM head."""
@@ -499,6 +571,9 @@ class SePOTrainer(SelectiveDPOTrainer):
             path = resolve_model_path(getattr(args, field_name))
             self._check_reference_tokenizer(model, path, args, kwargs.get("processing_class"), name=getattr(args, field_name))
             self._oracle_paths[field_name] = path
+        if args.map_across_tokenizers:  # the oracle's rewards compare its tokens with its reference's
+            oracle_tokenizers = [AutoTokenizer.from_pretrained(p, trust_remote_code=args.trust_remote_code) for p in self._oracle_paths.values()]
+            check_same_vocabulary(*oracle_tokenizers, reference_name=args.oracle_ref_model_name_or_path)
         super().__init__(model, args=args, **kwargs)
 
     def _stored_value_components(self, dataset) -> dict:
@@ -510,19 +585,25 @@ class SePOTrainer(SelectiveDPOTrainer):
             "oracle": self._files_identity(self._oracle_paths["oracle_model_name_or_path"]),
             "oracle_ref": self._files_identity(self._oracle_paths["oracle_ref_model_name_or_path"]),
             "dtype": dtype.removeprefix("torch."),
+            **self._mapping_components(self._oracle_paths["oracle_model_name_or_path"]),
         }
 
     def _load_scorer(self):
         """`batch -> (token rewards, mask)`: the oracle and its reference, loaded for scoring only."""
         oracle = self._load_frozen(self._oracle_paths["oracle_model_name_or_path"])
         oracle_ref = self._load_frozen(self._oracle_paths["oracle_ref_model_name_or_path"])
+        if self.args.map_across_tokenizers:
+            return self._cross_tokenizer_scorer(
+                self._oracle_paths["oracle_model_name_or_path"],
+                lambda forward: [a - b for a, b in zip(forward(oracle), forward(oracle_ref))],
+            )
 
         def token_rewards(batch):
             oracle_logps, mask = self._score_reference_batch(oracle, batch)
             ref_logps, _ = self._score_reference_batch(oracle_ref, batch)
             return oracle_logps.float() - ref_logps.float(), mask
 
-        return token_rewards
+        return reference_cache.collated_scorer(self._policy_collator, token_rewards)
 
     def _sepo_step(self, inputs, policy_logps, shift_mask, model_kwargs, labels):
         """SePO on one batch: no reference forward; rewards logged are `u(y_w)` and `u(y_l)`."""
