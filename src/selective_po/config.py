@@ -195,7 +195,8 @@ class SePOConfig(SelectiveDPOConfig):
     Parameters:
         oracle_model_name_or_path (`str`):
             The oracle: a model DPO-trained on the target preference data. It may be smaller than the
-            policy (weak-to-strong); it must share the policy's vocabulary.
+            policy (weak-to-strong). It must share the policy's vocabulary unless
+            `map_across_tokenizers=True`.
         oracle_ref_model_name_or_path (`str`):
             The model the oracle was trained from (its DPO reference).
         sepo_chosen_share (`float`, *optional*, defaults to `0.3`):
