@@ -13,6 +13,7 @@ import argparse
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import yaml
 from trl import ModelConfig, ScriptArguments, TrlParser, get_peft_config
@@ -21,11 +22,13 @@ from .config import SEPO_LOSS_TYPES, SelectiveDPOConfig, SePOConfig
 from .data import load_preference_dataset
 from .models import DEFAULT_MODEL
 
-USAGE = """usage: selective-po {train,score,demo} [options]
+USAGE = """usage: selective-po {train,score,eval,demo} [options]
 
   train   train with Selective-DPO, SePO (--loss_type sepo) or any TRL DPO loss; `train --help` lists the flags
   score   store per-token reference log-probs for a run (same flags as train), so that training with
           --precompute_ref_log_probs true never loads the reference
+  eval    held-out measurements without a judge: preference accuracy, margin, selected-token precision and
+          recall against known spans, greedy task accuracy; a table and JSON (`eval --help`)
   demo    Selective-DPO on the bundled model and data, with accuracy before and after (~8 min on 2 cores)
 """
 
@@ -204,6 +207,63 @@ def demo(argv: list[str]) -> dict[str, dict[str, float]]:
     return {"before": before, "after": after}
 
 
+def eval_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="selective-po eval",
+        description="Measure a trained model on held-out preference pairs, with no judge model: preference accuracy "
+        "(implicit reward margin > 0) and mean margin against the reference, likelihood accuracy, precision and "
+        "recall of the tokens Selective-DPO selects against the known differing span (when the data has "
+        "chosen_span / rejected_span), and greedy task accuracy under the arithmetic verifier (when it has answer).",
+    )
+    parser.add_argument("--model", required=True, help="the trained model (folder, hub id or embedded name)")
+    parser.add_argument("--ref_model", default=DEFAULT_MODEL, help="the reference for margins and selection")
+    parser.add_argument("--dataset", default="arithmetic")
+    parser.add_argument("--split", default="test")
+    parser.add_argument("--pairs", type=int, default=64, help="how many pairs of the split (0: all)")
+    parser.add_argument("--sdpo_threshold", type=float, default=0.6, help="selection used for span precision/recall")
+    parser.add_argument("--batch_size", type=int, default=16)
+    parser.add_argument("--max_new_tokens", type=int, default=96)
+    parser.add_argument("--output_json", help="also write the results here")
+    return parser
+
+
+def evaluate(argv: list[str]) -> dict[str, float]:
+    """`selective-po eval`: every judge-free measurement the data allows, as a table and JSON."""
+    import json
+    import tempfile
+
+    from .evaluation import evaluate_preferences, greedy_task_accuracy, selection_span_scores
+    from .models import resolve_model_path
+    from .trainer import SelectiveDPOTrainer
+
+    opts = eval_parser().parse_args(argv)
+    rows = load_preference_dataset(opts.dataset, split=opts.split)
+    if opts.pairs:
+        rows = rows.select(range(min(opts.pairs, len(rows))))
+    with tempfile.TemporaryDirectory() as tmp:
+        args = SelectiveDPOConfig(
+            output_dir=tmp, ref_model_name_or_path=opts.ref_model, per_device_eval_batch_size=opts.batch_size,
+            report_to="none",
+        )  # fmt: skip
+        trainer = SelectiveDPOTrainer(model=resolve_model_path(opts.model), args=args, train_dataset=rows, eval_dataset=rows)
+        results = evaluate_preferences(trainer, desc="Scoring held-out pairs").summary()
+        if "chosen_span" in rows.column_names:
+            results.update(selection_span_scores(trainer, threshold=opts.sdpo_threshold, batch_size=opts.batch_size))
+        if "answer" in rows.column_names:
+            results["greedy_task_accuracy"] = greedy_task_accuracy(
+                trainer.model, trainer._tokenizer, rows.to_list(), batch_size=opts.batch_size,
+                max_new_tokens=opts.max_new_tokens,
+            )  # fmt: skip
+    print(f"\n{opts.model} on {opts.dataset}/{opts.split}, reference {opts.ref_model}")
+    for key, value in results.items():
+        shown = f"{value:.1%}" if "accuracy" in key or "precision" in key or "recall" in key else f"{value:+.4f}" if isinstance(value, float) else str(value)
+        print(f"  {key:<28}{shown:>12}")
+    if opts.output_json:
+        Path(opts.output_json).parent.mkdir(parents=True, exist_ok=True)
+        Path(opts.output_json).write_text(json.dumps({"model": opts.model, "ref_model": opts.ref_model, **results}, indent=2))
+    return results
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
@@ -214,6 +274,8 @@ def main(argv: list[str] | None = None) -> int:
         train(*parse_train_args(rest))
     elif command == "score":
         score(*parse_train_args(rest))
+    elif command == "eval":
+        evaluate(rest)
     elif command == "demo":
         demo(rest)
     else:

@@ -1,5 +1,9 @@
 """Held-out measurements that need no judge, and a view of which tokens were selected.
 
+- preference accuracies and margin (below);
+- precision and recall of the selected tokens against a known differing span (`selection_span_scores`);
+- greedy task accuracy under a verifier (`greedy_task_accuracy`, `arithmetic_verifier`).
+
 Two accuracies per pair, both from one policy and one reference forward over TRL's own batches:
 
 - likelihood accuracy: the policy gives the chosen response a higher log-probability than the
@@ -13,12 +17,15 @@ Two accuracies per pair, both from one policy and one reference forward over TRL
 from __future__ import annotations
 
 import os
+import re
 import sys
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from accelerate.utils import tqdm
 
+from .alignment import completion_offsets
 from .losses import masked_sum, select_sdpo_tokens
 from .trainer import SelectiveDPOTrainer
 
@@ -116,3 +123,87 @@ def _mark_tokens(tokenizer, ids: list[int], keep: list[bool], *, color: bool) ->
 
 def _quiet() -> bool:
     return bool(os.environ.get("TQDM_DISABLE"))
+
+
+def span_token_mask(tokenizer, completion_ids: list[int], content: str, span: tuple[int, int]) -> np.ndarray:
+    """Which completion tokens overlap the characters `span` of the message `content`.
+
+    Returns:
+        bool array, one entry per completion token.
+    """
+    text, spans = completion_offsets(tokenizer, completion_ids)
+    begin = text.find(content)
+    if begin < 0:
+        raise ValueError(f"The response text is not found in its rendering {text!r}.")
+    lo, hi = begin + span[0], begin + span[1]
+    return np.array([start < hi and end > lo and end > start for start, end in spans], dtype=bool)
+
+
+@torch.no_grad()
+def selection_span_scores(trainer: SelectiveDPOTrainer, *, threshold: float, batch_size: int = 16) -> dict[str, float]:
+    """Precision and recall of the tokens Selective-DPO keeps against each pair's known differing span.
+
+    Needs `chosen_span` / `rejected_span` columns (character offsets in the message content), as the
+    bundled arithmetic data has. Counts are pooled over all pairs (micro-averaged), per side.
+    """
+    dataset = trainer.eval_dataset
+    for column in ("chosen_span", "rejected_span"):
+        if column not in dataset.column_names:
+            raise ValueError(f"Span precision/recall needs a {column!r} column (character offsets of the known span).")
+    counts = {side: {"kept_in_span": 0, "kept": 0, "span": 0} for side in ("chosen", "rejected")}
+    was_training = trainer.model.training
+    trainer.model.eval()
+    try:
+        for start in range(0, len(dataset), batch_size):
+            rows = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
+            batch = trainer._prepare_inputs(trainer.data_collator(rows))
+            _, policy, ref, mask = trainer.per_token_logps(trainer.model, batch)
+            chosen_mask, rejected_mask = mask.chunk(2)
+            *_, chosen_keep, rejected_keep = select_sdpo_tokens(
+                *policy.chunk(2), *ref.chunk(2), chosen_mask=chosen_mask, rejected_mask=rejected_mask, threshold=threshold
+            )
+            for side, keep, side_mask in (("chosen", chosen_keep, chosen_mask), ("rejected", rejected_keep, rejected_mask)):
+                for row, row_keep, row_mask in zip(rows, keep.cpu(), side_mask.cpu()):
+                    kept = row_keep[row_mask].numpy()  # one entry per scored completion token
+                    ids = row[f"{side}_ids"][: len(kept)]
+                    in_span = span_token_mask(trainer._tokenizer, ids, row[side][-1]["content"], row[f"{side}_span"])
+                    counts[side]["kept_in_span"] += int((kept & in_span).sum())
+                    counts[side]["kept"] += int(kept.sum())
+                    counts[side]["span"] += int(in_span.sum())
+    finally:
+        trainer.model.train(was_training)
+    scores = {}
+    for side, c in counts.items():
+        scores[f"span_precision_{side}"] = c["kept_in_span"] / c["kept"] if c["kept"] else 0.0
+        scores[f"span_recall_{side}"] = c["kept_in_span"] / c["span"] if c["span"] else 0.0
+    return scores
+
+
+def arithmetic_verifier(response: str, row: dict) -> bool:
+    """The last integer in the response is the true result (`row["answer"]`)."""
+    numbers = re.findall(r"-?\d+", response)
+    return bool(numbers) and int(numbers[-1]) == int(row["answer"])
+
+
+@torch.no_grad()
+def greedy_task_accuracy(
+    model, tokenizer, rows: list[dict], *, verifier=arithmetic_verifier, batch_size: int = 16, max_new_tokens: int = 96
+) -> float:
+    """Share of prompts whose greedy completion passes `verifier`."""
+    tokenizer.padding_side = "left"  # generation continues from the right end of each prompt
+    passed = 0
+    was_training = model.training
+    model.eval()
+    try:
+        for start in tqdm(range(0, len(rows), batch_size), desc="Greedy generation", disable=_quiet()):
+            chunk = rows[start : start + batch_size]
+            inputs = tokenizer.apply_chat_template(
+                [row["prompt"] for row in chunk], add_generation_prompt=True, padding=True, return_dict=True,
+                return_tensors="pt",
+            ).to(model.device)  # fmt: skip
+            output = model.generate(**inputs, do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id)
+            texts = tokenizer.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+            passed += sum(verifier(text, row) for text, row in zip(texts, chunk))
+    finally:
+        model.train(was_training)
+    return passed / len(rows) if rows else 0.0

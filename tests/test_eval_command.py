@@ -1,0 +1,43 @@
+"""`selective-po eval` and the judge-free measurements behind it."""
+
+import json
+
+import numpy as np
+
+from conftest import build_tokenizer
+from selective_po.cli import main
+from selective_po.evaluation import arithmetic_verifier, span_token_mask
+
+
+def test_span_token_mask_marks_tokens_overlapping_the_span():
+    tokenizer = build_tokenizer()
+    content = "So 47 + 38 = 85."
+    ids = tokenizer.apply_chat_template([{"role": "assistant", "content": content}], return_dict=True)["input_ids"]
+    mask = span_token_mask(tokenizer, ids, content, (13, 15))  # "85"
+    pieces = [tokenizer.decode([i]) for i in ids]
+    marked = "".join(p for p, m in zip(pieces, mask) if m)
+    assert "85" in marked and "47" not in marked and "38" not in marked
+    assert mask.dtype == bool and len(mask) == len(ids)
+
+
+def test_arithmetic_verifier_reads_the_last_number():
+    assert arithmetic_verifier("7 + 8 = 15, carry 1. So 47 + 38 = 85.", {"answer": 85})
+    assert not arithmetic_verifier("So 47 + 38 = 84.", {"answer": 85})
+    assert not arithmetic_verifier("I cannot say.", {"answer": 85})
+
+
+def test_eval_command_writes_every_measurement(tmp_path, tiny_model_dir):
+    out = tmp_path / "eval.json"
+    status = main(
+        ["eval", "--model", tiny_model_dir, "--ref_model", tiny_model_dir, "--pairs", "6", "--batch_size", "4",
+         "--max_new_tokens", "4", "--output_json", str(out)]
+    )  # fmt: skip
+    assert status == 0
+    results = json.loads(out.read_text())
+    assert results["pairs"] == 6
+    assert results["reward_accuracy"] == 0.0 and results["mean_margin"] == 0.0  # the model is its own reference
+    for key in ("span_precision_chosen", "span_recall_rejected", "greedy_task_accuracy", "likelihood_accuracy"):
+        assert 0.0 <= results[key] <= 1.0, key
+    # policy == reference: every score ties, every token is kept, so recall is complete
+    assert results["span_recall_chosen"] == 1.0 and results["span_recall_rejected"] == 1.0
+    assert np.isclose(results["greedy_task_accuracy"], 0.0)  # an untrained tiny model knows no arithmetic
