@@ -29,7 +29,7 @@ USAGE = """usage: selective-po {train,score,eval,demo} [options]
           --precompute_ref_log_probs true never loads the reference
   eval    held-out measurements without a judge: preference accuracy, margin, selected-token precision and
           recall against known spans, greedy task accuracy; a table and JSON (`eval --help`)
-  demo    Selective-DPO on the bundled model and data, with accuracy before and after (~8 min on 2 cores)
+  demo    Selective-DPO on the bundled model and data, with accuracy before and after (about 6 min on 2 cores)
 """
 
 
