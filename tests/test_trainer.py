@@ -111,6 +111,11 @@ def test_training_run_updates_parameters_and_logs_selection(tmp_path, tiny_model
     for key in ("rewards/margins", "rewards/accuracies", "logps/chosen", "selection/score_kept_rejected"):
         assert key in logs[-1]
 
+    from PIL import Image
+
+    with Image.open(tmp_path / "training_curves.png") as image:  # the curves, drawn when training ended
+        assert image.format == "PNG" and image.width > 4 * image.height // 2
+
 
 def test_reference_from_path_is_loaded_and_used(tmp_path, tiny_tokenizer, tiny_model_dir):
     ref_dir = tmp_path / "ref"

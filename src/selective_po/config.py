@@ -110,6 +110,11 @@ class SelectiveDPOConfig(DPOConfig):
             "values (precompute_ref_log_probs=True)."
         },
     )
+    plot_curves: bool = field(
+        default=True,
+        metadata={"help": "Write training_curves.png (loss, reward margin and accuracy, kept-token share) to "
+                  "output_dir when training ends."},
+    )
     ref_logps_cache_dir: str | None = field(
         default=None,
         metadata={

@@ -33,6 +33,7 @@ from . import reference_cache
 from .config import SelectiveDPOConfig, SePOConfig
 from .losses import SelectiveLossOutput, masked_sum, select_sdpo_tokens, selective_dpo_loss, sepo_loss
 from .models import cache_dir, check_same_vocabulary, resolve_model_path
+from .plots import PlotCurvesCallback
 
 # Batch keys that the collators add for the loss, not for the model's forward.
 _NON_MODEL_KEYS = {"completion_mask", "ref_chosen_logps", "ref_rejected_logps", "ref_per_token_logps"}
@@ -97,6 +98,8 @@ class SelectiveDPOTrainer(DPOTrainer):
             if not (args.precompute_ref_log_probs and args.uses_selection):
                 ref_model = create_model_from_path(self._ref_path, **_reference_init_kwargs(args, model))
         super().__init__(model, ref_model=ref_model, args=args, **kwargs)
+        if args.plot_curves:
+            self.add_callback(PlotCurvesCallback())
         if self.precompute_ref_logps and args.uses_selection:
             self.data_collator = reference_cache.PerTokenReferenceCollator(
                 self.data_collator, columns=self._stored_columns, output_key=self._stored_batch_key
