@@ -22,13 +22,14 @@ from .config import SEPO_LOSS_TYPES, SelectiveDPOConfig, SePOConfig
 from .data import load_preference_dataset
 from .models import DEFAULT_MODEL
 
-USAGE = """usage: selective-po {train,score,eval,demo} [options]
+USAGE = """usage: selective-po {train,score,eval,inspect,demo} [options]
 
   train   train with Selective-DPO, SePO (--loss_type sepo) or any TRL DPO loss; `train --help` lists the flags
   score   store per-token reference log-probs for a run (same flags as train), so that training with
           --precompute_ref_log_probs true never loads the reference
   eval    held-out measurements without a judge: preference accuracy, margin, selected-token precision and
           recall against known spans, greedy task accuracy; a table and JSON (`eval --help`)
+  inspect an HTML page of chosen/rejected pairs with every token shaded by its score and the kept ones marked
   demo    Selective-DPO on the bundled model and data, with accuracy before and after (about 6 min on 2 cores)
 """
 
@@ -264,6 +265,53 @@ def evaluate(argv: list[str]) -> dict[str, float]:
     return results
 
 
+def inspect_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="selective-po inspect",
+        description="Write a self-contained HTML page showing, for some pairs, every response token shaded by its "
+        "Selective-DPO score under --model and --ref_model, with the tokens kept at --sdpo_threshold outlined.",
+    )
+    parser.add_argument("--model", required=True, help="the policy (folder, hub id or embedded name)")
+    parser.add_argument("--ref_model", default=DEFAULT_MODEL, help="the reference")
+    parser.add_argument("--dataset", default="arithmetic")
+    parser.add_argument("--split", default="test")
+    parser.add_argument("--pairs", type=int, default=8)
+    parser.add_argument("--sdpo_threshold", type=float, default=0.6)
+    parser.add_argument("--output", default="inspect.html", help="the HTML file to write")
+    return parser
+
+
+def inspect_pairs(argv: list[str]) -> Path:
+    """`selective-po inspect`: the HTML page, written atomically."""
+    import os
+    import tempfile
+
+    from .inspector import collect_pair_views, render_html
+    from .models import resolve_model_path
+    from .trainer import SelectiveDPOTrainer
+
+    opts = inspect_parser().parse_args(argv)
+    rows = load_preference_dataset(opts.dataset, split=opts.split)
+    rows = rows.select(range(min(opts.pairs, len(rows))))
+    with tempfile.TemporaryDirectory() as tmp:
+        args = SelectiveDPOConfig(
+            output_dir=tmp, ref_model_name_or_path=opts.ref_model, sdpo_threshold=opts.sdpo_threshold, report_to="none"
+        )
+        trainer = SelectiveDPOTrainer(model=resolve_model_path(opts.model), args=args, train_dataset=rows, eval_dataset=rows)
+        views = collect_pair_views(trainer, threshold=opts.sdpo_threshold)
+    page = render_html(
+        views, title=f"Selected tokens: {opts.model} vs {opts.ref_model}", threshold=opts.sdpo_threshold,
+        description=f"Data: {opts.dataset}/{opts.split}, first {len(views)} pairs.",
+    )  # fmt: skip
+    output = Path(opts.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    partial = output.with_name(f".{output.name}.partial")
+    partial.write_text(page, encoding="utf-8")
+    os.replace(partial, output)  # never a half-written page
+    print(f"Wrote {output} ({len(views)} pairs)")
+    return output
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
@@ -276,6 +324,8 @@ def main(argv: list[str] | None = None) -> int:
         score(*parse_train_args(rest))
     elif command == "eval":
         evaluate(rest)
+    elif command == "inspect":
+        inspect_pairs(rest)
     elif command == "demo":
         demo(rest)
     else:

@@ -1,0 +1,131 @@
+"""A self-contained HTML page showing which tokens Selective-DPO selects, pair by pair.
+
+Chosen and rejected responses sit side by side; every response token is shaded by its score
+(orange: the policy is behind the reference on a chosen token or ahead on a rejected one; blue: the
+reverse) and the kept tokens are outlined. The selection is the trainer's own
+(`losses.select_sdpo_tokens`) on the trainer's own batches. The page has no script and loads
+nothing: it opens from a file, offline, and all dataset text is escaped.
+"""
+
+from __future__ import annotations
+
+import html
+from dataclasses import dataclass
+
+import torch
+
+from .losses import select_sdpo_tokens
+from .trainer import SelectiveDPOTrainer
+
+
+@dataclass
+class TokenView:
+    text: str
+    score: float
+    kept: bool
+
+
+@dataclass
+class PairView:
+    prompt: str
+    chosen: list[TokenView]
+    rejected: list[TokenView]
+
+
+@torch.no_grad()
+def collect_pair_views(trainer: SelectiveDPOTrainer, *, threshold: float, batch_size: int = 8) -> list[PairView]:
+    """Scores and keep masks of every pair of the trainer's `eval_dataset`."""
+    dataset, views = trainer.eval_dataset, []
+    was_training = trainer.model.training
+    trainer.model.eval()
+    try:
+        for start in range(0, len(dataset), batch_size):
+            rows = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
+            batch = trainer._prepare_inputs(trainer.data_collator(rows))
+            _, policy, ref, mask = trainer.per_token_logps(trainer.model, batch)
+            chosen_mask, rejected_mask = mask.chunk(2)
+            chosen_scores, rejected_scores, chosen_keep, rejected_keep = select_sdpo_tokens(
+                *policy.chunk(2), *ref.chunk(2), chosen_mask=chosen_mask, rejected_mask=rejected_mask, threshold=threshold
+            )
+            ids = batch["input_ids"][:, 1:].chunk(2)  # position t scores token t + 1
+            for i, row in enumerate(rows):
+                sides = []
+                for side_ids, scores, keep, side_mask in (
+                    (ids[0], chosen_scores, chosen_keep, chosen_mask),
+                    (ids[1], rejected_scores, rejected_keep, rejected_mask),
+                ):
+                    m = side_mask[i]
+                    sides.append(
+                        [
+                            TokenView(trainer._tokenizer.decode([t]), float(s), bool(k))
+                            for t, s, k in zip(side_ids[i][m].tolist(), scores[i][m].tolist(), keep[i][m].tolist())
+                        ]
+                    )
+                views.append(PairView(_prompt_text(row["prompt"]), *sides))
+    finally:
+        trainer.model.train(was_training)
+    return views
+
+
+def _prompt_text(prompt) -> str:
+    if isinstance(prompt, list):  # conversational
+        return "\n".join(f"{message['role']}: {message['content']}" for message in prompt)
+    return str(prompt)
+
+
+def _shade(score: float, scale: float) -> str:
+    strength = min(abs(score) / scale, 1.0) if scale > 0 else 0.0
+    rgb = "230, 120, 20" if score > 0 else "40, 110, 220"
+    return f"rgba({rgb}, {0.08 + 0.6 * strength:.3f})"
+
+
+def _tokens_html(tokens: list[TokenView]) -> str:
+    scale = max((abs(t.score) for t in tokens), default=0.0)
+    spans = []
+    for token in tokens:
+        css = "tok kept" if token.kept else "tok"
+        spans.append(
+            f'<span class="{css}" style="background:{_shade(token.score, scale)}" '
+            f'title="score {token.score:+.4f}{", kept" if token.kept else ""}">{html.escape(token.text)}</span>'
+        )
+    return "".join(spans)
+
+
+def render_html(views: list[PairView], *, title: str, threshold: float, description: str = "") -> str:
+    """The page: a header with the threshold, then one block per pair."""
+    blocks = []
+    for n, view in enumerate(views, 1):
+        columns = []
+        for side, tokens in (("chosen", view.chosen), ("rejected", view.rejected)):
+            kept = sum(t.kept for t in tokens)
+            columns.append(
+                f'<div class="side"><h3>{side} <span class="count" data-kept="{kept}" data-tokens="{len(tokens)}">'
+                f"{kept} / {len(tokens)} tokens kept</span></h3><div class=\"text\">{_tokens_html(tokens)}</div></div>"
+            )
+        blocks.append(
+            f'<section class="pair"><h2>Pair {n}</h2><pre class="prompt">{html.escape(view.prompt)}</pre>'
+            f'<div class="sides">{"".join(columns)}</div></section>'
+        )
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8">
+<meta http-equiv="Content-Security-Policy" content="default-src 'none'; style-src 'unsafe-inline'">
+<title>{html.escape(title)}</title>
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 2em; color: #222; }}
+.pair {{ border-top: 1px solid #ccc; padding: 0.5em 0 1em; }}
+.prompt {{ white-space: pre-wrap; background: #f6f6f6; padding: 0.5em; }}
+.sides {{ display: flex; gap: 2em; }}
+.side {{ flex: 1; }}
+.text {{ white-space: pre-wrap; font-family: ui-monospace, monospace; line-height: 1.9; }}
+.tok {{ border-radius: 3px; padding: 1px 0; }}
+.tok.kept {{ outline: 2px solid #222; font-weight: 600; }}
+.count {{ font-weight: normal; color: #666; font-size: 0.8em; }}
+</style></head><body>
+<h1>{html.escape(title)}</h1>
+<p>Selective-DPO selection at <code>sdpo_threshold={threshold}</code> (each response keeps its top
+{1 - threshold:.0%} of tokens by score; ties at the boundary are all kept). Orange: the policy is
+behind the reference on a chosen token or ahead of it on a rejected token (high score); blue: the
+reverse. Outlined tokens are kept. Hover a token for its score. {html.escape(description)}</p>
+{"".join(blocks)}
+</body></html>
+"""
