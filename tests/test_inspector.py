@@ -91,7 +91,11 @@ def chromium_or_skip() -> str:
     if shutil.which("apt-get") is None or os.geteuid() != 0:
         pytest.skip("chromium is not installed and cannot be installed here (needs apt-get as root)")
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    result = subprocess.run(["apt-get", "install", "-y", "-q", "chromium"], capture_output=True, text=True, env=env, timeout=900)
+    install = ["apt-get", "install", "-y", "-q", "chromium"]
+    result = subprocess.run(install, capture_output=True, text=True, env=env, timeout=900)
+    if result.returncode != 0:  # stale package lists on a fresh machine: refresh once and retry
+        subprocess.run(["apt-get", "update", "-q"], capture_output=True, env=env, timeout=900)
+        result = subprocess.run(install, capture_output=True, text=True, env=env, timeout=900)
     if result.returncode != 0 or shutil.which("chromium") is None:
         pytest.skip(f"installing chromium with apt-get failed: {result.stderr.strip()[-500:]}")
     return shutil.which("chromium")
