@@ -65,11 +65,58 @@ def load_preference_dataset(
     splits = _load_all_splits(name_or_path, config_name=config_name)
     if split is None:
         for split_name, dataset in splits.items():
-            check_preference_columns(dataset, source=f"{name_or_path!r} split {split_name!r}")
+            check_preference_dataset(dataset, source=f"{name_or_path!r} split {split_name!r}")
         return splits
     dataset = _select_split(splits, split, source=name_or_path)
-    check_preference_columns(dataset, source=f"{name_or_path!r} split {split!r}")
+    check_preference_dataset(dataset, source=f"{name_or_path!r} split {split!r}")
     return dataset
+
+
+def check_preference_dataset(dataset: datasets.Dataset, *, source: str) -> None:
+    """Columns, then every row: raise ``ValueError`` naming the source, row and field of the first problem."""
+    check_preference_columns(dataset, source=source)
+    check_preference_rows(dataset, source=source)
+
+
+def check_preference_rows(dataset: datasets.Dataset, *, source: str) -> None:
+    """Raise ``ValueError`` at the first malformed row: empty data, an empty or non-string response,
+    malformed conversational messages, or a row that mixes the standard and conversational formats.
+    """
+    if len(dataset) == 0:
+        raise ValueError(f"Preference dataset {source} has no rows.")
+    fields = [name for name in ("prompt", "chosen", "rejected") if name in dataset.column_names]
+    for index, row in enumerate(dataset.select_columns(fields)):
+        formats = set()
+        for name in fields:
+            problem, kind = _field_problem(row[name], required=name != "prompt")
+            if problem:
+                raise ValueError(f"Preference dataset {source}, row {index}, field {name!r}: {problem}. {FORMAT_HELP}")
+            formats.add(kind)
+        if len(formats) > 1:
+            raise ValueError(
+                f"Preference dataset {source}, row {index} mixes plain strings and lists of messages across "
+                f"{fields}; use one format for all of them. {FORMAT_HELP}"
+            )
+
+
+def _field_problem(value, *, required: bool) -> tuple[str | None, str]:
+    """(what is wrong with one prompt/chosen/rejected value, or None; its format)."""
+    if isinstance(value, str):
+        if required and not value.strip():
+            return "the response is empty", "standard"
+        return None, "standard"
+    if isinstance(value, list):
+        if required and not value:
+            return "the response has no messages", "conversational"
+        for position, message in enumerate(value):
+            if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+                return f"message {position} is not a {{'role': str, 'content': ...}} mapping: {message!r:.80}", "conversational"
+            if not isinstance(message.get("content"), str):
+                return f"message {position} has non-string content {message.get('content')!r:.80}", "conversational"
+        if required and not value[-1]["content"].strip():
+            return "the response message is empty", "conversational"
+        return None, "conversational"
+    return f"expected a string or a list of messages, got {type(value).__name__} {value!r:.80}", "other"
 
 
 def check_preference_columns(dataset: datasets.Dataset, *, source: str) -> None:

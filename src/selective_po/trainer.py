@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate.utils import is_peft_model, tqdm
-from datasets import IterableDataset
+from datasets import Dataset, IterableDataset
 from transformers import AutoTokenizer, PreTrainedModel, ProcessorMixin
 from trl import DPOTrainer
 from trl.models.utils import disable_gradient_checkpointing
@@ -31,6 +31,7 @@ from trl.trainer.utils import add_fused_lm_head, create_model_from_path, disable
 
 from . import reference_cache
 from .config import SelectiveDPOConfig, SePOConfig
+from .data import check_preference_dataset
 from .losses import SelectiveLossOutput, masked_sum, select_sdpo_tokens, selective_dpo_loss, sepo_loss
 from .models import cache_dir, check_same_vocabulary, resolve_model_path
 from .plots import PlotCurvesCallback
@@ -83,6 +84,13 @@ class SelectiveDPOTrainer(DPOTrainer):
                 f"SelectiveDPOTrainer needs a SelectiveDPOConfig, got {type(args).__name__}. Build it with "
                 "`SelectiveDPOConfig(**your_dpo_config.to_dict())` or switch the class in your script."
             )
+        for name in ("train_dataset", "eval_dataset"):  # clear errors before TRL tokenizes
+            datasets_to_check = kwargs.get(name)
+            if not isinstance(datasets_to_check, dict):
+                datasets_to_check = {name: datasets_to_check}
+            for key, dataset in datasets_to_check.items():
+                if isinstance(dataset, Dataset) and "prompt_ids" not in dataset.column_names:
+                    check_preference_dataset(dataset, source=key)
         if isinstance(model, str):
             model = resolve_model_path(model)
         # With stored per-token values the reference is loaded only if something is left to score.
