@@ -181,3 +181,13 @@ def test_peft_reference_is_the_base_model_as_in_trl(tmp_path, tiny_model_dir):
     assert grads.keys() == trl_grads.keys() and all("lora" in name for name in grads)
     for name in grads:
         torch.testing.assert_close(grads[name], trl_grads[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_missing_model_path_is_named(tmp_path):
+    missing = str(tmp_path / "no-such-model")
+    with pytest.raises(FileNotFoundError, match="no-such-model' does not exist"):
+        SelectiveDPOTrainer(model=missing, args=SelectiveDPOConfig(output_dir=str(tmp_path), report_to="none"),
+                            train_dataset=preference_dataset())
+    args = SelectiveDPOConfig(output_dir=str(tmp_path), report_to="none", ref_model_name_or_path="./missing-ref")
+    with pytest.raises(FileNotFoundError, match="missing-ref' does not exist"):
+        SelectiveDPOTrainer(model=str(tmp_path), args=args, train_dataset=preference_dataset())

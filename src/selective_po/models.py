@@ -26,6 +26,8 @@ from pathlib import Path
 
 from filelock import FileLock
 
+from .data import looks_like_local_path
+
 CACHE_ENV = "SELECTIVE_PO_CACHE"
 
 
@@ -64,6 +66,11 @@ def resolve_model_path(name_or_path: str) -> str:
     """
     spec = EMBEDDED_MODELS.get(name_or_path.lower())
     if spec is None:
+        if looks_like_local_path(name_or_path) and not Path(name_or_path).expanduser().exists():
+            raise FileNotFoundError(
+                f"Model path {name_or_path!r} does not exist. Check the path, or use a hub id or an embedded name "
+                f"({', '.join(EMBEDDED_MODELS)})."
+            )
         return name_or_path
     target = cache_dir() / "models" / name_or_path.lower()
     if (target / "model.safetensors").is_file():
