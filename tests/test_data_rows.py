@@ -64,3 +64,11 @@ def test_mixing_formats_within_a_row():
     )
     with pytest.raises(ValueError, match="row 0 mixes plain strings and lists of messages"):
         check_preference_dataset(mixed, source="mydata")
+
+
+def test_prompt_filling_max_length_is_an_error_naming_the_row(tmp_path, tiny_model_dir):
+    rows = preference_dataset().to_list()
+    rows[3]["prompt"] = [{"role": "user", "content": "What is 1 + 1? " * 30}]
+    args = SelectiveDPOConfig(output_dir=str(tmp_path), report_to="none", max_length=64)
+    with pytest.raises(ValueError, match=r"1 of 8 rows of the train dataset \(the first is row 3\) have prompts of max_length=64"):
+        SelectiveDPOTrainer(model=tiny_model_dir, args=args, train_dataset=Dataset.from_list(rows))

@@ -113,6 +113,27 @@ class SelectiveDPOTrainer(DPOTrainer):
                 self.data_collator, columns=self._stored_columns, output_key=self._stored_batch_key
             )
 
+    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+        """TRL's tokenization, refusing rows TRL would drop in silence (prompt fills `max_length`)."""
+        prepared = super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+        if isinstance(dataset, Dataset) and isinstance(prepared, Dataset) and len(prepared) < len(dataset):
+            from trl.data_utils import _tokenize
+
+            first = ""
+            if "prompt" in dataset.column_names:  # an implicit prompt is only split off inside TRL
+                index = next((
+                    i for i, row in enumerate(dataset)
+                    if len(_tokenize(processing_class, row["prompt"], add_generation_prompt=isinstance(row["prompt"], list))["input_ids"])
+                    >= args.max_length
+                ), None)  # fmt: skip
+                first = f" (the first is row {index})" if index is not None else ""
+            raise ValueError(
+                f"{len(dataset) - len(prepared)} of {len(dataset)} rows of the {dataset_name} dataset{first} have "
+                f"prompts of max_length={args.max_length} tokens or more, so none of their response tokens would be "
+                "trained on. Raise max_length, or shorten or remove those prompts."
+            )
+        return prepared
+
     @staticmethod
     def _check_reference_tokenizer(model, ref_path: str, args: SelectiveDPOConfig, processing_class, name=None) -> None:
         """Fail before any loading or tokenization if a reference-side model tokenizes differently."""
