@@ -140,17 +140,12 @@ def span_token_mask(tokenizer, completion_ids: list[int], content: str, span: tu
 
 
 @torch.no_grad()
-def selection_span_scores(trainer: SelectiveDPOTrainer, *, threshold: float, batch_size: int = 16) -> dict[str, float]:
-    """Precision and recall of the tokens Selective-DPO keeps against each pair's known differing span.
-
-    Needs `chosen_span` / `rejected_span` columns (character offsets in the message content), as the
-    bundled arithmetic data has. Counts are pooled over all pairs (micro-averaged), per side.
+def selected_tokens(trainer: SelectiveDPOTrainer, *, threshold: float, batch_size: int = 16):
+    """Per pair of `trainer.eval_dataset`: the row, and for each side its completion tokens' ids,
+    scores and keep flags (numpy, one entry per scored token), from the trainer's own batches and
+    selection code.
     """
     dataset = trainer.eval_dataset
-    for column in ("chosen_span", "rejected_span"):
-        if column not in dataset.column_names:
-            raise ValueError(f"Span precision/recall needs a {column!r} column (character offsets of the known span).")
-    counts = {side: {"kept_in_span": 0, "kept": 0, "span": 0} for side in ("chosen", "rejected")}
     was_training = trainer.model.training
     trainer.model.eval()
     try:
@@ -159,19 +154,39 @@ def selection_span_scores(trainer: SelectiveDPOTrainer, *, threshold: float, bat
             batch = trainer._prepare_inputs(trainer.data_collator(rows))
             _, policy, ref, mask = trainer.per_token_logps(trainer.model, batch)
             chosen_mask, rejected_mask = mask.chunk(2)
-            *_, chosen_keep, rejected_keep = select_sdpo_tokens(
+            chosen_scores, rejected_scores, chosen_keep, rejected_keep = select_sdpo_tokens(
                 *policy.chunk(2), *ref.chunk(2), chosen_mask=chosen_mask, rejected_mask=rejected_mask, threshold=threshold
             )
-            for side, keep, side_mask in (("chosen", chosen_keep, chosen_mask), ("rejected", rejected_keep, rejected_mask)):
-                for row, row_keep, row_mask in zip(rows, keep.cpu(), side_mask.cpu()):
-                    kept = row_keep[row_mask].numpy()  # one entry per scored completion token
-                    ids = row[f"{side}_ids"][: len(kept)]
-                    in_span = span_token_mask(trainer._tokenizer, ids, row[side][-1]["content"], row[f"{side}_span"])
-                    counts[side]["kept_in_span"] += int((kept & in_span).sum())
-                    counts[side]["kept"] += int(kept.sum())
-                    counts[side]["span"] += int(in_span.sum())
+            chosen_ids, rejected_ids = batch["input_ids"][:, 1:].chunk(2)  # position t scores token t + 1
+            sides = {
+                "chosen": (chosen_ids, chosen_scores, chosen_keep, chosen_mask),
+                "rejected": (rejected_ids, rejected_scores, rejected_keep, rejected_mask),
+            }
+            for i, row in enumerate(rows):
+                yield row, {
+                    side: (ids[i][m[i]].tolist(), scores[i][m[i]].cpu().numpy(), keep[i][m[i]].cpu().numpy())
+                    for side, (ids, scores, keep, m) in sides.items()
+                }
     finally:
         trainer.model.train(was_training)
+
+
+def selection_span_scores(trainer: SelectiveDPOTrainer, *, threshold: float, batch_size: int = 16) -> dict[str, float]:
+    """Precision and recall of the tokens Selective-DPO keeps against each pair's known differing span.
+
+    Needs `chosen_span` / `rejected_span` columns (character offsets in the message content), as the
+    bundled arithmetic data has. Counts are pooled over all pairs (micro-averaged), per side.
+    """
+    for column in ("chosen_span", "rejected_span"):
+        if column not in trainer.eval_dataset.column_names:
+            raise ValueError(f"Span precision/recall needs a {column!r} column (character offsets of the known span).")
+    counts = {side: {"kept_in_span": 0, "kept": 0, "span": 0} for side in ("chosen", "rejected")}
+    for row, sides in selected_tokens(trainer, threshold=threshold, batch_size=batch_size):
+        for side, (ids, _, kept) in sides.items():
+            in_span = span_token_mask(trainer._tokenizer, ids, row[side][-1]["content"], row[f"{side}_span"])
+            counts[side]["kept_in_span"] += int((kept & in_span).sum())
+            counts[side]["kept"] += int(kept.sum())
+            counts[side]["span"] += int(in_span.sum())
     scores = {}
     for side, c in counts.items():
         scores[f"span_precision_{side}"] = c["kept_in_span"] / c["kept"] if c["kept"] else 0.0

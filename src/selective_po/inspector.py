@@ -3,7 +3,7 @@
 Chosen and rejected responses sit side by side; every response token is shaded by its score
 (orange: the policy is behind the reference on a chosen token or ahead on a rejected one; blue: the
 reverse) and the kept tokens are outlined. The selection is the trainer's own
-(`losses.select_sdpo_tokens`) on the trainer's own batches. The page has no script and loads
+(`losses.select_sdpo_tokens`, through `evaluation.selected_tokens`) on the trainer's own batches. The page has no script and loads
 nothing: it opens from a file, offline, and all dataset text is escaped.
 """
 
@@ -12,9 +12,7 @@ from __future__ import annotations
 import html
 from dataclasses import dataclass
 
-import torch
-
-from .losses import select_sdpo_tokens
+from .evaluation import selected_tokens
 from .trainer import SelectiveDPOTrainer
 
 
@@ -32,38 +30,15 @@ class PairView:
     rejected: list[TokenView]
 
 
-@torch.no_grad()
 def collect_pair_views(trainer: SelectiveDPOTrainer, *, threshold: float, batch_size: int = 8) -> list[PairView]:
-    """Scores and keep masks of every pair of the trainer's `eval_dataset`."""
-    dataset, views = trainer.eval_dataset, []
-    was_training = trainer.model.training
-    trainer.model.eval()
-    try:
-        for start in range(0, len(dataset), batch_size):
-            rows = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
-            batch = trainer._prepare_inputs(trainer.data_collator(rows))
-            _, policy, ref, mask = trainer.per_token_logps(trainer.model, batch)
-            chosen_mask, rejected_mask = mask.chunk(2)
-            chosen_scores, rejected_scores, chosen_keep, rejected_keep = select_sdpo_tokens(
-                *policy.chunk(2), *ref.chunk(2), chosen_mask=chosen_mask, rejected_mask=rejected_mask, threshold=threshold
-            )
-            ids = batch["input_ids"][:, 1:].chunk(2)  # position t scores token t + 1
-            for i, row in enumerate(rows):
-                sides = []
-                for side_ids, scores, keep, side_mask in (
-                    (ids[0], chosen_scores, chosen_keep, chosen_mask),
-                    (ids[1], rejected_scores, rejected_keep, rejected_mask),
-                ):
-                    m = side_mask[i]
-                    sides.append(
-                        [
-                            TokenView(trainer._tokenizer.decode([t]), float(s), bool(k))
-                            for t, s, k in zip(side_ids[i][m].tolist(), scores[i][m].tolist(), keep[i][m].tolist())
-                        ]
-                    )
-                views.append(PairView(_prompt_text(row["prompt"]), *sides))
-    finally:
-        trainer.model.train(was_training)
+    """Scores and keep flags of every pair of the trainer's `eval_dataset`."""
+    views = []
+    for row, sides in selected_tokens(trainer, threshold=threshold, batch_size=batch_size):
+        tokens = {
+            side: [TokenView(trainer._tokenizer.decode([t]), float(s), bool(k)) for t, s, k in zip(ids, scores, keep)]
+            for side, (ids, scores, keep) in sides.items()
+        }
+        views.append(PairView(_prompt_text(row["prompt"]), tokens["chosen"], tokens["rejected"]))
     return views
 
 
