@@ -85,29 +85,12 @@ def explain_pair(trainer: SelectiveDPOTrainer, example: dict, *, threshold: floa
 
     Kept tokens are shown reversed on a terminal and wrapped in `⟦ ⟧` elsewhere.
     """
-    batch = trainer._prepare_inputs(trainer.data_collator([example]))
-    was_training = trainer.model.training
-    trainer.model.eval()
-    try:
-        _, policy, ref, mask = trainer.per_token_logps(trainer.model, batch)
-    finally:
-        trainer.model.train(was_training)
-    chosen_mask, rejected_mask = mask.chunk(2)
-    chosen_scores, rejected_scores, chosen_keep, rejected_keep = select_sdpo_tokens(
-        *policy.chunk(2), *ref.chunk(2), chosen_mask=chosen_mask, rejected_mask=rejected_mask, threshold=threshold
-    )
-    # Position t scores token t + 1.
-    chosen_ids, rejected_ids = batch["input_ids"][:, 1:].chunk(2)
+    _, sides = next(selected_tokens(trainer, rows=[example], threshold=threshold))
     color = sys.stdout.isatty() if color is None else color
-    tokenizer = trainer._tokenizer
     lines = []
-    for side, ids, keep, side_mask in (
-        ("chosen", chosen_ids, chosen_keep, chosen_mask),
-        ("rejected", rejected_ids, rejected_keep, rejected_mask),
-    ):
-        n, k = int(side_mask.sum()), int(keep.sum())
-        text = _mark_tokens(tokenizer, ids[0][side_mask[0]].tolist(), keep[0][side_mask[0]].tolist(), color=color)
-        lines.append(f"{side:>8} ({k}/{n} tokens kept): {text}")
+    for side, (ids, _, keep) in sides.items():
+        text = _mark_tokens(trainer._tokenizer, ids, keep.tolist(), color=color)
+        lines.append(f"{side:>8} ({int(keep.sum())}/{len(ids)} tokens kept): {text}")
     return "\n".join(lines)
 
 
@@ -140,12 +123,12 @@ def span_token_mask(tokenizer, completion_ids: list[int], content: str, span: tu
 
 
 @torch.no_grad()
-def selected_tokens(trainer: SelectiveDPOTrainer, *, threshold: float, batch_size: int = 16):
-    """Per pair of `trainer.eval_dataset`: the row, and for each side its completion tokens' ids,
-    scores and keep flags (numpy, one entry per scored token), from the trainer's own batches and
-    selection code.
+def selected_tokens(trainer: SelectiveDPOTrainer, *, threshold: float, rows=None, batch_size: int = 16):
+    """Per pair of `rows` (default: `trainer.eval_dataset`, tokenized by the trainer): the row, and
+    for each side its completion tokens' ids, scores and keep flags (numpy, one entry per scored
+    token), from the trainer's own batches and selection code.
     """
-    dataset = trainer.eval_dataset
+    dataset = trainer.eval_dataset if rows is None else rows
     was_training = trainer.model.training
     trainer.model.eval()
     try:

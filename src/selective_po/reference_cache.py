@@ -240,6 +240,7 @@ def score_missing_shards(
     world_size: int = 1,
     progress: Callable[[Iterator], Iterator] = iter,
     on_shard_written: Callable[[ShardSpec], None] | None = None,
+    missing: list[ShardSpec] | None = None,
 ) -> int:
     """Compute and write every missing shard assigned to this process; return how many it wrote.
 
@@ -252,8 +253,10 @@ def score_missing_shards(
         rank, world_size: Shard `i` is this process's when `i % world_size == rank`.
         progress: Wraps the shard iterator (a progress bar).
         on_shard_written: Called after each shard is safely on disk.
+        missing: `store.missing_shards()`, when the caller has just checked (it hashes every shard file).
     """
-    mine = [shard for shard in store.missing_shards() if shard.index % world_size == rank]
+    missing = store.missing_shards() if missing is None else missing
+    mine = [shard for shard in missing if shard.index % world_size == rank]
     for shard in progress(mine):
         chosen, rejected = [], []
         for start in range(shard.start, shard.stop, batch_size):

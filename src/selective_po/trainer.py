@@ -348,11 +348,13 @@ class SelectiveDPOTrainer(DPOTrainer):
             shard_size=REFERENCE_SHARD_ROWS,
             columns=self._stored_columns,
         )
-        if store.missing_shards():
+        missing = store.missing_shards()
+        if missing:
             scorer = self._load_scorer()
             reference_cache.score_missing_shards(
                 store,
                 dataset,
+                missing=missing,
                 score_rows=scorer,
                 batch_size=batch_size,
                 rank=self.accelerator.process_index,
