@@ -3,10 +3,12 @@
 import json
 
 import numpy as np
+import pytest
 
 from conftest import build_tokenizer
 from selective_po.cli import main
-from selective_po.evaluation import arithmetic_verifier, span_token_mask
+from selective_po.evaluation import span_token_mask
+from selective_po.verifiers import arithmetic_verifier
 
 
 def test_span_token_mask_marks_tokens_overlapping_the_span():
@@ -36,8 +38,31 @@ def test_eval_command_writes_every_measurement(tmp_path, tiny_model_dir):
     results = json.loads(out.read_text())
     assert results["pairs"] == 6
     assert results["reward_accuracy"] == 0.0 and results["mean_margin"] == 0.0  # the model is its own reference
-    for key in ("span_precision_chosen", "span_recall_rejected", "greedy_task_accuracy", "likelihood_accuracy"):
+    for key in ("span_precision_chosen", "span_recall_rejected", "greedy_accuracy_arithmetic", "likelihood_accuracy"):
         assert 0.0 <= results[key] <= 1.0, key
     # policy == reference: every score ties, every token is kept, so recall is complete
     assert results["span_recall_chosen"] == 1.0 and results["span_recall_rejected"] == 1.0
-    assert np.isclose(results["greedy_task_accuracy"], 0.0)  # an untrained tiny model knows no arithmetic
+    assert np.isclose(results["greedy_accuracy_arithmetic"], 0.0)  # an untrained tiny model knows no arithmetic
+    assert results["task_prompts"] == 6  # the pairs' own prompts, as the bundled data has no prompt file
+
+
+def test_eval_reports_ifeval_pass_rate_from_a_prompt_file(tmp_path, tiny_model_dir, monkeypatch):
+    from selective_po import evaluation
+    from selective_po.onpolicy import arithmetic_prompts, ifeval_prompts
+
+    prompts = tmp_path / "prompts.jsonl"
+    rows = ifeval_prompts(3, seed=0) + arithmetic_prompts(2, seed=0)
+    prompts.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    # Fix what "the model" says, so the rates are known: the right answer to both arithmetic prompts, and one
+    # IFEval response that fails every instruction used here (empty text follows no instruction).
+    said = ["calm sea", "Calm sea, P.S.", "", str(rows[3]["answer"]), str(rows[4]["answer"])]
+    monkeypatch.setattr(evaluation, "greedy_generations", lambda model, tokenizer, task_rows, **_: said[: len(task_rows)])
+    out = tmp_path / "eval.json"
+    main(["eval", "--model", tiny_model_dir, "--ref_model", tiny_model_dir, "--pairs", "2", "--task_prompts", str(prompts),
+          "--output_json", str(out)])  # fmt: skip
+    results = json.loads(out.read_text())
+    assert results["task_prompts"] == 5
+    assert results["greedy_accuracy_arithmetic"] == 1.0  # prompts 3 and 4 answered with their own answer
+    expected = [evaluation.verify(said[i], rows[i]) for i in range(3)]
+    assert expected[2] is False
+    assert results["ifeval_pass_rate"] == pytest.approx(sum(expected) / 3)

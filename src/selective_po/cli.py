@@ -10,6 +10,7 @@ defaults and flags given on the command line override it. It runs unchanged unde
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from dataclasses import dataclass, field
@@ -22,7 +23,7 @@ from .config import SEPO_LOSS_TYPES, SelectiveDPOConfig, SePOConfig
 from .data import load_preference_dataset
 from .models import DEFAULT_MODEL
 
-USAGE = """usage: selective-po {train,score,eval,inspect,demo} [options]
+USAGE = """usage: selective-po {train,score,eval,inspect,build-pairs,demo} [options]
 
   train   train with Selective-DPO, SePO (--loss_type sepo) or any TRL DPO loss; `train --help` lists the flags
   score   store per-token reference log-probs for a run (same flags as train), so that training with
@@ -30,6 +31,9 @@ USAGE = """usage: selective-po {train,score,eval,inspect,demo} [options]
   eval    held-out measurements without a judge: preference accuracy, margin, selected-token precision and
           recall against known spans, greedy task accuracy; a table and JSON (`eval --help`)
   inspect an HTML page of chosen/rejected pairs with every token shaded by its score and the kept ones marked
+  build-pairs
+          on-policy pairs with verifiable answers: sample from a model, check each response (arithmetic,
+          IFEval instructions), pair a passing with a failing one; resumable (`build-pairs --help`)
   demo    Selective-DPO on the bundled model and data, with accuracy before and after (about 6 min on 2 cores)
 """
 
@@ -224,15 +228,20 @@ def eval_parser() -> argparse.ArgumentParser:
     parser.add_argument("--sdpo_threshold", type=float, default=0.6, help="selection used for span precision/recall")
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--max_new_tokens", type=int, default=96)
+    parser.add_argument(
+        "--task_prompts", help="JSON-lines prompts with a verifiable task for greedy accuracy and IFEval pass rate "
+        "(default: the dataset's {split}_prompts.jsonl when it has one, else the pairs' own prompts)",
+    )  # fmt: skip
+    parser.add_argument("--prompts", type=int, default=0, help="how many task prompts (0: all)")
     parser.add_argument("--output_json", help="also write the results here")
     return parser
 
 
 def evaluate(argv: list[str]) -> dict[str, float]:
     """`selective-po eval`: every judge-free measurement the data allows, as a table and JSON."""
-    import json
     import tempfile
 
+    from .data import load_task_prompts
     from .evaluation import evaluate_preferences, greedy_task_accuracy, selection_span_scores
     from .models import resolve_model_path
     from .trainer import SelectiveDPOTrainer
@@ -241,6 +250,9 @@ def evaluate(argv: list[str]) -> dict[str, float]:
     rows = load_preference_dataset(opts.dataset, split=opts.split)
     if opts.pairs:
         rows = rows.select(range(min(opts.pairs, len(rows))))
+    task_rows = load_task_prompts(opts.task_prompts or opts.dataset, split=opts.split, fallback=rows)
+    if opts.prompts:
+        task_rows = task_rows[: opts.prompts]
     with tempfile.TemporaryDirectory() as tmp:
         args = SelectiveDPOConfig(
             output_dir=tmp, ref_model_name_or_path=opts.ref_model, per_device_eval_batch_size=opts.batch_size,
@@ -250,14 +262,14 @@ def evaluate(argv: list[str]) -> dict[str, float]:
         results = evaluate_preferences(trainer, desc="Scoring held-out pairs").summary()
         if "chosen_span" in rows.column_names:
             results.update(selection_span_scores(trainer, threshold=opts.sdpo_threshold, batch_size=opts.batch_size))
-        if "answer" in rows.column_names:
-            results["greedy_task_accuracy"] = greedy_task_accuracy(
-                trainer.model, trainer._tokenizer, rows.to_list(), batch_size=opts.batch_size,
-                max_new_tokens=opts.max_new_tokens,
-            )  # fmt: skip
+        if task_rows:
+            results["task_prompts"] = len(task_rows)
+            results.update(greedy_task_accuracy(
+                trainer.model, trainer._tokenizer, task_rows, batch_size=opts.batch_size, max_new_tokens=opts.max_new_tokens,
+            ))  # fmt: skip
     print(f"\n{opts.model} on {opts.dataset}/{opts.split}, reference {opts.ref_model}")
     for key, value in results.items():
-        shown = f"{value:.1%}" if "accuracy" in key or "precision" in key or "recall" in key else f"{value:+.4f}" if isinstance(value, float) else str(value)
+        shown = f"{value:.1%}" if any(word in key for word in ("accuracy", "precision", "recall", "rate")) else f"{value:+.4f}" if isinstance(value, float) else str(value)
         print(f"  {key:<28}{shown:>12}")
     if opts.output_json:
         Path(opts.output_json).parent.mkdir(parents=True, exist_ok=True)
@@ -312,6 +324,64 @@ def inspect_pairs(argv: list[str]) -> Path:
     return output
 
 
+def build_pairs_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="selective-po build-pairs",
+        description="Sample several responses per prompt from --model, check each with a verifier (exact arithmetic "
+        "answers; IFEval instructions via if-verifiable), and pair a passing response (chosen) with a failing one "
+        "(rejected). Writes train.jsonl / test.jsonl (pairs), test_prompts.jsonl (every held-out prompt) and "
+        "samples-*.jsonl (every sample and verdict) to --output_dir. A killed run resumes from --output_dir/work.",
+    )
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="the model to sample from (folder, hub id or embedded name)")
+    parser.add_argument("--output_dir", required=True)
+    parser.add_argument("--arithmetic_prompts", type=int, default=200, help="arithmetic prompts, both splits")
+    parser.add_argument("--ifeval_prompts", type=int, default=200, help="IFEval-instruction prompts, both splits")
+    parser.add_argument("--test_share", type=float, default=0.25, help="share of each task's prompts held out")
+    parser.add_argument("--samples_per_prompt", type=int, default=4)
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--top_p", type=float, default=1.0)
+    parser.add_argument("--max_new_tokens", type=int, default=96)
+    parser.add_argument("--prompts_per_chunk", type=int, default=16, help="prompts per generate call and per resumable file")
+    parser.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def build_pairs(argv: list[str]) -> dict:
+    """`selective-po build-pairs`: on-policy pairs with a table of pass rates and pair counts."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .models import resolve_model_path
+    from .onpolicy import build_onpolicy_dataset
+
+    opts = build_pairs_parser().parse_args(argv)
+    counts = {"arithmetic": opts.arithmetic_prompts, "ifeval": opts.ifeval_prompts}
+    counts = {task: n for task, n in counts.items() if n > 0}
+    if not counts:
+        raise ValueError("Nothing to build: --arithmetic_prompts and --ifeval_prompts are both 0.")
+    if opts.samples_per_prompt < 2:
+        raise ValueError(f"--samples_per_prompt must be at least 2 to form a pair, got {opts.samples_per_prompt}")
+    path = resolve_model_path(opts.model)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True)
+    settings = {
+        "samples_per_prompt": opts.samples_per_prompt, "temperature": opts.temperature, "top_p": opts.top_p,
+        "max_new_tokens": opts.max_new_tokens, "prompts_per_chunk": opts.prompts_per_chunk, "seed": opts.seed,
+    }  # fmt: skip
+    stats = build_onpolicy_dataset(
+        model, tokenizer, model_name=opts.model, output_dir=opts.output_dir, counts=counts,
+        test_share=opts.test_share, settings=settings,
+    )  # fmt: skip
+    print(f"\n{'split':<7}{'task':<12}{'prompts':>8}{'samples':>9}{'pass':>8}{'complete':>10}{'pairs':>7}")
+    for split, tasks in stats.items():
+        for task, s in tasks.items():
+            print(
+                f"{split:<7}{task:<12}{s['prompts']:>8}{s['samples']:>9}{s['pass_rate']:>8.1%}"
+                f"{s['complete_rate']:>10.1%}{s['pairs']:>7}"
+            )
+    Path(opts.output_dir, "stats.json").write_text(json.dumps({"settings": {**settings, "model": opts.model}, "splits": stats}, indent=2))
+    return stats
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
@@ -326,6 +396,8 @@ def main(argv: list[str] | None = None) -> int:
         evaluate(rest)
     elif command == "inspect":
         inspect_pairs(rest)
+    elif command == "build-pairs":
+        build_pairs(rest)
     elif command == "demo":
         demo(rest)
     else:

@@ -27,6 +27,7 @@ BUNDLED_DIR = Path(__file__).parent / "bundled"
 BUNDLED_DATASETS: dict[str, Path] = {
     # Two-digit arithmetic; regenerate with scripts/make_arithmetic_data.py.
     "arithmetic": BUNDLED_DIR / "arithmetic",
+    "onpolicy-smollm2": BUNDLED_DIR / "onpolicy_smollm2",
 }
 BUNDLED_SPLITS = ("train", "test")
 
@@ -171,6 +172,28 @@ def looks_like_local_path(name_or_path: str) -> bool:
     return Path(name_or_path).suffix.lower() in DATA_FILE_BUILDERS
 
 
+def load_task_prompts(name_or_path: str, *, split: str, fallback: datasets.Dataset | None = None) -> list[dict]:
+    """Prompts with a verifiable task (`task`/`answer` columns) for greedy accuracy.
+
+    A JSON-lines file is read as is. A bundled name or a local folder gives its `{split}_prompts.jsonl`
+    when it has one (every held-out prompt, also those that yielded no pair); otherwise the rows of
+    `fallback` that carry a task. Rows without a verifiable task give an empty list.
+    """
+    path = Path(name_or_path)
+    if path.is_file():
+        rows = datasets.load_dataset("json", data_files=str(path), split="train").to_list()
+    else:
+        folder = BUNDLED_DATASETS.get(name_or_path, path)
+        candidate = folder / f"{split}_prompts.jsonl"
+        if candidate.is_file():
+            rows = datasets.load_dataset("json", data_files=str(candidate), split="train").to_list()
+        elif fallback is not None:
+            rows = fallback.to_list()
+        else:
+            rows = []
+    return [row for row in rows if row.get("task") is not None or row.get("answer") is not None]
+
+
 def _load_bundled(name: str) -> datasets.DatasetDict:
     """Load a bundled dataset's ``train.jsonl`` and ``test.jsonl``."""
     folder = BUNDLED_DATASETS[name]
@@ -181,7 +204,7 @@ def _load_bundled(name: str) -> datasets.DatasetDict:
             f"Bundled dataset {name!r} is incomplete, missing {absent}. Reinstall the package or "
             "regenerate the data with scripts/make_arithmetic_data.py."
         )
-    return datasets.load_dataset("json", data_files={split: str(path) for split, path in files.items()})
+    return _load_split_files({split: str(path) for split, path in files.items()})
 
 
 def _load_local(path: Path) -> datasets.DatasetDict:
@@ -192,7 +215,21 @@ def _load_local(path: Path) -> datasets.DatasetDict:
         loaded = datasets.load_from_disk(str(path))
         # A saved single Dataset becomes split "train", like a single data file.
         return loaded if isinstance(loaded, datasets.DatasetDict) else datasets.DatasetDict({"train": loaded})
+    split_files = {split: path / f"{split}.jsonl" for split in ("train", "validation", "test")}
+    split_files = {split: str(file) for split, file in split_files.items() if file.is_file()}
+    if split_files:
+        # Exactly `{split}.jsonl` (as `build-pairs` writes): `datasets`' own folder patterns would also take
+        # `samples-train.jsonl` and `test_prompts.jsonl` into the splits.
+        return _load_split_files(split_files)
     return datasets.load_dataset(str(path))
+
+
+def _load_split_files(files: dict[str, str]) -> datasets.DatasetDict:
+    """One JSON-lines file per split, each with its own inferred schema: a split whose rows all have an
+    empty list or a null in some column (e.g. only arithmetic rows) must not be cast to another split's types."""
+    return datasets.DatasetDict(
+        {split: datasets.load_dataset("json", data_files=file, split="train") for split, file in files.items()}
+    )
 
 
 def _load_data_file(path: Path) -> datasets.DatasetDict:

@@ -2,7 +2,8 @@
 
 - preference accuracies and margin (below);
 - precision and recall of the selected tokens against a known differing span (`selection_span_scores`);
-- greedy task accuracy under a verifier (`greedy_task_accuracy`, `arithmetic_verifier`).
+- greedy task accuracy under each row's verifier (`greedy_task_accuracy`; arithmetic answers and
+  IFEval instructions, see `verifiers.py`).
 
 Two accuracies per pair, both from one policy and one reference forward over TRL's own batches:
 
@@ -17,7 +18,6 @@ Two accuracies per pair, both from one policy and one reference forward over TRL
 from __future__ import annotations
 
 import os
-import re
 import sys
 from dataclasses import dataclass
 
@@ -28,6 +28,7 @@ from accelerate.utils import tqdm
 from .alignment import completion_offsets
 from .losses import masked_sum, select_sdpo_tokens
 from .trainer import SelectiveDPOTrainer
+from .verifiers import task_of, verify
 
 
 @dataclass
@@ -177,19 +178,11 @@ def selection_span_scores(trainer: SelectiveDPOTrainer, *, threshold: float, bat
     return scores
 
 
-def arithmetic_verifier(response: str, row: dict) -> bool:
-    """The last integer in the response is the true result (`row["answer"]`)."""
-    numbers = re.findall(r"-?\d+", response)
-    return bool(numbers) and int(numbers[-1]) == int(row["answer"])
-
-
 @torch.no_grad()
-def greedy_task_accuracy(
-    model, tokenizer, rows: list[dict], *, verifier=arithmetic_verifier, batch_size: int = 16, max_new_tokens: int = 96
-) -> float:
-    """Share of prompts whose greedy completion passes `verifier`."""
+def greedy_generations(model, tokenizer, rows: list[dict], *, batch_size: int = 16, max_new_tokens: int = 96) -> list[str]:
+    """The greedy completion of each row's prompt (batched, left-padded)."""
     tokenizer.padding_side = "left"  # generation continues from the right end of each prompt
-    passed = 0
+    texts: list[str] = []
     was_training = model.training
     model.eval()
     try:
@@ -200,8 +193,21 @@ def greedy_task_accuracy(
                 return_tensors="pt",
             ).to(model.device)  # fmt: skip
             output = model.generate(**inputs, do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id)
-            texts = tokenizer.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
-            passed += sum(verifier(text, row) for text, row in zip(texts, chunk))
+            texts += tokenizer.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
     finally:
         model.train(was_training)
-    return passed / len(rows) if rows else 0.0
+    return [text.strip() for text in texts]
+
+
+def greedy_task_accuracy(model, tokenizer, rows: list[dict], *, batch_size: int = 16, max_new_tokens: int = 96) -> dict[str, float]:
+    """Share of prompts whose greedy completion passes the verifier of its task, per task.
+
+    Keys: `greedy_accuracy_arithmetic` (exact answer) and `ifeval_pass_rate` (every instruction of the
+    prompt passes, IFEval's strict prompt-level rate), for the tasks present in `rows`.
+    """
+    texts = greedy_generations(model, tokenizer, rows, batch_size=batch_size, max_new_tokens=max_new_tokens)
+    outcomes: dict[str, list[bool]] = {}
+    for text, row in zip(texts, rows):
+        outcomes.setdefault(task_of(row), []).append(verify(text, row))
+    names = {"arithmetic": "greedy_accuracy_arithmetic", "ifeval": "ifeval_pass_rate"}
+    return {names[task]: sum(passed) / len(passed) for task, passed in sorted(outcomes.items())}

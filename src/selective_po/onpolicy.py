@@ -1,0 +1,338 @@
+"""On-policy preference pairs with verifiable answers: sample, verify, pair.
+
+For each prompt the model samples several responses; a verifier (`verifiers.py`) marks each as
+passing or failing; a prompt with at least one of each gives one pair, the first passing response
+(chosen) against the first failing one (rejected), in sampling order. Responses that hit
+`max_new_tokens` without ending are left out of both sides, so no pair teaches "stop early".
+
+Prompts come from two deterministic generators: two-number arithmetic with an exact answer, and
+IFEval-style requests (a short writing task plus one instruction whose checker `if-verifiable`
+ships). The instructions used are those whose checkers need no downloaded NLTK data.
+
+Sampling runs in fixed chunks of prompts. Each chunk is seeded from (seed, chunk index) alone and
+written atomically as one JSON-lines file, so a killed build resumes where it stopped and gives the
+same samples as an uninterrupted one. The settings are stored beside the chunks; a rerun with
+other settings is refused rather than mixed in.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from accelerate.utils import tqdm
+
+from .verifiers import verify
+
+ARITHMETIC_TEMPLATES = (
+    "What is {expr}?",
+    "Calculate {expr}.",
+    "Compute {expr} and give the result.",
+    "What is {expr}? Explain briefly.",
+)
+SYMBOLS = {"add": "+", "sub": "-", "mul": "*"}
+
+WRITING_TASKS = (
+    "Write a short paragraph about {topic}.",
+    "Describe {topic} in a few sentences.",
+    "Give some advice about {topic}.",
+    "Explain {topic} to a child.",
+    "Write a short note to a friend about {topic}.",
+)
+TOPICS = (
+    "the ocean", "autumn leaves", "a city at night", "learning to cook", "a rainy day", "bicycles",
+    "the moon", "a visit to the library", "gardening", "friendship", "mountains", "a busy market",
+    "trains", "the importance of sleep", "a favourite book", "coffee", "winter mornings", "the desert",
+    "music lessons", "saving money", "a lost umbrella", "birds in spring", "a long walk", "robots",
+    "the history of bread", "keeping a journal", "a small village", "the night sky", "recycling",
+    "a school trip", "volcanoes", "playing chess", "a summer festival", "bees", "the first snow",
+    "moving to a new house", "a lighthouse", "tea", "rivers", "a broken clock",
+)  # fmt: skip
+KEYWORDS = ("light", "water", "time", "happy", "green", "small", "friend", "morning", "quiet", "road")
+END_PHRASES = ("Is there anything else I can help with?", "Thank you for reading.", "That is all.")
+
+
+def _ifeval_instruction(rng: random.Random) -> tuple[str, dict]:
+    """One instruction id and its arguments, drawn from the checkers that need no NLTK data."""
+    relation = rng.choice(("less than", "at least"))
+    choices = [
+        ("punctuation:no_comma", {}),
+        ("change_case:english_lowercase", {}),
+        ("change_case:english_capital", {}),
+        ("length_constraints:number_words", {"num_words": rng.choice((20, 40, 60, 80)), "relation": relation}),
+        ("keywords:existence", {"keywords": rng.sample(KEYWORDS, 2)}),
+        ("keywords:forbidden_words", {"forbidden_words": rng.sample(KEYWORDS, 2)}),
+        ("keywords:frequency", {"keyword": rng.choice(KEYWORDS), "frequency": rng.choice((1, 2, 3)), "relation": relation}),
+        ("keywords:letter_frequency", {"letter": rng.choice("aeiost"), "let_frequency": rng.choice((3, 5, 8)), "let_relation": relation}),
+        ("detectable_content:postscript", {"postscript_marker": rng.choice(("P.S.", "P.P.S"))}),
+        ("detectable_format:title", {}),
+        ("startend:end_checker", {"end_phrase": rng.choice(END_PHRASES)}),
+        ("startend:quotation", {}),
+        ("detectable_format:number_bullet_lists", {"num_bullets": rng.choice((2, 3, 4))}),
+        ("length_constraints:number_paragraphs", {"num_paragraphs": rng.choice((2, 3))}),
+        ("detectable_format:json_format", {}),
+    ]  # fmt: skip
+    return rng.choice(choices)
+
+
+def ifeval_prompts(n: int, *, seed: int) -> list[dict]:
+    """`n` distinct writing requests, each with one IFEval instruction whose checker decides the task."""
+    from .verifiers import ifeval_checkers
+
+    registry = ifeval_checkers()
+    rng = random.Random(f"ifeval-{seed}")
+    rows, seen = [], set()
+    while len(rows) < n:
+        task = rng.choice(WRITING_TASKS).format(topic=rng.choice(TOPICS))
+        instruction_id, kwargs = _ifeval_instruction(rng)
+        key = (task, instruction_id, json.dumps(kwargs, sort_keys=True))
+        if key in seen:
+            continue
+        seen.add(key)
+        # The checker writes the instruction's wording, so prompt and check always agree.
+        description = registry[instruction_id](instruction_id).build_description(**kwargs)
+        rows.append({
+            "prompt": [{"role": "user", "content": f"{task} {description}"}],
+            "task": "ifeval",
+            "answer": None,
+            "instruction_id_list": [instruction_id],
+            "instruction_kwargs": json.dumps([kwargs]),
+        })  # fmt: skip
+    return rows
+
+
+def arithmetic_prompts(n: int, *, seed: int) -> list[dict]:
+    """`n` distinct problems: sums and differences of numbers up to 30, products up to 12 * 9.
+
+    Small enough that a 135M model gets some right when sampling, so most prompts yield a pair.
+    """
+    rng = random.Random(f"arithmetic-{seed}")
+    rows, seen = [], set()
+    while len(rows) < n:
+        operation = rng.choice(("add", "sub", "mul"))
+        if operation == "mul":
+            a, b = rng.randint(2, 12), rng.randint(2, 9)
+        else:
+            a, b = rng.randint(1, 30), rng.randint(1, 30)
+            if operation == "sub" and b > a:
+                a, b = b, a
+        if (operation, a, b) in seen:
+            continue
+        seen.add((operation, a, b))
+        answer = {"add": a + b, "sub": a - b, "mul": a * b}[operation]
+        expr = f"{a} {SYMBOLS[operation]} {b}"
+        rows.append({
+            "prompt": [{"role": "user", "content": rng.choice(ARITHMETIC_TEMPLATES).format(expr=expr)}],
+            "task": "arithmetic",
+            "answer": answer,
+            "instruction_id_list": [],
+            "instruction_kwargs": "[]",
+        })  # fmt: skip
+    return rows
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    """Everything that decides the samples; stored with the chunks so a resumed build cannot mix settings."""
+
+    model: str
+    samples_per_prompt: int = 4
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 128
+    prompts_per_chunk: int = 8
+    seed: int = 0
+    prompts_sha256: str = ""
+
+
+def prompts_digest(rows: list[dict]) -> str:
+    payload = json.dumps([[r["prompt"], r["task"], r["answer"], r["instruction_kwargs"]] for r in rows], sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def _check_settings(work_dir: Path, settings: SamplingSettings) -> None:
+    """Write the settings on first use; refuse a work dir made with other ones."""
+    path = work_dir / "settings.json"
+    wanted = asdict(settings)
+    if path.is_file():
+        stored = json.loads(path.read_text())
+        changed = {k: (stored.get(k), v) for k, v in wanted.items() if stored.get(k) != v}
+        if changed:
+            details = ", ".join(f"{k}: stored {old!r}, now {new!r}" for k, (old, new) in changed.items())
+            raise ValueError(
+                f"{work_dir} holds samples made with other settings ({details}). Use another output "
+                "directory, or delete this one to start over."
+            )
+        return
+    work_dir.mkdir(parents=True, exist_ok=True)
+    _write_atomic(path, json.dumps(wanted, indent=2))
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_text(text, encoding="utf-8")
+    os.replace(partial, path)
+
+
+@torch.no_grad()
+def _sample_chunk(model, tokenizer, rows: list[dict], settings: SamplingSettings, *, seed: int) -> list[dict]:
+    """Sample `samples_per_prompt` responses for each row, in one batched `generate` call."""
+    inputs = tokenizer.apply_chat_template(
+        [row["prompt"] for row in rows], add_generation_prompt=True, padding=True, return_dict=True, return_tensors="pt"
+    ).to(model.device)
+    torch.manual_seed(seed)  # generate draws from the global generator
+    output = model.generate(
+        **inputs, do_sample=True, temperature=settings.temperature, top_p=settings.top_p,
+        max_new_tokens=settings.max_new_tokens, num_return_sequences=settings.samples_per_prompt,
+        pad_token_id=tokenizer.pad_token_id,
+    )  # fmt: skip
+    generated = output[:, inputs["input_ids"].shape[1] :].cpu()
+    stop_ids = _stop_token_ids(model, tokenizer)
+    complete = torch.isin(generated, torch.tensor(stop_ids)).any(dim=1).tolist()
+    texts = tokenizer.batch_decode(generated, skip_special_tokens=True)
+    records = []
+    for i, row in enumerate(rows):
+        span = slice(i * settings.samples_per_prompt, (i + 1) * settings.samples_per_prompt)
+        responses = [text.strip() for text in texts[span]]
+        records.append({
+            "responses": responses,
+            "complete": complete[span],
+            "passed": [verify(text, row) for text in responses],
+        })  # fmt: skip
+    return records
+
+
+def _stop_token_ids(model, tokenizer) -> list[int]:
+    ids = model.generation_config.eos_token_id
+    ids = list(ids) if isinstance(ids, (list, tuple)) else [ids]
+    ids = [i for i in ids + [tokenizer.eos_token_id] if i is not None]
+    if not ids:
+        raise ValueError("Neither the model's generation config nor its tokenizer names an EOS token; set one.")
+    return sorted(set(ids))
+
+
+def sample_and_verify(model, tokenizer, rows: list[dict], settings: SamplingSettings, *, work_dir: Path) -> list[dict]:
+    """Samples and verdicts for every row, resuming from the chunks already in `work_dir`.
+
+    Returns one record per row: `responses`, `complete` (ended before `max_new_tokens`), `passed`.
+    """
+    work_dir = Path(work_dir)
+    _check_settings(work_dir, settings)
+    tokenizer.padding_side = "left"  # generation continues from the right end of each prompt
+    was_training = model.training
+    model.eval()
+    size = settings.prompts_per_chunk
+    starts = range(0, len(rows), size)
+    records: list[dict] = []
+    progress = tqdm(starts, desc="Sampling chunks", unit="chunk")
+    try:
+        for index, start in enumerate(progress):
+            path = work_dir / f"chunk-{index:05d}.jsonl"
+            if path.is_file():
+                chunk = [json.loads(line) for line in path.read_text().splitlines()]
+            else:
+                chunk = _sample_chunk(model, tokenizer, rows[start : start + size], settings, seed=settings.seed * 1_000_003 + index)
+                _write_atomic(path, "".join(json.dumps(record) + "\n" for record in chunk))
+            records.extend(chunk)
+            pairs = sum(_pair_indices(r) is not None for r in records)
+            progress.set_postfix(pairs=pairs, prompts=len(records))
+    finally:
+        model.train(was_training)
+    return records
+
+
+def _pair_indices(record: dict) -> tuple[int, int] | None:
+    """(chosen, rejected) sample indices: first complete pass against first complete fail with other text."""
+    passing = [i for i, (ok, done) in enumerate(zip(record["passed"], record["complete"])) if ok and done]
+    if not passing:
+        return None
+    chosen = passing[0]
+    for i, (ok, done) in enumerate(zip(record["passed"], record["complete"])):
+        if done and not ok and record["responses"][i] != record["responses"][chosen]:
+            return chosen, i
+    return None
+
+
+def make_pairs(rows: list[dict], records: list[dict]) -> list[dict]:
+    """Preference pairs in TRL's conversational format, one per prompt that has both outcomes."""
+    pairs = []
+    for row, record in zip(rows, records, strict=True):
+        indices = _pair_indices(record)
+        if indices is None:
+            continue
+        chosen, rejected = indices
+        pairs.append({
+            **row,
+            "chosen": [{"role": "assistant", "content": record["responses"][chosen]}],
+            "rejected": [{"role": "assistant", "content": record["responses"][rejected]}],
+            "pass_rate": sum(record["passed"]) / len(record["passed"]),
+        })  # fmt: skip
+    return pairs
+
+
+TASK_PROMPTS = {"arithmetic": arithmetic_prompts, "ifeval": ifeval_prompts}
+
+
+def split_prompts(counts: dict[str, int], *, test_share: float, seed: int) -> dict[str, list[dict]]:
+    """Distinct prompts per task, the first `test_share` of each task held out: {"train": [...], "test": [...]}."""
+    if not 0 < test_share < 1:
+        raise ValueError(f"test_share must be in (0, 1), got {test_share}")
+    splits = {"train": [], "test": []}
+    for task, count in counts.items():
+        if task not in TASK_PROMPTS:
+            raise ValueError(f"Unknown task {task!r}; known: {sorted(TASK_PROMPTS)}")
+        rows = TASK_PROMPTS[task](count, seed=seed)
+        n_test = round(count * test_share)
+        for i, row in enumerate(rows):
+            row["prompt_id"] = f"{task}-{i:05d}"
+        splits["test"] += rows[:n_test]
+        splits["train"] += rows[n_test:]
+    return splits
+
+
+def build_onpolicy_dataset(
+    model, tokenizer, *, model_name: str, output_dir: str | Path, counts: dict[str, int], test_share: float = 0.25,
+    settings: dict | None = None,
+) -> dict[str, dict]:
+    """Sample, verify and pair for every prompt; write `{train,test}.jsonl` (pairs), `test_prompts.jsonl`
+    (every held-out prompt, for greedy accuracy) and `samples-{split}.jsonl` (every sample and verdict).
+
+    Returns per-split statistics. Resumes from `output_dir/work/`.
+    """
+    output_dir = Path(output_dir)
+    settings = dict(settings or {})
+    seed = settings.get("seed", 0)
+    splits = split_prompts(counts, test_share=test_share, seed=seed)
+    stats = {}
+    for split, rows in splits.items():
+        sampling = SamplingSettings(model=model_name, **settings, prompts_sha256=prompts_digest(rows))
+        records = sample_and_verify(model, tokenizer, rows, sampling, work_dir=output_dir / "work" / split)
+        pairs = make_pairs(rows, records)
+        _write_atomic(output_dir / f"{split}.jsonl", "".join(json.dumps(p) + "\n" for p in pairs))
+        samples = [{**row, **record} for row, record in zip(rows, records)]
+        _write_atomic(output_dir / f"samples-{split}.jsonl", "".join(json.dumps(s) + "\n" for s in samples))
+        if split == "test":
+            _write_atomic(output_dir / "test_prompts.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+        stats[split] = split_statistics(rows, records, pairs)
+    return stats
+
+
+def split_statistics(rows: list[dict], records: list[dict], pairs: list[dict]) -> dict[str, dict]:
+    """Per task: prompts, samples, share passing, share complete, pairs."""
+    out = {}
+    for task in sorted({row["task"] for row in rows}):
+        mine = [rec for row, rec in zip(rows, records) if row["task"] == task]
+        samples = sum(len(rec["passed"]) for rec in mine)
+        out[task] = {
+            "prompts": len(mine),
+            "samples": samples,
+            "pass_rate": sum(sum(rec["passed"]) for rec in mine) / samples,
+            "complete_rate": sum(sum(rec["complete"]) for rec in mine) / samples,
+            "pairs": sum(p["task"] == task for p in pairs),
+        }
+    return out

@@ -1,0 +1,172 @@
+"""On-policy pair builder: pairing rule, resumable and deterministic sampling, settings guard, CLI."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from selective_po import onpolicy
+from selective_po.cli import main
+from selective_po.data import check_preference_rows, load_preference_dataset, load_task_prompts
+from selective_po.onpolicy import SamplingSettings, arithmetic_prompts, make_pairs, prompts_digest, sample_and_verify
+
+
+def record(responses, passed, complete=None):
+    return {"responses": responses, "passed": passed, "complete": complete or [True] * len(responses)}
+
+
+def test_pair_is_first_complete_pass_against_first_complete_fail():
+    rows = arithmetic_prompts(5, seed=0)
+    records = [
+        record(["a", "b", "c"], [False, True, False]),  # chosen b, rejected a
+        record(["a", "b"], [True, True]),  # no failing response: no pair
+        record(["a", "b", "c"], [True, False, False], complete=[False, False, True]),  # cut-off pass and fail skipped
+        record(["same", "same"], [True, False]),  # identical texts are no preference
+        record(["x", "y", "z"], [False, False, True], complete=[True, True, True]),
+    ]
+    pairs = make_pairs(rows, records)
+    assert [(p["chosen"][0]["content"], p["rejected"][0]["content"]) for p in pairs] == [("b", "a"), ("z", "x")]
+    assert [p["pass_rate"] for p in pairs] == [1 / 3, 1 / 3]
+    assert pairs[0]["answer"] == rows[0]["answer"] and pairs[0]["prompt"] == rows[0]["prompt"]
+    from datasets import Dataset
+
+    check_preference_rows(Dataset.from_list(pairs), source="built pairs")  # TRL's conversational format
+
+
+@pytest.fixture
+def tiny_model(tiny_model_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    return AutoModelForCausalLM.from_pretrained(tiny_model_dir), AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+def settings_for(rows, **overrides):
+    values = dict(model="tiny", samples_per_prompt=3, max_new_tokens=6, prompts_per_chunk=2, seed=5)
+    return SamplingSettings(**{**values, **overrides}, prompts_sha256=prompts_digest(rows))
+
+
+def test_resume_samples_only_missing_chunks_and_reproduces_them(tmp_path, tiny_model, monkeypatch):
+    model, tokenizer = tiny_model
+    rows = arithmetic_prompts(5, seed=0)
+    settings = settings_for(rows)
+    full = sample_and_verify(model, tokenizer, rows, settings, work_dir=tmp_path / "a")
+    assert [len(r["responses"]) for r in full] == [3] * 5
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == [
+        "chunk-00000.jsonl", "chunk-00001.jsonl", "chunk-00002.jsonl", "settings.json"
+    ]  # fmt: skip
+
+    # As if killed after the first chunk: the other two are sampled again, with the same results.
+    (tmp_path / "a" / "chunk-00001.jsonl").unlink()
+    (tmp_path / "a" / "chunk-00002.jsonl").unlink()
+    sampled = []
+    real = onpolicy._sample_chunk
+    monkeypatch.setattr(onpolicy, "_sample_chunk", lambda *a, **k: sampled.append(k["seed"]) or real(*a, **k))
+    resumed = sample_and_verify(model, tokenizer, rows, settings, work_dir=tmp_path / "a")
+    assert sampled == [5 * 1_000_003 + 1, 5 * 1_000_003 + 2]
+    assert resumed == full
+
+    other_seed = sample_and_verify(model, tokenizer, rows, settings_for(rows, seed=6), work_dir=tmp_path / "b")
+    assert other_seed != full
+
+
+def test_other_settings_are_refused_not_mixed(tmp_path, tiny_model):
+    model, tokenizer = tiny_model
+    rows = arithmetic_prompts(2, seed=0)
+    sample_and_verify(model, tokenizer, rows, settings_for(rows), work_dir=tmp_path)
+    with pytest.raises(ValueError, match=r"temperature: stored 1.0, now 0.5"):
+        sample_and_verify(model, tokenizer, rows, settings_for(rows, temperature=0.5), work_dir=tmp_path)
+    with pytest.raises(ValueError, match="prompts_sha256"):
+        other = arithmetic_prompts(3, seed=0)
+        sample_and_verify(model, tokenizer, other, settings_for(other), work_dir=tmp_path)
+
+
+def test_build_pairs_command_writes_splits_and_statistics(tmp_path, tiny_model_dir):
+    out = tmp_path / "pairs"
+    argv = ["build-pairs", "--model", tiny_model_dir, "--output_dir", str(out), "--arithmetic_prompts", "4",
+            "--ifeval_prompts", "4", "--test_share", "0.5", "--samples_per_prompt", "2", "--max_new_tokens", "4",
+            "--prompts_per_chunk", "3"]  # fmt: skip
+    assert main(argv) == 0
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["splits"]["train"]["ifeval"]["prompts"] == 2 and stats["splits"]["test"]["arithmetic"]["samples"] == 4
+    samples = [json.loads(line) for line in (out / "samples-test.jsonl").read_text().splitlines()]
+    assert [s["task"] for s in samples] == ["arithmetic"] * 2 + ["ifeval"] * 2
+    assert all(len(s["responses"]) == 2 for s in samples)
+    test_prompts = load_task_prompts(str(out), split="test")
+    assert [r["prompt_id"] for r in test_prompts] == ["arithmetic-00000", "arithmetic-00001", "ifeval-00000", "ifeval-00001"]
+    pairs = [json.loads(line) for line in (out / "train.jsonl").read_text().splitlines()]
+    expected = sum(onpolicy._pair_indices(s) is not None for s in map(json.loads, (out / "samples-train.jsonl").open()))
+    assert len(pairs) == expected == sum(t["pairs"] for t in stats["splits"]["train"].values())
+    before = (out / "samples-train.jsonl").read_bytes()
+    assert main(argv) == 0  # a rerun reuses every chunk and writes the same files
+    assert (out / "samples-train.jsonl").read_bytes() == before
+
+
+def test_build_pairs_rejects_a_single_sample(tmp_path):
+    with pytest.raises(ValueError, match="--samples_per_prompt must be at least 2"):
+        main(["build-pairs", "--output_dir", str(tmp_path), "--samples_per_prompt", "1"])
+
+
+KILL_SCRIPT = """
+import os, signal, sys
+from selective_po import onpolicy
+real = onpolicy._write_atomic
+def write_then_maybe_die(path, text):
+    real(path, text)
+    if path.name == "chunk-00001.jsonl" and sys.argv[1] == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+onpolicy._write_atomic = write_then_maybe_die
+from selective_po.cli import main
+main(["build-pairs", "--model", {model!r}, "--output_dir", sys.argv[2], "--arithmetic_prompts", "6",
+      "--ifeval_prompts", "0", "--test_share", "0.5", "--samples_per_prompt", "2", "--max_new_tokens", "4",
+      "--prompts_per_chunk", "1"])
+"""
+
+
+def test_kill_9_while_sampling_then_rerun(tmp_path, tiny_model_dir):
+    script = tmp_path / "build.py"
+    script.write_text(KILL_SCRIPT.format(model=tiny_model_dir))
+    env = {**os.environ, "TQDM_DISABLE": "1"}
+    run = lambda mode, out: subprocess.run([sys.executable, str(script), mode, str(out)], capture_output=True, text=True, env=env)  # noqa: E731
+    killed = run("kill", tmp_path / "killed")
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    work = tmp_path / "killed" / "work" / "train"
+    assert sorted(p.name for p in work.iterdir()) == ["chunk-00000.jsonl", "chunk-00001.jsonl", "settings.json"]
+    assert not list(Path(tmp_path / "killed").glob("*.jsonl"))  # nothing final written from a partial run
+    assert run("resume", tmp_path / "killed").returncode == 0
+    assert run("resume", tmp_path / "clean").returncode == 0
+    for name in ("samples-train.jsonl", "samples-test.jsonl", "train.jsonl", "test.jsonl"):
+        assert (tmp_path / "killed" / name).read_bytes() == (tmp_path / "clean" / name).read_bytes(), name
+
+
+def test_the_shipped_pairs_load_and_match_their_samples():
+    dataset = load_preference_dataset("onpolicy-smollm2")
+    for split in ("train", "test"):
+        check_preference_rows(dataset[split], source=f"onpolicy-smollm2/{split}")
+        assert set(dataset[split]["task"]) == {"arithmetic", "ifeval"}
+    prompts = load_task_prompts("onpolicy-smollm2", split="test")
+    assert {row["prompt_id"] for row in dataset["test"]} <= {row["prompt_id"] for row in prompts}
+    assert not {row["prompt_id"] for row in dataset["train"]} & {row["prompt_id"] for row in prompts}
+    # Each pair's verdicts hold under today's verifiers: chosen passes, rejected fails.
+    from selective_po.verifiers import verify
+
+    for row in dataset["test"]:
+        assert verify(row["chosen"][0]["content"], row) and not verify(row["rejected"][0]["content"], row)
+
+
+def test_a_build_pairs_folder_loads_only_its_pair_files(tmp_path):
+    from selective_po.onpolicy import ifeval_prompts
+
+    rows = arithmetic_prompts(3, seed=0) + ifeval_prompts(2, seed=0)
+    pairs = make_pairs(rows, [record(["1", "2"], [True, False])] * 5)
+    write = lambda name, items: (tmp_path / name).write_text("".join(json.dumps(i) + "\n" for i in items))  # noqa: E731
+    write("train.jsonl", pairs[:3])
+    write("test.jsonl", pairs[3:])
+    write("samples-train.jsonl", rows[:3])
+    write("samples-test.jsonl", rows[3:])
+    write("test_prompts.jsonl", rows[3:])
+    loaded = load_preference_dataset(str(tmp_path))
+    assert {split: len(rows) for split, rows in loaded.items()} == {"train": 3, "test": 2}
+    assert load_task_prompts(str(tmp_path), split="test") == load_task_prompts(str(tmp_path / "test_prompts.jsonl"), split="x")
