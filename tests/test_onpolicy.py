@@ -99,6 +99,7 @@ def test_build_pairs_command_writes_splits_and_statistics(tmp_path, tiny_model_d
     pairs = [json.loads(line) for line in (out / "train.jsonl").read_text().splitlines()]
     expected = sum(onpolicy._pair_indices(s) is not None for s in map(json.loads, (out / "samples-train.jsonl").open()))
     assert len(pairs) == expected == sum(t["pairs"] for t in stats["splits"]["train"].values())
+    assert " ".join(argv[1:]) in (out / "README.md").read_text()  # the data card gives the command that made it
     before = (out / "samples-train.jsonl").read_bytes()
     assert main(argv) == 0  # a rerun reuses every chunk and writes the same files
     assert (out / "samples-train.jsonl").read_bytes() == before

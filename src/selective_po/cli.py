@@ -351,7 +351,7 @@ def build_pairs(argv: list[str]) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .models import resolve_model_path
-    from .onpolicy import build_onpolicy_dataset
+    from .onpolicy import build_onpolicy_dataset, render_readme
 
     opts = build_pairs_parser().parse_args(argv)
     counts = {"arithmetic": opts.arithmetic_prompts, "ifeval": opts.ifeval_prompts}
@@ -378,7 +378,10 @@ def build_pairs(argv: list[str]) -> dict:
                 f"{split:<7}{task:<12}{s['prompts']:>8}{s['samples']:>9}{s['pass_rate']:>8.1%}"
                 f"{s['complete_rate']:>10.1%}{s['pairs']:>7}"
             )
-    Path(opts.output_dir, "stats.json").write_text(json.dumps({"settings": {**settings, "model": opts.model}, "splits": stats}, indent=2))
+    settings["model"] = opts.model
+    Path(opts.output_dir, "stats.json").write_text(json.dumps({"settings": settings, "splits": stats}, indent=2))
+    command = "selective-po build-pairs " + " ".join(argv)
+    Path(opts.output_dir, "README.md").write_text(render_readme(stats, settings=settings, command=command))
     return stats
 
 

@@ -336,3 +336,51 @@ def split_statistics(rows: list[dict], records: list[dict], pairs: list[dict]) -
             "pairs": sum(p["task"] == task for p in pairs),
         }
     return out
+
+
+def render_readme(stats: dict[str, dict], *, settings: dict, command: str) -> str:
+    """The data card of a built dataset: how it was made and what it holds."""
+    lines = [
+        "# On-policy preference pairs with verifiable answers",
+        "",
+        f"Built by `selective-po build-pairs` from `{settings['model']}` itself: every response was sampled from the",
+        "model, so the pairs are on-policy for it. Regenerate (resumable; the same settings give the same samples on",
+        "the same machine and library versions) with:",
+        "",
+        "```bash",
+        command,
+        "```",
+        "",
+        "For each prompt the model sampled "
+        f"{settings['samples_per_prompt']} responses (temperature {settings['temperature']}, top-p {settings['top_p']}, "
+        f"at most {settings['max_new_tokens']} new tokens, seed {settings['seed']}). Each response was checked by the",
+        "verifier of the prompt's task; a prompt with at least one passing and one failing response gave one pair:",
+        "the first passing response (chosen) against the first failing one (rejected), in sampling order. Responses",
+        "cut off at the token limit were left out of both sides.",
+        "",
+        "- `arithmetic`: sums and differences of numbers up to 30, products up to 12 * 9; a response passes when",
+        "  its last integer is the answer.",
+        "- `ifeval`: a short writing request plus one IFEval instruction, worded by the instruction's own checker",
+        "  from `if-verifiable`; a response passes when that checker accepts it (strict).",
+        "",
+        "| split | task | prompts | samples | samples passing | samples complete | pairs |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for split, tasks in stats.items():
+        for task, s in tasks.items():
+            lines.append(
+                f"| {split} | {task} | {s['prompts']} | {s['samples']} | {s['pass_rate']:.1%} | {s['complete_rate']:.1%} | {s['pairs']} |"
+            )
+    lines += [
+        "",
+        "## Files",
+        "",
+        "- `train.jsonl`, `test.jsonl`: the pairs, in TRL's conversational format (`prompt`, `chosen`, `rejected`),",
+        "  with `task`, `answer` (arithmetic), `instruction_id_list` and `instruction_kwargs` (IFEval, a JSON list of",
+        "  argument dicts), `prompt_id` and `pass_rate` (the share of the prompt's samples that passed).",
+        "- `test_prompts.jsonl`: every held-out prompt, with or without a pair, for greedy accuracy and IFEval pass",
+        "  rate (`selective-po eval` reads it).",
+        "- `samples-train.jsonl`, `samples-test.jsonl`: every prompt with all its samples and their verdicts.",
+        "- `stats.json`: the settings and the table above.",
+    ]
+    return "\n".join(lines) + "\n"
