@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 from datasets import Dataset, concatenate_datasets
@@ -201,7 +202,27 @@ class ReferenceLogpsStore:
         loaded = Dataset.from_parquet(files, cache_dir=str(self.path / "arrow"), keep_in_memory=False)
         if loaded["row"] != list(range(self.n_rows)):
             raise RuntimeError(f"Reference cache {self.path} has rows out of order; delete the folder.")
+        self._check_finite(loaded)
         return loaded.remove_columns("row")
+
+    def _check_finite(self, loaded: Dataset) -> None:
+        """Raise if a stored value is NaN or inf.
+
+        Writing refuses non-finite values, but a checksum only vouches for the bytes: a shard edited on
+        disk with its manifest rewritten would otherwise feed NaN into selection and the loss.
+        """
+        for column in self.columns:
+            if pc.all(pc.is_finite(pc.list_flatten(loaded.data.column(column)))).as_py() is not False:
+                continue
+            # Rare path: find the first offending row and token for the message.
+            row, values = next((i, v) for i, v in enumerate(loaded[column]) if not np.isfinite(v).all())
+            token = int(np.flatnonzero(~np.isfinite(values))[0])
+            shard = self._files(self.shards()[row // self.shard_size])[0]
+            raise ValueError(
+                f"Stored value {values[token]} in {shard}, row {row} (dataset index), column {column!r}, token "
+                f"{token} is not finite. The file was changed after it was written. Delete {self.path} (or that "
+                "shard and its .json manifest) to score the values again."
+            )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -324,7 +345,15 @@ class PerTokenReferenceCollator:
                 f"{int(expected[bad])} completion tokens. The cache was made for other tokens or another max_length; "
                 "delete it or rescore."
             )
-        values = torch.tensor(np.concatenate([np.asarray(r, dtype=np.float32) for r in rows]))
+        values = np.concatenate([np.asarray(r, dtype=np.float32) for r in rows])
+        if not np.isfinite(values).all():  # values from a dataset prepared elsewhere reach the loss here
+            bad = next(i for i, r in enumerate(rows) if not np.isfinite(np.asarray(r, dtype=np.float32)).all())
+            column = chosen_column if bad < len(examples) else rejected_column
+            raise ValueError(
+                f"Stored per-token values are not finite: row {bad % len(examples)} of the batch, column {column!r}. "
+                "Rescore them (`selective-po score`, or delete the cache folder) instead of training on NaN or inf."
+            )
+        values = torch.from_numpy(values)
         batch[self.output_key] = torch.zeros(mask.shape).masked_scatter_(mask, values)
         return batch
 

@@ -240,6 +240,7 @@ class SelectiveDPOTrainer(DPOTrainer):
         result, chosen_rewards, rejected_rewards = getattr(self, variant)(
             inputs, policy_logps, shift_mask, model_kwargs, labels
         )
+        self._check_finite_scores(result, *shift_mask.chunk(2, dim=0))
         loss = result.losses.mean()
         if self.aux_loss_enabled:
             loss = loss + self.router_aux_loss_coef * outputs.aux_loss
@@ -255,6 +256,34 @@ class SelectiveDPOTrainer(DPOTrainer):
                 outputs = model(**plain_kwargs, use_cache=False)
             return loss, outputs
         return loss
+
+    # What selection ranks and where a non-finite value of it comes from, for the error that says so.
+    _score_description = "Selective-DPO token scores (reference log-prob minus policy log-prob)"
+    _score_remedy = (
+        "The policy's or the reference's log-probs overflowed: lower learning_rate, train in float32 or bf16 rather "
+        "than fp16, and check that the reference's weights are finite."
+    )
+
+    def _check_finite_scores(self, result: SelectiveLossOutput, chosen_mask, rejected_mask) -> None:
+        """Raise if a score that selection ranked is NaN or inf: the top share of NaN is arbitrary tokens.
+
+        One device sync per step; the offending row is looked up only on failure.
+        """
+        sides = (("chosen", result.chosen_scores, chosen_mask), ("rejected", result.rejected_scores, rejected_mask))
+        bad = [~torch.isfinite(scores) & mask for _, scores, mask in sides]  # (B, T) each
+        if not torch.stack([b.any() for b in bad]).any():
+            return
+        where = (
+            f"training step {self.state.global_step + 1}" if self.model.training
+            else f"evaluation after step {self.state.global_step}"
+        )  # fmt: skip
+        (side, scores, _), side_bad = next((side, b) for side, b in zip(sides, bad) if b.any())
+        row, token = (int(i) for i in side_bad.nonzero()[0])
+        raise ValueError(
+            f"{self._score_description} are not finite at {where}: {side} response, row {row} of the batch, "
+            f"position {token} is {scores[row, token].item()}. Selecting tokens by them would keep arbitrary "
+            f"tokens, so training stops. {self._score_remedy}"
+        )
 
     def _sdpo_step(self, inputs, policy_logps, shift_mask, model_kwargs, labels):
         """Selective-DPO on one batch; TRL's reward metrics use DPO's full-response rewards."""
@@ -592,6 +621,11 @@ class SePOTrainer(SelectiveDPOTrainer):
     _stored_columns = ("oracle_chosen_token_rewards", "oracle_rejected_token_rewards")
     _stored_batch_key = "token_rewards"
     _stored_description = "oracle token rewards"
+    _score_description = "SePO oracle token rewards (oracle log-prob minus oracle-reference log-prob)"
+    _score_remedy = (
+        "They come from the stored values in ref_logps_cache_dir: delete that entry to score them again, and check "
+        "that the oracle's and its reference's weights are finite."
+    )
 
     def __init__(self, model, args: SePOConfig | None = None, **kwargs):
         if not isinstance(args, SePOConfig):
