@@ -33,7 +33,7 @@ from . import reference_cache
 from .config import SelectiveDPOConfig, SePOConfig
 from .data import check_preference_dataset
 from .losses import SelectiveLossOutput, masked_sum, select_sdpo_tokens, selective_dpo_loss, sepo_loss
-from .models import cache_dir, check_same_vocabulary, resolve_model_path
+from .models import cache_dir, check_model_folder, check_same_vocabulary, resolve_model_path
 from .plots import PlotCurvesCallback
 
 # Batch keys that the collators add for the loss, not for the model's forward.
@@ -91,8 +91,12 @@ class SelectiveDPOTrainer(DPOTrainer):
             for key, dataset in datasets_to_check.items():
                 if isinstance(dataset, Dataset) and "prompt_ids" not in dataset.column_names:
                     check_preference_dataset(dataset, source=key)
+        load_kwargs = _load_kwargs(args)
         if isinstance(model, str):
             model = resolve_model_path(model)
+            check_model_folder(model, trust_remote_code=args.trust_remote_code, field="model")
+            # TRL loads the policy, and its reference copy, with these.
+            args.model_init_kwargs = load_kwargs
         # With stored per-token values the reference is loaded only if something is left to score.
         self._ref_path = None
         self.reference_stores: dict[str, Path] = {}
@@ -102,6 +106,7 @@ class SelectiveDPOTrainer(DPOTrainer):
                     "Both `ref_model` and `args.ref_model_name_or_path` were given; pass only one of them."
                 )
             self._ref_path = resolve_model_path(args.ref_model_name_or_path)
+            check_model_folder(self._ref_path, trust_remote_code=args.trust_remote_code, field="ref_model_name_or_path")
             self._check_reference_tokenizer(model, self._ref_path, args, kwargs.get("processing_class"))
             if not (args.precompute_ref_log_probs and args.uses_selection):
                 ref_model = create_model_from_path(self._ref_path, **_reference_init_kwargs(args, model))
@@ -637,6 +642,7 @@ class SePOTrainer(SelectiveDPOTrainer):
         self._oracle_paths = {}
         for field_name in ("oracle_model_name_or_path", "oracle_ref_model_name_or_path"):
             path = resolve_model_path(getattr(args, field_name))
+            check_model_folder(path, trust_remote_code=args.trust_remote_code, field=field_name)
             self._check_reference_tokenizer(model, path, args, kwargs.get("processing_class"), name=getattr(args, field_name))
             self._oracle_paths[field_name] = path
         if args.map_across_tokenizers:  # the oracle's rewards compare its tokens with its reference's
@@ -701,12 +707,33 @@ class SePOTrainer(SelectiveDPOTrainer):
         return result, result.chosen_rewards, result.rejected_rewards
 
 
+def _load_kwargs(args: SelectiveDPOConfig) -> dict:
+    """`args.model_init_kwargs` plus the two settings every weight load here uses.
+
+    Weights load only from safetensors (unpickling a `.bin` can run code), and code shipped with a
+    model runs only when the config field `trust_remote_code` says so. `model_init_kwargs` may repeat
+    either but not contradict it, so one field decides for the policy, reference, oracles and tokenizers.
+    """
+    kwargs = dict(args.model_init_kwargs or {})
+    if kwargs.setdefault("use_safetensors", True) is not True:
+        raise ValueError(
+            f"model_init_kwargs sets use_safetensors={kwargs['use_safetensors']!r}: selective-po loads weights only "
+            "from safetensors. Convert the checkpoint (see the error for a pickle-only folder) and drop that key."
+        )
+    if kwargs.setdefault("trust_remote_code", args.trust_remote_code) != args.trust_remote_code:
+        raise ValueError(
+            f"model_init_kwargs sets trust_remote_code={kwargs['trust_remote_code']!r} but the config field "
+            f"trust_remote_code is {args.trust_remote_code!r}. Set the field (`--trust_remote_code`) and drop the key, "
+            "so that one setting covers every model and tokenizer."
+        )
+    return kwargs
+
+
 def _reference_init_kwargs(args: SelectiveDPOConfig, model) -> dict:
     """Keyword arguments for loading the reference, as TRL builds them for its own reference copy."""
-    kwargs = dict(args.model_init_kwargs or {})
+    kwargs = _load_kwargs(args)
     if args.distributed_state.distributed_type in ("MULTI_GPU", "DEEPSPEED"):
         kwargs["device_map"] = None  # "auto" fails under distributed training
-    kwargs.setdefault("trust_remote_code", args.trust_remote_code)
     if not isinstance(model, str):
         kwargs.setdefault("dtype", model.dtype)
     return kwargs
