@@ -25,6 +25,7 @@ import torch
 from accelerate.utils import is_peft_model, tqdm
 from datasets import Dataset, IterableDataset
 from transformers import AutoTokenizer, PreTrainedModel, ProcessorMixin
+from transformers.utils import logging
 from trl import DPOTrainer
 from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import add_fused_lm_head, create_model_from_path, disable_dropout_in_model, get_config_model_id, use_adapter
@@ -35,6 +36,8 @@ from .data import check_preference_dataset
 from .losses import SelectiveLossOutput, masked_sum, select_sdpo_tokens, selective_dpo_loss, sepo_loss
 from .models import cache_dir, check_model_folder, check_same_vocabulary, resolve_model_path
 from .plots import PlotCurvesCallback
+
+logger = logging.get_logger(__name__)
 
 # Batch keys that the collators add for the loss, not for the model's forward.
 _NON_MODEL_KEYS = {"completion_mask", "ref_chosen_logps", "ref_rejected_logps", "ref_per_token_logps"}
@@ -117,6 +120,16 @@ class SelectiveDPOTrainer(DPOTrainer):
             self.data_collator = reference_cache.PerTokenReferenceCollator(
                 self.data_collator, columns=self._stored_columns, output_key=self._stored_batch_key
             )
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
+        """TRL's `train`; `resume_from_checkpoint=True` resumes from the last *complete* checkpoint.
+
+        transformers picks the highest-numbered `checkpoint-N` folder, even one that a `kill -9` left
+        half-written; `trainer_state.json` is written last, so a folder without it is skipped, with a warning.
+        """
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir)
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         """TRL's tokenization, refusing rows TRL would drop in silence (prompt fills `max_length`)."""
@@ -705,6 +718,23 @@ class SePOTrainer(SelectiveDPOTrainer):
             generator=self._selection_generator(),
         )
         return result, result.chosen_rewards, result.rejected_rewards
+
+
+def last_complete_checkpoint(output_dir: str) -> str:
+    """The highest-numbered `checkpoint-N` in `output_dir` that holds `trainer_state.json` (written last)."""
+    folders = sorted(
+        (p for p in Path(output_dir).glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()),
+        key=lambda p: int(p.name.split("-")[-1]),
+        reverse=True,
+    )
+    for folder in folders:
+        if (folder / "trainer_state.json").is_file():
+            return str(folder)
+        logger.warning(f"Skipping {folder}: it has no trainer_state.json, so it was interrupted while being written.")
+    raise ValueError(
+        f"No complete checkpoint in {output_dir} to resume from ({len(folders)} checkpoint folders, none with "
+        "trainer_state.json). Start without resume_from_checkpoint, or name a checkpoint folder."
+    )
 
 
 def _load_kwargs(args: SelectiveDPOConfig) -> dict:
