@@ -122,9 +122,10 @@ def _dequantize_gguf(gguf_path: Path, out_dir: Path) -> None:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     folder, name = str(gguf_path.parent), gguf_path.name
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    quantized = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
-    config = AutoConfig.from_pretrained(folder, gguf_file=name)
+    # GGUF is a plain tensor format (nothing is unpickled) and the folder holds no code to trust.
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name, trust_remote_code=False)
+    quantized = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32, trust_remote_code=False)
+    config = AutoConfig.from_pretrained(folder, gguf_file=name, trust_remote_code=False)
     # The GGUF loader dequantizes the weights but tags the config as quantized; a model rebuilt from a
     # config without that tag is an ordinary trainable model with the same weights.
     if hasattr(config, "quantization_config"):
@@ -136,6 +137,53 @@ def _dequantize_gguf(gguf_path: Path, out_dir: Path) -> None:
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
+
+
+# Weight files that `torch.load` unpickles: loading one can run arbitrary code.
+PICKLE_WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+
+
+def check_model_folder(name_or_path: str, *, trust_remote_code: bool, field: str) -> None:
+    """Refuse a local model folder that would need pickled weights or custom code to load.
+
+    Weights load only from safetensors (`use_safetensors=True` on every load), and code shipped in a
+    folder (`auto_map` in config.json) runs only with `trust_remote_code=True`. transformers enforces
+    both too; this check says which folder, which files and what to do. Hub ids are left to
+    transformers, which reads the same flags.
+    """
+    folder = Path(name_or_path).expanduser()
+    if not folder.is_dir():
+        return
+    files = [p for p in folder.rglob("*") if p.is_file()]
+    pickled = sorted(str(p.relative_to(folder)) for p in files if p.suffix in PICKLE_WEIGHT_SUFFIXES)
+    if pickled and not any(p.suffix == ".safetensors" for p in files):
+        raise ValueError(
+            f"{field}={name_or_path!r}: the folder's weights are pickle files only ({', '.join(pickled)}), which "
+            "selective-po does not load because unpickling can run arbitrary code. Convert them to safetensors once, "
+            "from a source you trust: `AutoModelForCausalLM.from_pretrained(folder, use_safetensors=False)"
+            ".save_pretrained(folder)` writes model.safetensors beside them."
+        )
+    config = _read_config(folder)
+    if config.get("auto_map") and not trust_remote_code:
+        from transformers import CONFIG_MAPPING
+
+        # A model type transformers knows loads its built-in class and runs nothing from the folder.
+        if config.get("model_type") not in CONFIG_MAPPING:
+            raise ValueError(
+                f"{field}={name_or_path!r}: {folder / 'config.json'} names custom code (auto_map: "
+                f"{config['auto_map']}) for model_type {config.get('model_type')!r}, which transformers does not know. "
+                "selective-po runs code from a model folder only with trust_remote_code=True (`--trust_remote_code "
+                "true`); read that code first."
+            )
+
+
+def _read_config(folder: Path) -> dict:
+    import json
+
+    try:
+        return json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return {}
 
 
 def check_same_vocabulary(policy_tokenizer, reference_tokenizer, *, reference_name: str) -> None:

@@ -10,13 +10,14 @@ Layout of one cache entry, `<root>/<key>/`:
 
     key.json                what the key was made of (for people; the directory name is its hash)
     shard-00000.parquet     rows [0, shard_size): columns row, chosen, rejected (list<float32>)
-    shard-00000.json        rows, token count and sha256 of the parquet file, written after it
+    shard-00000.json        entry key, rows, token count and sha256 of the parquet file, written after it
 
 A shard counts only when its manifest exists and its file matches the manifest's checksum, so an
 interrupted run (even `kill -9`) leaves at most one partial file that is detected and recomputed;
 completed shards are never computed twice. The key hashes everything that changes the values:
 the token ids of the dataset, the tokenizer, the reference's weights, `max_length`, the truncation
-mode and the compute dtype. Any change gives a new entry; nothing stale is reused.
+mode and the compute dtype. Any change gives a new entry; nothing stale is reused. Files moved by hand
+between entries are caught too: `key.json` and every manifest must match the entry they sit in.
 """
 
 from __future__ import annotations
@@ -30,11 +31,12 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 from datasets import Dataset, concatenate_datasets
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: shard manifests carry their entry's key
 CHOSEN_COLUMN = "ref_chosen_token_logps"
 REJECTED_COLUMN = "ref_rejected_token_logps"
 TOKEN_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
@@ -147,12 +149,37 @@ class ReferenceLogpsStore:
     def _files(self, shard: ShardSpec) -> tuple[Path, Path]:
         return self.path / f"shard-{shard.index:05d}.parquet", self.path / f"shard-{shard.index:05d}.json"
 
+    def check_identity(self) -> None:
+        """Raise if this folder holds values made for other inputs (copied or renamed from another entry).
+
+        The folder's name is the hash of this run's inputs, so a mismatch here means files were moved by
+        hand; using them would train against another model's or dataset's values.
+        """
+        key_file = self.path / "key.json"
+        if not key_file.is_file():
+            if any(self.path.glob("shard-*")):
+                raise ValueError(f"{self.path} holds shards but no key.json saying what they were made for. Delete it.")
+            return
+        stored, expected = _read_json(key_file), json.loads(json.dumps(self.components))  # compare as JSON
+        differing = sorted(k for k in stored.keys() | expected.keys() if stored.get(k) != expected.get(k))
+        if differing:
+            details = "; ".join(f"{k}: stored {stored.get(k)!r}, this run {expected.get(k)!r}" for k in differing)
+            raise ValueError(
+                f"{key_file} says the values in {self.path} were made for other inputs ({details}). The folder was "
+                f"copied or renamed from another cache entry. Delete {self.path} to score the values for this run."
+            )
+
     def is_valid(self, shard: ShardSpec) -> bool:
         """Whether a shard is complete and intact (manifest present, checksum and row count match)."""
         data, manifest = self._files(shard)
         if not (data.is_file() and manifest.is_file()):
             return False
         meta = _read_json(manifest)
+        if meta and meta.get("key") != self.key:  # an intact shard of another entry, copied in
+            raise ValueError(
+                f"{manifest} belongs to another cache entry (field 'key' is {meta.get('key')!r}, this entry is "
+                f"{self.key!r}). Delete {self.path} to score the values for this run."
+            )
         return (
             meta.get("start") == shard.start
             and meta.get("stop") == shard.stop
@@ -160,6 +187,7 @@ class ReferenceLogpsStore:
         )
 
     def missing_shards(self) -> list[ShardSpec]:
+        self.check_identity()
         return [shard for shard in self.shards() if not self.is_valid(shard)]
 
     def write_shard(self, shard: ShardSpec, chosen: list[np.ndarray], rejected: list[np.ndarray]) -> None:
@@ -185,6 +213,7 @@ class ReferenceLogpsStore:
         pq.write_table(table, tmp)
         os.replace(tmp, data)
         meta = {
+            "key": self.key,
             "start": shard.start,
             "stop": shard.stop,
             "tokens": int(sum(len(v) for v in (*chosen, *rejected))),
@@ -201,7 +230,27 @@ class ReferenceLogpsStore:
         loaded = Dataset.from_parquet(files, cache_dir=str(self.path / "arrow"), keep_in_memory=False)
         if loaded["row"] != list(range(self.n_rows)):
             raise RuntimeError(f"Reference cache {self.path} has rows out of order; delete the folder.")
+        self._check_finite(loaded)
         return loaded.remove_columns("row")
+
+    def _check_finite(self, loaded: Dataset) -> None:
+        """Raise if a stored value is NaN or inf.
+
+        Writing refuses non-finite values, but a checksum only vouches for the bytes: a shard edited on
+        disk with its manifest rewritten would otherwise feed NaN into selection and the loss.
+        """
+        for column in self.columns:
+            if pc.all(pc.is_finite(pc.list_flatten(loaded.data.column(column)))).as_py() is not False:
+                continue
+            # Rare path: find the first offending row and token for the message.
+            row, values = next((i, v) for i, v in enumerate(loaded[column]) if not np.isfinite(v).all())
+            token = int(np.flatnonzero(~np.isfinite(values))[0])
+            shard = self._files(self.shards()[row // self.shard_size])[0]
+            raise ValueError(
+                f"Stored value {values[token]} in {shard}, row {row} (dataset index), column {column!r}, token "
+                f"{token} is not finite. The file was changed after it was written. Delete {self.path} (or that "
+                "shard and its .json manifest) to score the values again."
+            )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -324,7 +373,15 @@ class PerTokenReferenceCollator:
                 f"{int(expected[bad])} completion tokens. The cache was made for other tokens or another max_length; "
                 "delete it or rescore."
             )
-        values = torch.tensor(np.concatenate([np.asarray(r, dtype=np.float32) for r in rows]))
+        values = np.concatenate([np.asarray(r, dtype=np.float32) for r in rows])
+        if not np.isfinite(values).all():  # values from a dataset prepared elsewhere reach the loss here
+            bad = next(i for i, r in enumerate(rows) if not np.isfinite(np.asarray(r, dtype=np.float32)).all())
+            column = chosen_column if bad < len(examples) else rejected_column
+            raise ValueError(
+                f"Stored per-token values are not finite: row {bad % len(examples)} of the batch, column {column!r}. "
+                "Rescore them (`selective-po score`, or delete the cache folder) instead of training on NaN or inf."
+            )
+        values = torch.from_numpy(values)
         batch[self.output_key] = torch.zeros(mask.shape).masked_scatter_(mask, values)
         return batch
 

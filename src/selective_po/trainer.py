@@ -25,6 +25,7 @@ import torch
 from accelerate.utils import is_peft_model, tqdm
 from datasets import Dataset, IterableDataset
 from transformers import AutoTokenizer, PreTrainedModel, ProcessorMixin
+from transformers.utils import logging
 from trl import DPOTrainer
 from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import add_fused_lm_head, create_model_from_path, disable_dropout_in_model, get_config_model_id, use_adapter
@@ -33,8 +34,10 @@ from . import reference_cache
 from .config import SelectiveDPOConfig, SePOConfig
 from .data import check_preference_dataset
 from .losses import SelectiveLossOutput, masked_sum, select_sdpo_tokens, selective_dpo_loss, sepo_loss
-from .models import cache_dir, check_same_vocabulary, resolve_model_path
+from .models import cache_dir, check_model_folder, check_same_vocabulary, resolve_model_path
 from .plots import PlotCurvesCallback
+
+logger = logging.get_logger(__name__)
 
 # Batch keys that the collators add for the loss, not for the model's forward.
 _NON_MODEL_KEYS = {"completion_mask", "ref_chosen_logps", "ref_rejected_logps", "ref_per_token_logps"}
@@ -91,8 +94,12 @@ class SelectiveDPOTrainer(DPOTrainer):
             for key, dataset in datasets_to_check.items():
                 if isinstance(dataset, Dataset) and "prompt_ids" not in dataset.column_names:
                     check_preference_dataset(dataset, source=key)
+        load_kwargs = _load_kwargs(args)
         if isinstance(model, str):
             model = resolve_model_path(model)
+            check_model_folder(model, trust_remote_code=args.trust_remote_code, field="model")
+            # TRL loads the policy, and its reference copy, with these.
+            args.model_init_kwargs = load_kwargs
         # With stored per-token values the reference is loaded only if something is left to score.
         self._ref_path = None
         self.reference_stores: dict[str, Path] = {}
@@ -102,6 +109,7 @@ class SelectiveDPOTrainer(DPOTrainer):
                     "Both `ref_model` and `args.ref_model_name_or_path` were given; pass only one of them."
                 )
             self._ref_path = resolve_model_path(args.ref_model_name_or_path)
+            check_model_folder(self._ref_path, trust_remote_code=args.trust_remote_code, field="ref_model_name_or_path")
             self._check_reference_tokenizer(model, self._ref_path, args, kwargs.get("processing_class"))
             if not (args.precompute_ref_log_probs and args.uses_selection):
                 ref_model = create_model_from_path(self._ref_path, **_reference_init_kwargs(args, model))
@@ -112,6 +120,16 @@ class SelectiveDPOTrainer(DPOTrainer):
             self.data_collator = reference_cache.PerTokenReferenceCollator(
                 self.data_collator, columns=self._stored_columns, output_key=self._stored_batch_key
             )
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
+        """TRL's `train`; `resume_from_checkpoint=True` resumes from the last *complete* checkpoint.
+
+        transformers picks the highest-numbered `checkpoint-N` folder, even one that a `kill -9` left
+        half-written; `trainer_state.json` is written last, so a folder without it is skipped, with a warning.
+        """
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir)
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         """TRL's tokenization, refusing rows TRL would drop in silence (prompt fills `max_length`)."""
@@ -240,6 +258,7 @@ class SelectiveDPOTrainer(DPOTrainer):
         result, chosen_rewards, rejected_rewards = getattr(self, variant)(
             inputs, policy_logps, shift_mask, model_kwargs, labels
         )
+        self._check_finite_scores(result, *shift_mask.chunk(2, dim=0))
         loss = result.losses.mean()
         if self.aux_loss_enabled:
             loss = loss + self.router_aux_loss_coef * outputs.aux_loss
@@ -255,6 +274,34 @@ class SelectiveDPOTrainer(DPOTrainer):
                 outputs = model(**plain_kwargs, use_cache=False)
             return loss, outputs
         return loss
+
+    # What selection ranks and where a non-finite value of it comes from, for the error that says so.
+    _score_description = "Selective-DPO token scores (reference log-prob minus policy log-prob)"
+    _score_remedy = (
+        "The policy's or the reference's log-probs overflowed: lower learning_rate, train in float32 or bf16 rather "
+        "than fp16, and check that the reference's weights are finite."
+    )
+
+    def _check_finite_scores(self, result: SelectiveLossOutput, chosen_mask, rejected_mask) -> None:
+        """Raise if a score that selection ranked is NaN or inf: the top share of NaN is arbitrary tokens.
+
+        One device sync per step; the offending row is looked up only on failure.
+        """
+        sides = (("chosen", result.chosen_scores, chosen_mask), ("rejected", result.rejected_scores, rejected_mask))
+        bad = [~torch.isfinite(scores) & mask for _, scores, mask in sides]  # (B, T) each
+        if not torch.stack([b.any() for b in bad]).any():
+            return
+        where = (
+            f"training step {self.state.global_step + 1}" if self.model.training
+            else f"evaluation after step {self.state.global_step}"
+        )  # fmt: skip
+        (side, scores, _), side_bad = next((side, b) for side, b in zip(sides, bad) if b.any())
+        row, token = (int(i) for i in side_bad.nonzero()[0])
+        raise ValueError(
+            f"{self._score_description} are not finite at {where}: {side} response, row {row} of the batch, "
+            f"position {token} is {scores[row, token].item()}. Selecting tokens by them would keep arbitrary "
+            f"tokens, so training stops. {self._score_remedy}"
+        )
 
     def _sdpo_step(self, inputs, policy_logps, shift_mask, model_kwargs, labels):
         """Selective-DPO on one batch; TRL's reward metrics use DPO's full-response rewards."""
@@ -592,6 +639,11 @@ class SePOTrainer(SelectiveDPOTrainer):
     _stored_columns = ("oracle_chosen_token_rewards", "oracle_rejected_token_rewards")
     _stored_batch_key = "token_rewards"
     _stored_description = "oracle token rewards"
+    _score_description = "SePO oracle token rewards (oracle log-prob minus oracle-reference log-prob)"
+    _score_remedy = (
+        "They come from the stored values in ref_logps_cache_dir: delete that entry to score them again, and check "
+        "that the oracle's and its reference's weights are finite."
+    )
 
     def __init__(self, model, args: SePOConfig | None = None, **kwargs):
         if not isinstance(args, SePOConfig):
@@ -603,6 +655,7 @@ class SePOTrainer(SelectiveDPOTrainer):
         self._oracle_paths = {}
         for field_name in ("oracle_model_name_or_path", "oracle_ref_model_name_or_path"):
             path = resolve_model_path(getattr(args, field_name))
+            check_model_folder(path, trust_remote_code=args.trust_remote_code, field=field_name)
             self._check_reference_tokenizer(model, path, args, kwargs.get("processing_class"), name=getattr(args, field_name))
             self._oracle_paths[field_name] = path
         if args.map_across_tokenizers:  # the oracle's rewards compare its tokens with its reference's
@@ -667,12 +720,50 @@ class SePOTrainer(SelectiveDPOTrainer):
         return result, result.chosen_rewards, result.rejected_rewards
 
 
+def last_complete_checkpoint(output_dir: str) -> str:
+    """The highest-numbered `checkpoint-N` in `output_dir` that holds `trainer_state.json` (written last)."""
+    folders = sorted(
+        (p for p in Path(output_dir).glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()),
+        key=lambda p: int(p.name.split("-")[-1]),
+        reverse=True,
+    )
+    for folder in folders:
+        if (folder / "trainer_state.json").is_file():
+            return str(folder)
+        logger.warning(f"Skipping {folder}: it has no trainer_state.json, so it was interrupted while being written.")
+    raise ValueError(
+        f"No complete checkpoint in {output_dir} to resume from ({len(folders)} checkpoint folders, none with "
+        "trainer_state.json). Start without resume_from_checkpoint, or name a checkpoint folder."
+    )
+
+
+def _load_kwargs(args: SelectiveDPOConfig) -> dict:
+    """`args.model_init_kwargs` plus the two settings every weight load here uses.
+
+    Weights load only from safetensors (unpickling a `.bin` can run code), and code shipped with a
+    model runs only when the config field `trust_remote_code` says so. `model_init_kwargs` may repeat
+    either but not contradict it, so one field decides for the policy, reference, oracles and tokenizers.
+    """
+    kwargs = dict(args.model_init_kwargs or {})
+    if kwargs.setdefault("use_safetensors", True) is not True:
+        raise ValueError(
+            f"model_init_kwargs sets use_safetensors={kwargs['use_safetensors']!r}: selective-po loads weights only "
+            "from safetensors. Convert the checkpoint (see the error for a pickle-only folder) and drop that key."
+        )
+    if kwargs.setdefault("trust_remote_code", args.trust_remote_code) != args.trust_remote_code:
+        raise ValueError(
+            f"model_init_kwargs sets trust_remote_code={kwargs['trust_remote_code']!r} but the config field "
+            f"trust_remote_code is {args.trust_remote_code!r}. Set the field (`--trust_remote_code`) and drop the key, "
+            "so that one setting covers every model and tokenizer."
+        )
+    return kwargs
+
+
 def _reference_init_kwargs(args: SelectiveDPOConfig, model) -> dict:
     """Keyword arguments for loading the reference, as TRL builds them for its own reference copy."""
-    kwargs = dict(args.model_init_kwargs or {})
+    kwargs = _load_kwargs(args)
     if args.distributed_state.distributed_type in ("MULTI_GPU", "DEEPSPEED"):
         kwargs["device_map"] = None  # "auto" fails under distributed training
-    kwargs.setdefault("trust_remote_code", args.trust_remote_code)
     if not isinstance(model, str):
         kwargs.setdefault("dtype", model.dtype)
     return kwargs
