@@ -41,7 +41,7 @@ from selective_po.models import DEFAULT_MODEL, resolve_model_path
 
 PRESETS = {
     # Sized so that 17 runs and 18 evaluations finish in a working session on 2 CPU cores.
-    "cpu": {"steps": 20, "batch_size": 4, "learning_rate": 1e-5, "seeds": [0, 1, 2], "prompts": 48, "control_seeds": 1},
+    "cpu": {"steps": 15, "batch_size": 4, "learning_rate": 1e-5, "seeds": [0, 1, 2], "prompts": 64, "control_seeds": 1},
     "cuda": {"steps": 100, "batch_size": 8, "learning_rate": 5e-6, "seeds": [0, 1, 2], "prompts": 0, "control_seeds": 3},
 }
 METRICS = ("likelihood_accuracy", "reward_accuracy", "mean_margin", "greedy_accuracy_arithmetic", "ifeval_pass_rate")

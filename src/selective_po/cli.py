@@ -116,7 +116,10 @@ def build_trainer(script_args: TrainScriptArguments, training_args: SelectiveDPO
 def train(script_args: TrainScriptArguments, training_args: SelectiveDPOConfig, model_args: TrainModelConfig):
     """Train with the named data and model, and save the final model."""
     trainer = build_trainer(script_args, training_args, model_args)
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    resume = training_args.resume_from_checkpoint
+    # `--resume_from_checkpoint true` (or `last`) means the last complete checkpoint in output_dir, as in Python.
+    resume = True if isinstance(resume, str) and resume.lower() in ("true", "last") else resume
+    trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(training_args.output_dir)
     trainer.accelerator.print(f"Model saved to {training_args.output_dir}")
     return trainer
@@ -350,7 +353,7 @@ def build_pairs(argv: list[str]) -> dict:
     """`selective-po build-pairs`: on-policy pairs with a table of pass rates and pair counts."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .models import resolve_model_path
+    from .models import check_model_folder, resolve_model_path
     from .onpolicy import build_onpolicy_dataset, render_readme
 
     opts = build_pairs_parser().parse_args(argv)
@@ -361,8 +364,9 @@ def build_pairs(argv: list[str]) -> dict:
     if opts.samples_per_prompt < 2:
         raise ValueError(f"--samples_per_prompt must be at least 2 to form a pair, got {opts.samples_per_prompt}")
     path = resolve_model_path(opts.model)
+    check_model_folder(path, trust_remote_code=False, field="--model")
     tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True)
+    model = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True)  # safetensors only, no folder code
     settings = {
         "samples_per_prompt": opts.samples_per_prompt, "temperature": opts.temperature, "top_p": opts.top_p,
         "max_new_tokens": opts.max_new_tokens, "prompts_per_chunk": opts.prompts_per_chunk, "seed": opts.seed,
