@@ -36,7 +36,7 @@ import torch
 
 from selective_po import SelectiveDPOConfig, SelectiveDPOTrainer, SePOConfig, SePOTrainer, load_preference_dataset
 from selective_po.data import load_task_prompts
-from selective_po.evaluation import evaluate_preferences, greedy_task_accuracy
+from selective_po.evaluation import balanced_task_rows, evaluate_preferences, greedy_task_accuracy
 from selective_po.models import DEFAULT_MODEL, resolve_model_path
 
 PRESETS = {
@@ -117,16 +117,6 @@ def measure(model_path: str, *, base: str, pairs, prompts: list[dict], opts) -> 
     del trainer
     gc.collect()
     return results
-
-
-def balanced_prompts(prompts: list[dict], n: int) -> list[dict]:
-    """The first n/2 held-out prompts of each task (all when n is 0)."""
-    if not n:
-        return prompts
-    by_task: dict[str, list[dict]] = {}
-    for row in prompts:
-        by_task.setdefault(row["task"], []).append(row)
-    return [row for rows in by_task.values() for row in rows[: n // len(by_task)]]
 
 
 def summarize(results: dict[str, dict]) -> dict[str, dict]:
@@ -235,7 +225,7 @@ def main():
     train_pairs, test_pairs = splits["train"], splits["test"]
     if len(train_pairs) < opts.steps * opts.batch_size:
         print(f"note: {len(train_pairs)} training pairs for {opts.steps * opts.batch_size} pair-steps: more than one epoch")
-    prompts = balanced_prompts(load_task_prompts(opts.dataset, split="test"), opts.prompts)
+    prompts = balanced_task_rows(load_task_prompts(opts.dataset, split="test"), opts.prompts)
     print(f"{len(train_pairs)} training pairs, {len(test_pairs)} held-out pairs, {len(prompts)} held-out prompts; "
           f"preset {opts.preset}: {opts.steps} steps x {opts.batch_size} pairs, lr {opts.learning_rate}, seeds {opts.seeds}")  # fmt: skip
 

@@ -66,3 +66,12 @@ def test_eval_reports_ifeval_pass_rate_from_a_prompt_file(tmp_path, tiny_model_d
     expected = [evaluation.verify(said[i], rows[i]) for i in range(3)]
     assert expected[2] is False
     assert results["ifeval_pass_rate"] == pytest.approx(sum(expected) / 3)
+
+
+def test_balanced_task_rows_takes_the_first_rows_of_each_task():
+    from selective_po.evaluation import balanced_task_rows
+    from selective_po.onpolicy import arithmetic_prompts, ifeval_prompts
+
+    rows = arithmetic_prompts(5, seed=0) + ifeval_prompts(3, seed=0)
+    assert balanced_task_rows(rows, 4) == rows[:2] + rows[5:7]
+    assert balanced_task_rows(rows, 0) == rows

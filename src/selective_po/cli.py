@@ -235,7 +235,7 @@ def eval_parser() -> argparse.ArgumentParser:
         "--task_prompts", help="JSON-lines prompts with a verifiable task for greedy accuracy and IFEval pass rate "
         "(default: the dataset's {split}_prompts.jsonl when it has one, else the pairs' own prompts)",
     )  # fmt: skip
-    parser.add_argument("--prompts", type=int, default=0, help="how many task prompts (0: all)")
+    parser.add_argument("--prompts", type=int, default=0, help="how many task prompts, split evenly over the tasks (0: all)")
     parser.add_argument("--output_json", help="also write the results here")
     return parser
 
@@ -245,7 +245,7 @@ def evaluate(argv: list[str]) -> dict[str, float]:
     import tempfile
 
     from .data import load_task_prompts
-    from .evaluation import evaluate_preferences, greedy_task_accuracy, selection_span_scores
+    from .evaluation import balanced_task_rows, evaluate_preferences, greedy_task_accuracy, selection_span_scores
     from .models import resolve_model_path
     from .trainer import SelectiveDPOTrainer
 
@@ -254,8 +254,7 @@ def evaluate(argv: list[str]) -> dict[str, float]:
     if opts.pairs:
         rows = rows.select(range(min(opts.pairs, len(rows))))
     task_rows = load_task_prompts(opts.task_prompts or opts.dataset, split=opts.split, fallback=rows)
-    if opts.prompts:
-        task_rows = task_rows[: opts.prompts]
+    task_rows = balanced_task_rows(task_rows, opts.prompts)
     with tempfile.TemporaryDirectory() as tmp:
         args = SelectiveDPOConfig(
             output_dir=tmp, ref_model_name_or_path=opts.ref_model, per_device_eval_batch_size=opts.batch_size,

@@ -199,6 +199,16 @@ def greedy_generations(model, tokenizer, rows: list[dict], *, batch_size: int = 
     return [text.strip() for text in texts]
 
 
+def balanced_task_rows(rows: list[dict], n: int) -> list[dict]:
+    """The first `n // tasks` rows of each task, in their order (all rows when `n` is 0)."""
+    if not n:
+        return rows
+    by_task: dict[str, list[dict]] = {}
+    for row in rows:
+        by_task.setdefault(task_of(row), []).append(row)
+    return [row for task_rows in by_task.values() for row in task_rows[: n // len(by_task)]]
+
+
 def greedy_task_accuracy(model, tokenizer, rows: list[dict], *, batch_size: int = 16, max_new_tokens: int = 96) -> dict[str, float]:
     """Share of prompts whose greedy completion passes the verifier of its task, per task.
 
