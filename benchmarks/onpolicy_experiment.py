@@ -38,6 +38,7 @@ from selective_po import SelectiveDPOConfig, SelectiveDPOTrainer, SePOConfig, Se
 from selective_po.data import load_task_prompts
 from selective_po.evaluation import balanced_task_rows, evaluate_preferences, greedy_task_accuracy
 from selective_po.models import DEFAULT_MODEL, resolve_model_path
+from selective_po.reference_cache import atomic_write
 
 PRESETS = {
     # Sized so that 17 runs and 18 evaluations finish in a working session on 2 CPU cores.
@@ -241,10 +242,7 @@ def main():
         print(f"\n=== {run['name']} ({run['row']})", flush=True)
         path, trained = (base, {"curves": []}) if run["method"] == "base" else train_run(run, base=base, data=train_pairs, opts=opts)
         result = {**run, **trained, **measure(path, base=base, pairs=test_pairs, prompts=prompts, opts=opts)}
-        done.parent.mkdir(parents=True, exist_ok=True)
-        partial = done.with_suffix(".partial")
-        partial.write_text(json.dumps(result, indent=2))
-        partial.replace(done)  # a run counts as done only once its result is whole
+        atomic_write(done, json.dumps(result, indent=2).encode())  # a run counts as done only once its result is whole
         results[run["name"]] = result
         print({k: round(v, 4) for k, v in result.items() if k in METRICS}, flush=True)
 

@@ -113,12 +113,12 @@ def test_build_pairs_rejects_a_single_sample(tmp_path):
 KILL_SCRIPT = """
 import os, signal, sys
 from selective_po import onpolicy
-real = onpolicy._write_atomic
-def write_then_maybe_die(path, text):
-    real(path, text)
+real = onpolicy.atomic_write
+def write_then_maybe_die(path, payload):
+    real(path, payload)
     if path.name == "chunk-00001.jsonl" and sys.argv[1] == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
-onpolicy._write_atomic = write_then_maybe_die
+onpolicy.atomic_write = write_then_maybe_die
 from selective_po.cli import main
 main(["build-pairs", "--model", {model!r}, "--output_dir", sys.argv[2], "--arithmetic_prompts", "6",
       "--ifeval_prompts", "0", "--test_share", "0.5", "--samples_per_prompt", "2", "--max_new_tokens", "4",

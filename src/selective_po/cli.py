@@ -297,11 +297,11 @@ def inspect_parser() -> argparse.ArgumentParser:
 
 def inspect_pairs(argv: list[str]) -> Path:
     """`selective-po inspect`: the HTML page, written atomically."""
-    import os
     import tempfile
 
     from .inspector import collect_pair_views, render_html
     from .models import resolve_model_path
+    from .reference_cache import atomic_write
     from .trainer import SelectiveDPOTrainer
 
     opts = inspect_parser().parse_args(argv)
@@ -318,10 +318,7 @@ def inspect_pairs(argv: list[str]) -> Path:
         description=f"Data: {opts.dataset}/{opts.split}, first {len(views)} pairs.",
     )  # fmt: skip
     output = Path(opts.output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    partial = output.with_name(f".{output.name}.partial")
-    partial.write_text(page, encoding="utf-8")
-    os.replace(partial, output)  # never a half-written page
+    atomic_write(output, page.encode("utf-8"))  # never a half-written page
     print(f"Wrote {output} ({len(views)} pairs)")
     return output
 
@@ -354,6 +351,7 @@ def build_pairs(argv: list[str]) -> dict:
 
     from .models import check_model_folder, resolve_model_path
     from .onpolicy import build_onpolicy_dataset, render_readme
+    from .reference_cache import atomic_write
 
     opts = build_pairs_parser().parse_args(argv)
     counts = {"arithmetic": opts.arithmetic_prompts, "ifeval": opts.ifeval_prompts}
@@ -382,9 +380,9 @@ def build_pairs(argv: list[str]) -> dict:
                 f"{s['complete_rate']:>10.1%}{s['pairs']:>7}"
             )
     settings["model"] = opts.model
-    Path(opts.output_dir, "stats.json").write_text(json.dumps({"settings": settings, "splits": stats}, indent=2))
+    atomic_write(Path(opts.output_dir, "stats.json"), json.dumps({"settings": settings, "splits": stats}, indent=2).encode())
     command = "selective-po build-pairs " + " ".join(argv)
-    Path(opts.output_dir, "README.md").write_text(render_readme(stats, settings=settings, command=command))
+    atomic_write(Path(opts.output_dir, "README.md"), render_readme(stats, settings=settings, command=command).encode())
     return stats
 
 

@@ -27,6 +27,7 @@ from accelerate.utils import tqdm
 
 from .alignment import completion_offsets
 from .losses import masked_sum, select_sdpo_tokens
+from .models import generate_completions
 from .trainer import SelectiveDPOTrainer
 from .verifiers import task_of, verify
 
@@ -178,24 +179,13 @@ def selection_span_scores(trainer: SelectiveDPOTrainer, *, threshold: float, bat
     return scores
 
 
-@torch.no_grad()
 def greedy_generations(model, tokenizer, rows: list[dict], *, batch_size: int = 16, max_new_tokens: int = 96) -> list[str]:
-    """The greedy completion of each row's prompt (batched, left-padded)."""
-    tokenizer.padding_side = "left"  # generation continues from the right end of each prompt
+    """The greedy completion of each row's prompt, in batches."""
     texts: list[str] = []
-    was_training = model.training
-    model.eval()
-    try:
-        for start in tqdm(range(0, len(rows), batch_size), desc="Greedy generation", disable=_quiet()):
-            chunk = rows[start : start + batch_size]
-            inputs = tokenizer.apply_chat_template(
-                [row["prompt"] for row in chunk], add_generation_prompt=True, padding=True, return_dict=True,
-                return_tensors="pt",
-            ).to(model.device)  # fmt: skip
-            output = model.generate(**inputs, do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id)
-            texts += tokenizer.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
-    finally:
-        model.train(was_training)
+    for start in tqdm(range(0, len(rows), batch_size), desc="Greedy generation", disable=_quiet()):
+        chats = [row["prompt"] for row in rows[start : start + batch_size]]
+        generated = generate_completions(model, tokenizer, chats, do_sample=False, max_new_tokens=max_new_tokens)
+        texts += tokenizer.batch_decode(generated, skip_special_tokens=True)
     return [text.strip() for text in texts]
 
 

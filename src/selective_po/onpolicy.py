@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -27,6 +26,8 @@ from pathlib import Path
 import torch
 from accelerate.utils import tqdm
 
+from .models import generate_completions
+from .reference_cache import atomic_write
 from .verifiers import verify
 
 ARITHMETIC_TEMPLATES = (
@@ -170,28 +171,20 @@ def _check_settings(work_dir: Path, settings: SamplingSettings) -> None:
             )
         return
     work_dir.mkdir(parents=True, exist_ok=True)
-    _write_atomic(path, json.dumps(wanted, indent=2))
+    atomic_write(path, json.dumps(wanted, indent=2).encode())
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    partial = path.with_name(f".{path.name}.partial")
-    partial.write_text(text, encoding="utf-8")
-    os.replace(partial, path)
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    atomic_write(path, "".join(json.dumps(row) + "\n" for row in rows).encode())
 
 
-@torch.no_grad()
 def _sample_chunk(model, tokenizer, rows: list[dict], settings: SamplingSettings, *, seed: int) -> list[dict]:
     """Sample `samples_per_prompt` responses for each row, in one batched `generate` call."""
-    inputs = tokenizer.apply_chat_template(
-        [row["prompt"] for row in rows], add_generation_prompt=True, padding=True, return_dict=True, return_tensors="pt"
-    ).to(model.device)
     torch.manual_seed(seed)  # generate draws from the global generator
-    output = model.generate(
-        **inputs, do_sample=True, temperature=settings.temperature, top_p=settings.top_p,
-        max_new_tokens=settings.max_new_tokens, num_return_sequences=settings.samples_per_prompt,
-        pad_token_id=tokenizer.pad_token_id,
+    generated = generate_completions(
+        model, tokenizer, [row["prompt"] for row in rows], do_sample=True, temperature=settings.temperature,
+        top_p=settings.top_p, max_new_tokens=settings.max_new_tokens, num_return_sequences=settings.samples_per_prompt,
     )  # fmt: skip
-    generated = output[:, inputs["input_ids"].shape[1] :].cpu()
     stop_ids = _stop_token_ids(model, tokenizer)
     complete = torch.isin(generated, torch.tensor(stop_ids)).any(dim=1).tolist()
     texts = tokenizer.batch_decode(generated, skip_special_tokens=True)
@@ -223,26 +216,20 @@ def sample_and_verify(model, tokenizer, rows: list[dict], settings: SamplingSett
     """
     work_dir = Path(work_dir)
     _check_settings(work_dir, settings)
-    tokenizer.padding_side = "left"  # generation continues from the right end of each prompt
-    was_training = model.training
-    model.eval()
     size = settings.prompts_per_chunk
-    starts = range(0, len(rows), size)
     records: list[dict] = []
-    progress = tqdm(starts, desc="Sampling chunks", unit="chunk")
-    try:
-        for index, start in enumerate(progress):
-            path = work_dir / f"chunk-{index:05d}.jsonl"
-            if path.is_file():
-                chunk = [json.loads(line) for line in path.read_text().splitlines()]
-            else:
-                chunk = _sample_chunk(model, tokenizer, rows[start : start + size], settings, seed=settings.seed * 1_000_003 + index)
-                _write_atomic(path, "".join(json.dumps(record) + "\n" for record in chunk))
-            records.extend(chunk)
-            pairs = sum(_pair_indices(r) is not None for r in records)
-            progress.set_postfix(pairs=pairs, prompts=len(records))
-    finally:
-        model.train(was_training)
+    pairs = 0
+    progress = tqdm(range(0, len(rows), size), desc="Sampling chunks", unit="chunk")
+    for index, start in enumerate(progress):
+        path = work_dir / f"chunk-{index:05d}.jsonl"
+        if path.is_file():
+            chunk = [json.loads(line) for line in path.read_text().splitlines()]
+        else:
+            chunk = _sample_chunk(model, tokenizer, rows[start : start + size], settings, seed=settings.seed * 1_000_003 + index)
+            _write_jsonl(path, chunk)
+        records.extend(chunk)
+        pairs += sum(_pair_indices(record) is not None for record in chunk)
+        progress.set_postfix(pairs=pairs, prompts=len(records))
     return records
 
 
@@ -313,11 +300,10 @@ def build_onpolicy_dataset(
         sampling = SamplingSettings(model=model_name, **settings, prompts_sha256=prompts_digest(rows))
         records = sample_and_verify(model, tokenizer, rows, sampling, work_dir=output_dir / "work" / split)
         pairs = make_pairs(rows, records)
-        _write_atomic(output_dir / f"{split}.jsonl", "".join(json.dumps(p) + "\n" for p in pairs))
-        samples = [{**row, **record} for row, record in zip(rows, records)]
-        _write_atomic(output_dir / f"samples-{split}.jsonl", "".join(json.dumps(s) + "\n" for s in samples))
+        _write_jsonl(output_dir / f"{split}.jsonl", pairs)
+        _write_jsonl(output_dir / f"samples-{split}.jsonl", [{**row, **record} for row, record in zip(rows, records)])
         if split == "test":
-            _write_atomic(output_dir / "test_prompts.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+            _write_jsonl(output_dir / "test_prompts.jsonl", rows)
         stats[split] = split_statistics(rows, records, pairs)
     return stats
 

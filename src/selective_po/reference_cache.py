@@ -93,7 +93,7 @@ def files_weights_hash(folder: str | os.PathLike, *, memo_path: Path | None = No
             memo[memo_key] = _file_sha256(path)
         digest.update(f"{path.relative_to(folder)}:{memo[memo_key]}".encode())
     if memo_path:
-        _atomic_write(memo_path, json.dumps(memo, indent=0).encode())
+        atomic_write(memo_path, json.dumps(memo, indent=0).encode())
     return digest.hexdigest()
 
 
@@ -198,7 +198,7 @@ class ReferenceLogpsStore:
             if not np.isfinite(values).all():
                 raise ValueError(f"Non-finite per-token value in rows {shard.start}-{shard.stop - 1}; not stored.")
         self.path.mkdir(parents=True, exist_ok=True)
-        _atomic_write(self.path / "key.json", json.dumps(self.components, indent=2, sort_keys=True).encode())
+        atomic_write(self.path / "key.json", json.dumps(self.components, indent=2, sort_keys=True).encode())
         data, manifest = self._files(shard)
         float_list = pa.list_(pa.float32())
         table = pa.table(
@@ -219,7 +219,7 @@ class ReferenceLogpsStore:
             "tokens": int(sum(len(v) for v in (*chosen, *rejected))),
             "sha256": _file_sha256(data),
         }
-        _atomic_write(manifest, json.dumps(meta).encode())
+        atomic_write(manifest, json.dumps(meta).encode())
 
     def load(self) -> Dataset:
         """All shards as one `Dataset` with the two per-token columns, in row order."""
@@ -405,7 +405,8 @@ def _read_json(path: Path | None) -> dict:
         return {}
 
 
-def _atomic_write(path: Path, payload: bytes) -> None:
+def atomic_write(path: Path, payload: bytes) -> None:
+    """Write `payload` to `path` all at once: readers (and a run after `kill -9`) see the old file or the new one."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_bytes(payload)
