@@ -1,5 +1,5 @@
 # Two entry points, each installing what it needs into .venv first:
-#   make demo   Selective-DPO on the bundled model and data (CPU, about 6 minutes on 2 cores)
+#   make demo   Selective-DPO on the bundled model and data (CPU; about 4 min on 2 cores)
 #   make test   the test suite
 # torch is installed on its own, first, so that no other requirement pulls a multi-GB CUDA build;
 # on another machine pick its wheel index, e.g. `make demo TORCH_INDEX=https://download.pytorch.org/whl/cpu`.

@@ -38,7 +38,7 @@ from selective_po import SelectiveDPOConfig, SelectiveDPOTrainer, SePOConfig, Se
 from selective_po.data import load_task_prompts
 from selective_po.evaluation import balanced_task_rows, evaluate_preferences, greedy_task_accuracy
 from selective_po.models import DEFAULT_MODEL, resolve_model_path
-from selective_po.reference_cache import atomic_write
+from selective_po.files import atomic_write
 
 PRESETS = {
     # Sized so that 17 runs and 18 evaluations finish in a working session on 2 CPU cores.

@@ -2,6 +2,8 @@
 
 import re
 
+import numpy as np
+
 import torch
 
 from conftest import build_model, preference_dataset
@@ -59,3 +61,31 @@ def test_explain_pair_marks_the_selected_count(tmp_path, tiny_tokenizer):
     assert f"({kept}/{n_chosen} tokens kept)" in chosen_line  # random reference: no ties expected
     assert len(re.findall("⟦", chosen_line)) == kept
     assert rejected_line.lstrip().startswith("rejected")
+
+
+def test_bootstrap_interval_brackets_the_mean_and_shrinks_with_data():
+    from selective_po.evaluation import bootstrap_interval
+
+    assert bootstrap_interval([0.5] * 10) == (0.5, 0.5)
+    rng = np.random.default_rng(1)
+    small, large = rng.normal(1.0, 1.0, 30), rng.normal(1.0, 1.0, 3000)
+    low, high = bootstrap_interval(small)
+    assert low < small.mean() < high
+    low_large, high_large = bootstrap_interval(large)
+    assert low_large < 1.0 < high_large and high_large - low_large < (high - low) / 5
+
+
+def test_the_reference_evaluates_from_stored_values_alone(tmp_path, tiny_model_dir):
+    """Before training the policy is the reference: its stored values give the same sums as a forward."""
+    from selective_po.evaluation import PreferenceEvaluation
+
+    args = SelectiveDPOConfig(
+        output_dir=str(tmp_path), report_to="none", precompute_ref_log_probs=True, ref_logps_cache_dir=str(tmp_path / "c")
+    )
+    trainer = SelectiveDPOTrainer(model=tiny_model_dir, args=args, train_dataset=preference_dataset(), eval_dataset=preference_dataset())
+    stored = PreferenceEvaluation.of_reference(trainer.eval_dataset, beta=trainer.beta)
+    live = evaluate_preferences(trainer)
+    torch.testing.assert_close(stored.policy_chosen, live.policy_chosen, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(stored.policy_rejected, live.policy_rejected, rtol=1e-5, atol=1e-4)
+    assert stored.summary()["likelihood_accuracy"] == live.summary()["likelihood_accuracy"]
+    assert stored.summary()["mean_margin"] == 0.0

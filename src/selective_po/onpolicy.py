@@ -24,10 +24,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from accelerate.utils import tqdm
 
 from .models import generate_completions
-from .reference_cache import atomic_write
+from .files import atomic_write
+from .progress import bar
 from .verifiers import verify
 
 ARITHMETIC_TEMPLATES = (
@@ -178,12 +178,16 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
     atomic_write(path, "".join(json.dumps(row) + "\n" for row in rows).encode())
 
 
-def _sample_chunk(model, tokenizer, rows: list[dict], settings: SamplingSettings, *, seed: int) -> list[dict]:
-    """Sample `samples_per_prompt` responses for each row, in one batched `generate` call."""
+def _sample_chunk(model, tokenizer, rows: list[dict], settings: SamplingSettings, *, seed: int, progress=None) -> list[dict]:
+    """Sample `samples_per_prompt` responses for each row, in one batched `generate` call.
+
+    `progress(share)` follows the decoding steps of the call (see `generate_completions`).
+    """
     torch.manual_seed(seed)  # generate draws from the global generator
     generated = generate_completions(
         model, tokenizer, [row["prompt"] for row in rows], do_sample=True, temperature=settings.temperature,
         top_p=settings.top_p, max_new_tokens=settings.max_new_tokens, num_return_sequences=settings.samples_per_prompt,
+        progress=progress,
     )  # fmt: skip
     stop_ids = _stop_token_ids(model, tokenizer)
     complete = torch.isin(generated, torch.tensor(stop_ids)).any(dim=1).tolist()
@@ -219,17 +223,21 @@ def sample_and_verify(model, tokenizer, rows: list[dict], settings: SamplingSett
     size = settings.prompts_per_chunk
     records: list[dict] = []
     pairs = 0
-    progress = tqdm(range(0, len(rows), size), desc="Sampling chunks", unit="chunk")
-    for index, start in enumerate(progress):
-        path = work_dir / f"chunk-{index:05d}.jsonl"
-        if path.is_file():
-            chunk = [json.loads(line) for line in path.read_text().splitlines()]
-        else:
-            chunk = _sample_chunk(model, tokenizer, rows[start : start + size], settings, seed=settings.seed * 1_000_003 + index)
-            _write_jsonl(path, chunk)
-        records.extend(chunk)
-        pairs += sum(_pair_indices(record) is not None for record in chunk)
-        progress.set_postfix(pairs=pairs, prompts=len(records))
+    with bar(total=len(rows), desc="Sampling", unit="prompt") as progress:
+        for index, start in enumerate(range(0, len(rows), size)):
+            path = work_dir / f"chunk-{index:05d}.jsonl"
+            chunk_rows = rows[start : start + size]
+            if path.is_file():
+                chunk = [json.loads(line) for line in path.read_text().splitlines()]
+                progress.update(len(chunk_rows))
+            else:
+                advance = lambda share, n=len(chunk_rows): progress.update(share * n)  # noqa: E731
+                seed = settings.seed * 1_000_003 + index
+                chunk = _sample_chunk(model, tokenizer, chunk_rows, settings, seed=seed, progress=advance)
+                _write_jsonl(path, chunk)
+            records.extend(chunk)
+            pairs += sum(_pair_indices(record) is not None for record in chunk)
+            progress.set_postfix(pairs=pairs)
     return records
 
 

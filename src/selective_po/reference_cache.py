@@ -14,7 +14,10 @@ Layout of one cache entry, `<root>/<key>/`:
 
 A shard counts only when its manifest exists and its file matches the manifest's checksum, so an
 interrupted run (even `kill -9`) leaves at most one partial file that is detected and recomputed;
-completed shards are never computed twice. The key hashes everything that changes the values:
+completed shards are never computed twice. Values are read straight from the Parquet bytes whose
+checksum was just verified, never from a copy: a shard edited, cut short or deleted after it was
+written is reported in one line and scored again, and a damaged or missing `key.json` is rewritten
+when the shards' manifests show they belong to this entry. The key hashes everything that changes the values:
 the token ids of the dataset, the tokenizer, the reference's weights, `max_length`, the truncation
 mode and the compute dtype. Any change gives a new entry; nothing stale is reused. Files moved by hand
 between entries are caught too: `key.json` and every manifest must match the entry they sit in.
@@ -24,8 +27,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
-from collections.abc import Callable, Iterator
+import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +40,11 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 from datasets import Dataset, concatenate_datasets
+from datasets.table import InMemoryTable
+
+from .files import FileDigests, atomic_write, read_json, sha256_file
+
+logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 2  # 2: shard manifests carry their entry's key
 CHOSEN_COLUMN = "ref_chosen_token_logps"
@@ -84,16 +94,11 @@ def files_weights_hash(folder: str | os.PathLike, *, memo_path: Path | None = No
     files = sorted(p for p in folder.rglob("*") if p.is_file() and (p.suffix in WEIGHT_SUFFIXES or p.name == "config.json"))
     if not any(p.suffix in WEIGHT_SUFFIXES for p in files):
         raise FileNotFoundError(f"No weight files ({', '.join(WEIGHT_SUFFIXES)}) under {folder} to identify the reference by.")
-    memo = _read_json(memo_path) if memo_path else {}
+    file_digest = FileDigests(memo_path)
     digest = hashlib.sha256()
     for path in files:
-        stat = path.stat()
-        memo_key = f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
-        if memo_key not in memo:
-            memo[memo_key] = _file_sha256(path)
-        digest.update(f"{path.relative_to(folder)}:{memo[memo_key]}".encode())
-    if memo_path:
-        atomic_write(memo_path, json.dumps(memo, indent=0).encode())
+        digest.update(f"{path.relative_to(folder)}:{file_digest(path)}".encode())
+    file_digest.save()
     return digest.hexdigest()
 
 
@@ -130,6 +135,7 @@ class ReferenceLogpsStore:
         n_rows: int,
         shard_size: int,
         columns: tuple[str, str] = (CHOSEN_COLUMN, REJECTED_COLUMN),
+        report: Callable[[str], None] | None = None,
     ):
         if shard_size < 1:
             raise ValueError(f"shard_size must be at least 1, got {shard_size}.")
@@ -139,6 +145,7 @@ class ReferenceLogpsStore:
         self.path = Path(root) / self.key
         self.n_rows = n_rows
         self.shard_size = shard_size
+        self.report = report or logger.warning  # one line per damaged file found
 
     def shards(self) -> list[ShardSpec]:
         return [
@@ -152,43 +159,69 @@ class ReferenceLogpsStore:
     def check_identity(self) -> None:
         """Raise if this folder holds values made for other inputs (copied or renamed from another entry).
 
-        The folder's name is the hash of this run's inputs, so a mismatch here means files were moved by
-        hand; using them would train against another model's or dataset's values.
+        The folder's name is the hash of this run's inputs, so a `key.json` that describes other inputs
+        while the shard manifests carry another entry's key means files were moved by hand; using them
+        would train against another model's or dataset's values. A `key.json` that is missing, unreadable
+        or edited while the manifests carry this entry's key is damage: reported and written again.
         """
         key_file = self.path / "key.json"
-        if not key_file.is_file():
-            if any(self.path.glob("shard-*")):
-                raise ValueError(f"{self.path} holds shards but no key.json saying what they were made for. Delete it.")
+        if not self.path.is_dir():
             return
-        stored, expected = _read_json(key_file), json.loads(json.dumps(self.components))  # compare as JSON
-        differing = sorted(k for k in stored.keys() | expected.keys() if stored.get(k) != expected.get(k))
-        if differing:
+        stored, expected = read_json(key_file), json.loads(json.dumps(self.components))  # compare as JSON
+        if stored == expected:
+            return
+        foreign = [m for m in sorted(self.path.glob("shard-*.json")) if read_json(m).get("key", self.key) != self.key]
+        if foreign and stored:
+            differing = sorted(k for k in stored.keys() | expected.keys() if stored.get(k) != expected.get(k))
             details = "; ".join(f"{k}: stored {stored.get(k)!r}, this run {expected.get(k)!r}" for k in differing)
             raise ValueError(
                 f"{key_file} says the values in {self.path} were made for other inputs ({details}). The folder was "
                 f"copied or renamed from another cache entry. Delete {self.path} to score the values for this run."
             )
+        if foreign:
+            raise ValueError(
+                f"{foreign[0]} belongs to another cache entry (field 'key' is {read_json(foreign[0]).get('key')!r}, "
+                f"this entry is {self.key!r}). Delete {self.path} to score the values for this run."
+            )
+        if key_file.exists() or any(self.path.glob("shard-*")):
+            state = "is damaged" if key_file.exists() else "is missing"
+            self.report(f"{key_file} {state}; the shards' manifests name this entry, so it is written again.")
+            atomic_write(key_file, json.dumps(self.components, indent=2, sort_keys=True).encode())
 
-    def is_valid(self, shard: ShardSpec) -> bool:
-        """Whether a shard is complete and intact (manifest present, checksum and row count match)."""
+    def shard_problem(self, shard: ShardSpec) -> str | None:
+        """Why a shard cannot be used: `None` if complete and intact, `""` if never written, else the damage."""
         data, manifest = self._files(shard)
-        if not (data.is_file() and manifest.is_file()):
-            return False
-        meta = _read_json(manifest)
-        if meta and meta.get("key") != self.key:  # an intact shard of another entry, copied in
+        if not manifest.is_file():
+            return f"{data.name} has no {manifest.name}: it was cut off while being written, or that was deleted" if data.is_file() else ""
+        meta = read_json(manifest)
+        if meta.get("key", self.key) != self.key:  # an intact shard of another entry, copied in
             raise ValueError(
                 f"{manifest} belongs to another cache entry (field 'key' is {meta.get('key')!r}, this entry is "
                 f"{self.key!r}). Delete {self.path} to score the values for this run."
             )
-        return (
-            meta.get("start") == shard.start
-            and meta.get("stop") == shard.stop
-            and meta.get("sha256") == _file_sha256(data)
-        )
+        if not meta or meta.get("start") != shard.start or meta.get("stop") != shard.stop:
+            return f"{manifest.name} is damaged"
+        if not data.is_file():
+            return f"{data.name} is missing"
+        if meta.get("sha256") != sha256_file(data):
+            return f"{data.name} does not match the checksum in {manifest.name} (changed or cut short after it was written)"
+        return None
+
+    def is_valid(self, shard: ShardSpec) -> bool:
+        """Whether a shard is complete and intact (manifest present, checksum and row range match)."""
+        return self.shard_problem(shard) is None
 
     def missing_shards(self) -> list[ShardSpec]:
+        """Shards to score: never written, or damaged (each damaged one reported in one line)."""
         self.check_identity()
-        return [shard for shard in self.shards() if not self.is_valid(shard)]
+        missing = []
+        for shard in self.shards():
+            problem = self.shard_problem(shard)
+            if problem:
+                self.report(f"Stored values in {self.path}: {problem}; scoring rows {shard.start}-{shard.stop - 1} again.")
+            if problem is not None:
+                missing.append(shard)
+        return missing
 
     def write_shard(self, shard: ShardSpec, chosen: list[np.ndarray], rejected: list[np.ndarray]) -> None:
         """Write one shard: data first, then its manifest, each through an atomic rename."""
@@ -217,21 +250,34 @@ class ReferenceLogpsStore:
             "start": shard.start,
             "stop": shard.stop,
             "tokens": int(sum(len(v) for v in (*chosen, *rejected))),
-            "sha256": _file_sha256(data),
+            "sha256": sha256_file(data),
         }
         atomic_write(manifest, json.dumps(meta).encode())
 
     def load(self) -> Dataset:
-        """All shards as one `Dataset` with the two per-token columns, in row order."""
-        missing = self.missing_shards()
-        if missing:
-            raise RuntimeError(f"Reference cache {self.path} is incomplete: shards {[s.index for s in missing]}.")
-        files = [str(self._files(shard)[0]) for shard in self.shards()]
-        loaded = Dataset.from_parquet(files, cache_dir=str(self.path / "arrow"), keep_in_memory=False)
-        if loaded["row"] != list(range(self.n_rows)):
+        """All shards as one in-memory `Dataset` with the two per-token columns, in row order.
+
+        Each shard is parsed from the very bytes whose checksum is verified here, so what training
+        reads is what was written; nothing is read from a derived copy.
+        """
+        # Earlier versions kept a derived Arrow copy here, which later runs read unchecked.
+        shutil.rmtree(self.path / "arrow", ignore_errors=True)
+        tables = []
+        for shard in self.shards():
+            data, manifest = self._files(shard)
+            payload = data.read_bytes() if data.is_file() else b""
+            if hashlib.sha256(payload).hexdigest() != read_json(manifest).get("sha256"):
+                raise RuntimeError(
+                    f"{data} changed while this run was using the cache (its checksum no longer matches "
+                    f"{manifest.name}). Run again: damaged shards are scored anew."
+                )
+            tables.append(pq.read_table(pa.BufferReader(payload)))
+        table = pa.concat_tables(tables)
+        if table.column("row").to_pylist() != list(range(self.n_rows)):
             raise RuntimeError(f"Reference cache {self.path} has rows out of order; delete the folder.")
+        loaded = Dataset(InMemoryTable(table.drop_columns(["row"])))
         self._check_finite(loaded)
-        return loaded.remove_columns("row")
+        return loaded
 
     def _check_finite(self, loaded: Dataset) -> None:
         """Raise if a stored value is NaN or inf.
@@ -287,7 +333,7 @@ def score_missing_shards(
     batch_size: int,
     rank: int = 0,
     world_size: int = 1,
-    progress: Callable[[Iterator], Iterator] = iter,
+    progress: Callable[[int], object] | None = None,
     on_shard_written: Callable[[ShardSpec], None] | None = None,
     missing: list[ShardSpec] | None = None,
 ) -> int:
@@ -300,22 +346,28 @@ def score_missing_shards(
             completion position the trainer scores (see `collated_scorer`).
         batch_size: Pairs per call of `score_rows`.
         rank, world_size: Shard `i` is this process's when `i % world_size == rank`.
-        progress: Wraps the shard iterator (a progress bar).
+        progress: `total_pairs -> bar`: a progress bar (e.g. `functools.partial(tqdm, desc=...)`),
+            advanced by each batch of pairs scored.
         on_shard_written: Called after each shard is safely on disk.
         missing: `store.missing_shards()`, when the caller has just checked (it hashes every shard file).
     """
     missing = store.missing_shards() if missing is None else missing
     mine = [shard for shard in missing if shard.index % world_size == rank]
-    for shard in progress(mine):
+    bar = progress(sum(shard.stop - shard.start for shard in mine)) if progress is not None else None
+    for shard in mine:
         chosen, rejected = [], []
         for start in range(shard.start, shard.stop, batch_size):
             rows = dataset.select(range(start, min(start + batch_size, shard.stop)))
             batch_chosen, batch_rejected = score_rows([dict(row) for row in rows])
             chosen += batch_chosen
             rejected += batch_rejected
+            if bar is not None:
+                bar.update(len(rows))
         store.write_shard(shard, chosen, rejected)
         if on_shard_written is not None:
             on_shard_written(shard)
+    if bar is not None:
+        bar.close()
     return len(mine)
 
 
@@ -384,30 +436,3 @@ class PerTokenReferenceCollator:
         values = torch.from_numpy(values)
         batch[self.output_key] = torch.zeros(mask.shape).masked_scatter_(mask, values)
         return batch
-
-
-# ---------------------------------------------------------------------------------------------
-# Helpers
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _read_json(path: Path | None) -> dict:
-    try:
-        return json.loads(Path(path).read_text())
-    except (OSError, ValueError, TypeError):
-        return {}
-
-
-def atomic_write(path: Path, payload: bytes) -> None:
-    """Write `payload` to `path` all at once: readers (and a run after `kill -9`) see the old file or the new one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(payload)
-    os.replace(tmp, path)

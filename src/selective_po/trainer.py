@@ -15,16 +15,15 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import os
 import textwrap
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
-from accelerate.utils import is_peft_model, tqdm
+from accelerate.utils import is_peft_model
 from datasets import Dataset, IterableDataset
-from transformers import AutoTokenizer, PreTrainedModel, ProcessorMixin
+from transformers import AutoTokenizer, PreTrainedModel, ProcessorMixin, ProgressCallback
 from transformers.utils import logging
 from trl import DPOTrainer
 from trl.models.utils import disable_gradient_checkpointing
@@ -33,9 +32,12 @@ from trl.trainer.utils import add_fused_lm_head, create_model_from_path, disable
 from . import reference_cache
 from .config import SelectiveDPOConfig, SePOConfig
 from .data import check_preference_dataset
+from .logprobs import compact_lm_head
 from .losses import SelectiveLossOutput, masked_sum, select_sdpo_tokens, selective_dpo_loss, sepo_loss
 from .models import cache_dir, check_model_folder, check_same_vocabulary, resolve_model_path
 from .plots import PlotCurvesCallback
+from .progress import TickingProgressCallback
+from .progress import bar as progress_bar
 
 logger = logging.get_logger(__name__)
 
@@ -114,6 +116,8 @@ class SelectiveDPOTrainer(DPOTrainer):
             if not (args.precompute_ref_log_probs and args.uses_selection):
                 ref_model = create_model_from_path(self._ref_path, **_reference_init_kwargs(args, model))
         super().__init__(model, ref_model=ref_model, args=args, **kwargs)
+        if self.pop_callback(ProgressCallback) is not None:  # the same bars, redrawn every second
+            self.add_callback(TickingProgressCallback)
         if args.plot_curves:
             self.add_callback(PlotCurvesCallback())
         if self.precompute_ref_logps and args.uses_selection:
@@ -228,7 +232,8 @@ class SelectiveDPOTrainer(DPOTrainer):
             model_kwargs["output_router_logits"] = True
         completion_mask = inputs["completion_mask"]
         labels = inputs["input_ids"].masked_fill(completion_mask == 0, -100)
-        outputs = model(**model_kwargs, labels=labels, fused_lm_head=True)
+        with compact_lm_head():
+            outputs = model(**model_kwargs, labels=labels, fused_lm_head=True)
         shift_mask = completion_mask[:, 1:].bool()  # (2B, T-1)
         # Prompt-learning PEFT prepends virtual tokens to the outputs; keep the real positions.
         policy_logps = outputs.log_probs[:, -shift_mask.size(1) :]  # (2B, T-1)
@@ -251,8 +256,9 @@ class SelectiveDPOTrainer(DPOTrainer):
 
     def _compute_loss(self, model, inputs, return_outputs):
         variant = self._variants.get(self.loss_types[0]) if len(self.loss_types) == 1 else None
-        if variant is None:
-            return super()._compute_loss(model, inputs, return_outputs)
+        if variant is None:  # TRL's own losses, with the LM head projecting completion positions only
+            with compact_lm_head():
+                return super()._compute_loss(model, inputs, return_outputs)
         mode = "train" if self.model.training else "eval"
         outputs, policy_logps, shift_mask, model_kwargs, labels = self._policy_forward(model, inputs)
         result, chosen_rewards, rejected_rewards = getattr(self, variant)(
@@ -358,7 +364,7 @@ class SelectiveDPOTrainer(DPOTrainer):
         """One reference forward, `(2B, T-1)`: `reference`, else TRL's (ref_model, PEFT base, initial policy)."""
         ref_kwargs = {k: v for k, v in model_kwargs.items() if k != "output_router_logits"}
         reference = reference if reference is not None else self.ref_model
-        with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
+        with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs), compact_lm_head():
             if reference is None and is_peft_model(self.model):
                 # PEFT: the reference is the base model (adapter disabled) or an initial "ref" adapter copy.
                 unwrapped = self.accelerator.unwrap_model(self.model)
@@ -406,10 +412,7 @@ class SelectiveDPOTrainer(DPOTrainer):
                 batch_size=batch_size,
                 rank=self.accelerator.process_index,
                 world_size=self.accelerator.num_processes,
-                progress=functools.partial(
-                    tqdm, desc=f"Scoring {self._stored_description} ({name})", unit="shard",
-                    disable=bool(os.environ.get("TQDM_DISABLE")),
-                ),
+                progress=lambda total: progress_bar(total=total, desc=f"Scoring {self._stored_description} ({name})", unit="pair"),
             )  # fmt: skip
             del scorer  # frees any model loaded only for scoring
         self.accelerator.wait_for_everyone()
@@ -522,7 +525,7 @@ class SelectiveDPOTrainer(DPOTrainer):
             attention_mask[i, : len(ids)] = 1
             labels[i, start : len(ids)] = torch.tensor(ids[start:])
         device = self.accelerator.device
-        with self.compute_loss_context_manager():
+        with self.compute_loss_context_manager(), compact_lm_head():
             log_probs = model(
                 input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), labels=labels.to(device),
                 fused_lm_head=True, use_cache=False,
