@@ -17,8 +17,13 @@ def reference_keep_count(n: int, threshold: float) -> int:
     return math.ceil((1 - Fraction(str(threshold))) * n)
 
 
-def reference_keep(scores: torch.Tensor, mask: torch.Tensor, threshold: float) -> torch.Tensor:
-    """Keep every completion token whose score is >= the k-th largest completion score of its row."""
+# Score differences of at most this much count as ties (selective_po.selection.SCORE_TIE_TOLERANCE).
+TIE_TOLERANCE = 1e-5
+
+
+def reference_keep(scores: torch.Tensor, mask: torch.Tensor, threshold: float, tie_tolerance: float = TIE_TOLERANCE) -> torch.Tensor:
+    """Keep every completion token whose score is >= the k-th largest completion score of its row,
+    less `tie_tolerance`."""
     rows = []
     for row_scores, row_mask in zip(scores.double().tolist(), mask.bool().tolist()):
         positions = [t for t, real in enumerate(row_mask) if real]
@@ -27,7 +32,7 @@ def reference_keep(scores: torch.Tensor, mask: torch.Tensor, threshold: float) -
             rows.append([False] * len(row_mask))
             continue
         kth = sorted((row_scores[t] for t in positions), reverse=True)[k - 1]
-        rows.append([real and row_scores[t] >= kth for t, real in enumerate(row_mask)])
+        rows.append([real and row_scores[t] >= kth - tie_tolerance for t, real in enumerate(row_mask)])
     return torch.tensor(rows, dtype=torch.bool).reshape(mask.shape)
 
 

@@ -15,7 +15,7 @@ from datasets import Dataset
 
 from conftest import CHAT_TEMPLATE, build_model, build_tokenizer, preference_dataset
 from selective_po import SelectiveDPOConfig, SelectiveDPOTrainer
-from selective_po import reference_cache, trainer as trainer_module
+from selective_po import reference_cache, reference_scoring, trainer as trainer_module
 from selective_po.reference_cache import PerTokenReferenceCollator, ReferenceLogpsStore
 from test_trainer import COMMON, one_batch_loss
 
@@ -70,6 +70,7 @@ def test_a_scored_run_never_loads_the_reference(tmp_path, tiny_model_dir, ref_di
         raise AssertionError("the reference was loaded although its values are stored")
 
     monkeypatch.setattr(trainer_module, "create_model_from_path", refuse)
+    monkeypatch.setattr(reference_scoring, "create_model_from_path", refuse)
     written = count_writes(monkeypatch)
     trainer = make(tmp_path, tiny_model_dir, ref=ref_dir)
     assert written == [] and trainer.ref_model is None
@@ -183,30 +184,57 @@ def test_kill_9_while_scoring_then_resume(tmp_path, tiny_model_dir, ref_dir):
     assert rows(resumed.stdout) == rows(clean.stdout)
 
 
-def test_processes_split_the_shards(tmp_path, tiny_tokenizer):
-    dataset = Dataset.from_dict(
-        {"prompt_ids": [[1, 2]] * 5, "chosen_ids": [[3, 4, 5]] * 5, "rejected_ids": [[6]] * 5}
-    )
+class FakeAccelerator:
+    def __init__(self, rank, world):
+        self.process_index, self.num_processes = rank, world
+
+
+def test_processes_split_the_shards_and_run_equal_forwards(tmp_path, monkeypatch):
+    """Shards go round-robin; a process with less work runs dummy forwards so that every process runs as many
+    (under ZeRO-3 and FSDP each forward is a collective). Together the processes store every row once."""
+    dataset = Dataset.from_dict({"prompt_ids": [[1, 2]] * 5, "chosen_ids": [[3, 4, 5]] * 5, "rejected_ids": [[6]] * 5})
     store = ReferenceLogpsStore(tmp_path, {"test": 1}, n_rows=5, shard_size=2)
     from trl.trainer.dpo_trainer import DataCollatorForPreference
 
     collator = DataCollatorForPreference(pad_token_id=0)
+    calls = []
 
     def forward(batch):
-        mask = batch["completion_mask"][:, 1:].bool()
-        return -batch["input_ids"][:, 1:].float(), mask
+        calls.append(len(batch["input_ids"]) // 2)
+        return -batch["input_ids"][:, 1:].float(), batch["completion_mask"][:, 1:].bool()
 
-    counts = [
-        reference_cache.score_missing_shards(
-            store, dataset, score_rows=reference_cache.collated_scorer(collator, forward), batch_size=2, rank=rank,
-            world_size=2,
-        )
-        for rank in (0, 1)
-    ]
+    plans = reference_scoring.shard_plans(store.shards(), batch_size=1, world_size=2)
+    assert [[(s.index, a, b) for s, a, b in plan] for plan in plans] == [[(0, 0, 1), (0, 1, 2), (2, 4, 5)], [(1, 2, 3), (1, 3, 4)]]
+    monkeypatch.setattr(reference_scoring, "gather_object", lambda objects: objects * 2)  # both processes fine
+    missing = store.missing_shards()
+    counts = []
+    for rank in (0, 1):
+        calls.clear()
+        counts.append(reference_scoring.score_missing_shards(
+            store, dataset, missing=missing, score_rows=reference_cache.collated_scorer(collator, forward), batch_size=1,
+            accelerator=FakeAccelerator(rank, 2),
+        ))  # fmt: skip
+        assert len(calls) == 3  # process 1 has 2 batches and runs one dummy forward
     assert counts == [2, 1] and store.missing_shards() == []
     stored = store.load()
     assert stored["ref_chosen_token_logps"] == [[-3.0, -4.0, -5.0]] * 5
     assert stored["ref_rejected_token_logps"] == [[-6.0]] * 5
+
+
+def test_a_problem_on_one_process_stops_every_process_with_its_message(tmp_path, monkeypatch):
+    dataset = Dataset.from_dict({"prompt_ids": [[1, 2]] * 2, "chosen_ids": [[3, 4]] * 2, "rejected_ids": [[6]] * 2})
+    store = ReferenceLogpsStore(tmp_path, {"test": 3}, n_rows=2, shard_size=1)
+    peer_problem = "ValueError: the other process found a NaN"
+    monkeypatch.setattr(reference_scoring, "gather_object", lambda objects: [objects[0], peer_problem])
+    fine = lambda rows: ([np.zeros(2)] * len(rows), [np.zeros(1)] * len(rows))  # noqa: E731
+    with pytest.raises(ValueError, match="stopped on process 1 of 2: ValueError: the other process found a NaN"):
+        reference_scoring.score_missing_shards(
+            store, dataset, missing=store.missing_shards(), score_rows=fine, batch_size=1, accelerator=FakeAccelerator(0, 2)
+        )
+    assert store.missing_shards() == store.shards()  # this process stored nothing after the exchange failed
+    nan = lambda rows: ([np.array([0.0, np.nan])] * len(rows), [np.zeros(1)] * len(rows))  # noqa: E731
+    with pytest.raises(ValueError, match=r"not finite for dataset row 0, chosen response, token 1 \(nan\)"):
+        reference_scoring.score_missing_shards(store, dataset, missing=store.missing_shards(), score_rows=nan, batch_size=1)
 
 
 def test_missing_or_mismatched_values_are_errors():
@@ -240,6 +268,7 @@ def test_score_command_then_train_without_the_reference(tmp_path, tiny_model_dir
     ]  # fmt: skip
     assert main(["score", *flags]) == 0
     monkeypatch.setattr(trainer_module, "create_model_from_path", lambda *a, **k: pytest.fail("reference loaded"))
+    monkeypatch.setattr(reference_scoring, "create_model_from_path", lambda *a, **k: pytest.fail("reference loaded"))
     written = count_writes(monkeypatch)
     assert main(["train", *flags, "--precompute_ref_log_probs", "true", "--max_steps", "1", "--save_strategy", "no"]) == 0
     assert written == []

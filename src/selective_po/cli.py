@@ -319,7 +319,7 @@ def evaluate(argv: list[str]) -> dict[str, float]:
         if task_rows:
             results["task_prompts"] = len(task_rows)
             results.update(greedy_task_accuracy(
-                trainer.model, trainer._tokenizer, task_rows, batch_size=opts.batch_size, max_new_tokens=opts.max_new_tokens,
+                trainer.accelerator.unwrap_model(trainer.inference_model()), trainer._tokenizer, task_rows, batch_size=opts.batch_size, max_new_tokens=opts.max_new_tokens,
             ))  # fmt: skip
     print(f"\n{opts.model} on {opts.dataset} (split {split!r}), reference {opts.ref_model}")
     for key, value in results.items():

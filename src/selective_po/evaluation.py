@@ -104,7 +104,7 @@ def evaluate_preferences(trainer: SelectiveDPOTrainer, dataset=None, *, desc: st
         loader = trainer.get_eval_dataloader(dataset)
         for batch in bar(total=len(loader), desc=desc, unit="batch", iterable=loader):
             batch = trainer._prepare_inputs(batch)
-            _, policy, ref, mask = trainer.per_token_logps(trainer.model, batch)
+            _, policy, ref, mask = trainer.per_token_logps(trainer.inference_model(), batch)
             policy_sums = masked_sum(policy.float(), mask)  # (2B,)
             ref_sums = masked_sum(ref.float(), mask)
             gathered = trainer.accelerator.gather_for_metrics((*policy_sums.chunk(2), *ref_sums.chunk(2)))
@@ -169,7 +169,7 @@ def selected_tokens(trainer: SelectiveDPOTrainer, *, threshold: float, rows=None
         for start in range(0, len(dataset), batch_size):
             rows = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
             batch = trainer._prepare_inputs(trainer.data_collator(rows))
-            _, policy, ref, mask = trainer.per_token_logps(trainer.model, batch)
+            _, policy, ref, mask = trainer.per_token_logps(trainer.inference_model(), batch)
             chosen_mask, rejected_mask = mask.chunk(2)
             chosen_scores, rejected_scores, chosen_keep, rejected_keep = select_sdpo_tokens(
                 *policy.chunk(2), *ref.chunk(2), chosen_mask=chosen_mask, rejected_mask=rejected_mask, threshold=threshold

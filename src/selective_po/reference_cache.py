@@ -325,52 +325,6 @@ def collated_scorer(
     return score_rows
 
 
-def score_missing_shards(
-    store: ReferenceLogpsStore,
-    dataset: Dataset,
-    *,
-    score_rows: RowScorer,
-    batch_size: int,
-    rank: int = 0,
-    world_size: int = 1,
-    progress: Callable[[int], object] | None = None,
-    on_shard_written: Callable[[ShardSpec], None] | None = None,
-    missing: list[ShardSpec] | None = None,
-) -> int:
-    """Compute and write every missing shard assigned to this process; return how many it wrote.
-
-    Args:
-        store: Where the shards go.
-        dataset: TRL's tokenized dataset (`prompt_ids`, `chosen_ids`, `rejected_ids`), row-aligned with `store`.
-        score_rows: `rows -> (chosen values, rejected values)`, one array per row, one value per
-            completion position the trainer scores (see `collated_scorer`).
-        batch_size: Pairs per call of `score_rows`.
-        rank, world_size: Shard `i` is this process's when `i % world_size == rank`.
-        progress: `total_pairs -> bar`: a progress bar (e.g. `functools.partial(tqdm, desc=...)`),
-            advanced by each batch of pairs scored.
-        on_shard_written: Called after each shard is safely on disk.
-        missing: `store.missing_shards()`, when the caller has just checked (it hashes every shard file).
-    """
-    missing = store.missing_shards() if missing is None else missing
-    mine = [shard for shard in missing if shard.index % world_size == rank]
-    bar = progress(sum(shard.stop - shard.start for shard in mine)) if progress is not None else None
-    for shard in mine:
-        chosen, rejected = [], []
-        for start in range(shard.start, shard.stop, batch_size):
-            rows = dataset.select(range(start, min(start + batch_size, shard.stop)))
-            batch_chosen, batch_rejected = score_rows([dict(row) for row in rows])
-            chosen += batch_chosen
-            rejected += batch_rejected
-            if bar is not None:
-                bar.update(len(rows))
-        store.write_shard(shard, chosen, rejected)
-        if on_shard_written is not None:
-            on_shard_written(shard)
-    if bar is not None:
-        bar.close()
-    return len(mine)
-
-
 def attach_reference_logps(dataset: Dataset, store: ReferenceLogpsStore) -> Dataset:
     """The dataset with the stored per-token columns added (row `i` gets stored row `i`)."""
     stored = store.load()

@@ -6,6 +6,12 @@ largest score of its sequence is kept. Ties at the boundary are all kept, so a s
 more than `k` tokens; that is what makes "reference equals policy" (every score 0) keep every token
 and reduce the loss to plain DPO. A sequence with no completion tokens keeps nothing.
 
+Scores within `SCORE_TIE_TOLERANCE` (1e-5 nats) below the k-th count as ties. Float32 log-probs of
+the same model on the same tokens differ by about 1e-6 with the batch they were computed in (its
+padding and size change the kernels' summation order), so a reference stored once and the same
+model run live give scores of ~1e-6 instead of exact zeros; without the tolerance that noise, not
+the model, would pick the tokens.
+
 Everything is vectorized over the batch: one sort per call, no Python loop over rows, and padding
 may sit on either side because only the boolean mask says which positions are real.
 """
@@ -19,6 +25,8 @@ from torch import Tensor
 # above it (4.000000000000001) and `ceil` would then ask for one token too many. Shares are given
 # with a few decimals, so a true fractional part is far larger than this slack.
 _ROUNDING_SLACK = 1e-9
+# Score differences below this (in nats) are float32 noise of the log-probs, not information: ties.
+SCORE_TIE_TOLERANCE = 1e-5
 
 
 def keep_counts(num_tokens: Tensor, keep_share: float) -> Tensor:
@@ -37,13 +45,14 @@ def keep_counts(num_tokens: Tensor, keep_share: float) -> Tensor:
     return torch.minimum(wanted.clamp(min=0), num_tokens.long())
 
 
-def top_share_mask(scores: Tensor, completion_mask: Tensor, *, keep_share: float) -> Tensor:
+def top_share_mask(scores: Tensor, completion_mask: Tensor, *, keep_share: float, tie_tolerance: float = 0.0) -> Tensor:
     """Keep the highest-scoring `keep_share` of each sequence's completion tokens (ties kept).
 
     Args:
         scores: Shape `(B, T)`. Token scores; values outside the completion mask are ignored.
         completion_mask: Shape `(B, T)`, bool. True on real completion tokens only.
         keep_share: Share of completion tokens to keep, in `[0, 1]`.
+        tie_tolerance: Scores this far below the k-th largest still count as tied with it.
 
     Returns:
         Shape `(B, T)`, bool: True on kept tokens, always a subset of `completion_mask`.
@@ -55,7 +64,7 @@ def top_share_mask(scores: Tensor, completion_mask: Tensor, *, keep_share: float
     # Non-completion positions sort last, so the first n entries of a row are its completion scores.
     ranked = scores.masked_fill(~completion_mask, float("-inf")).sort(dim=-1, descending=True).values  # (B, T)
     kth_score = ranked.gather(-1, (k - 1).clamp(min=0).unsqueeze(-1))  # (B, 1)
-    return completion_mask & (scores >= kth_score) & (k > 0).unsqueeze(-1)
+    return completion_mask & (scores >= kth_score - tie_tolerance) & (k > 0).unsqueeze(-1)
 
 
 
@@ -92,7 +101,7 @@ def select_tokens(
     `random` and `all` are the controls that tell whether choosing by score helped.
     """
     if rule == "scores":
-        return top_share_mask(scores, completion_mask, keep_share=keep_share)
+        return top_share_mask(scores, completion_mask, keep_share=keep_share, tie_tolerance=SCORE_TIE_TOLERANCE)
     if rule == "random":
         if generator is None:
             raise ValueError("rule='random' needs a seeded torch.Generator.")

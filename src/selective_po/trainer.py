@@ -21,28 +21,29 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from accelerate.utils import is_peft_model
+from accelerate.utils import broadcast_object_list, gather_object, is_peft_model
 from datasets import Dataset, IterableDataset
 from transformers import AutoTokenizer, PreTrainedModel, ProcessorMixin, ProgressCallback
 from transformers.utils import logging
 from trl import DPOTrainer
 from trl.models.utils import disable_gradient_checkpointing
-from trl.trainer.utils import add_fused_lm_head, create_model_from_path, disable_dropout_in_model, get_config_model_id, use_adapter
+from trl.trainer.utils import create_model_from_path, get_config_model_id, use_adapter
 
-from . import reference_cache
+from . import reference_cache, reference_scoring
 from .config import SelectiveDPOConfig, SePOConfig
 from .data import check_preference_dataset
+from .engines import check_engine
 from .logprobs import compact_lm_head
+from .metrics import dpo_metrics, selection_metrics
 from .losses import SelectiveLossOutput, masked_sum, select_sdpo_tokens, selective_dpo_loss, sepo_loss
-from .models import cache_dir, check_model_folder, check_same_vocabulary, resolve_model_path
+from .models import cache_dir, check_model_folder, check_same_vocabulary, file_digest_memo, resolve_model_path
 from .plots import PlotCurvesCallback
 from .progress import TickingProgressCallback
 from .progress import bar as progress_bar
 
 logger = logging.get_logger(__name__)
 
-# Batch keys that the collators add for the loss, not for the model's forward.
-_NON_MODEL_KEYS = {"completion_mask", "ref_chosen_logps", "ref_rejected_logps", "ref_per_token_logps"}
+_NON_MODEL_KEYS = reference_scoring.NON_MODEL_KEYS
 # Rows per stored shard of reference log-probs: the unit of resumption after an interruption.
 REFERENCE_SHARD_ROWS = 256
 
@@ -97,8 +98,9 @@ class SelectiveDPOTrainer(DPOTrainer):
                 if isinstance(dataset, Dataset) and "prompt_ids" not in dataset.column_names:
                     check_preference_dataset(dataset, source=key)
         load_kwargs = _load_kwargs(args)
+        self._policy_path = None
         if isinstance(model, str):
-            model = resolve_model_path(model)
+            model = self._policy_path = resolve_model_path(model)
             check_model_folder(model, trust_remote_code=args.trust_remote_code, field="model")
             # TRL loads the policy, and its reference copy, with these.
             args.model_init_kwargs = load_kwargs
@@ -124,6 +126,11 @@ class SelectiveDPOTrainer(DPOTrainer):
             self.data_collator = reference_cache.PerTokenReferenceCollator(
                 self.data_collator, columns=self._stored_columns, output_key=self._stored_batch_key
             )
+
+    def create_accelerator_and_postprocess(self) -> None:
+        """transformers' accelerator, refused if it is not the engine or process count the launch asked for."""
+        super().create_accelerator_and_postprocess()
+        check_engine(self.accelerator)
 
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
         """TRL's `train`; `resume_from_checkpoint=True` resumes from the last *complete* checkpoint.
@@ -270,8 +277,14 @@ class SelectiveDPOTrainer(DPOTrainer):
             loss = loss + self.router_aux_loss_coef * outputs.aux_loss
             self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(outputs.aux_loss).mean().item())
 
-        self._log_trl_metrics(mode, inputs, outputs, policy_logps.detach(), shift_mask, chosen_rewards, rejected_rewards)
-        self._log_selection_metrics(mode, result, *shift_mask.chunk(2, dim=0))
+        if mode == "train":
+            self._total_train_tokens += self.accelerator.gather_for_metrics(inputs["attention_mask"].sum()).sum().item() // self._tp_size
+        self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
+        self._log(mode, dpo_metrics(
+            self.accelerator, outputs=outputs, per_token_logps=policy_logps.detach(), shift_mask=shift_mask,
+            chosen_rewards=chosen_rewards, rejected_rewards=rejected_rewards,
+        ))  # fmt: skip
+        self._log(mode, selection_metrics(self.accelerator, result, *shift_mask.chunk(2, dim=0)))
 
         if return_outputs:
             # Mirrors TRL (deprecated there): logits for `compute_metrics` need a plain forward.
@@ -291,23 +304,33 @@ class SelectiveDPOTrainer(DPOTrainer):
     def _check_finite_scores(self, result: SelectiveLossOutput, chosen_mask, rejected_mask) -> None:
         """Raise if a score that selection ranked is NaN or inf: the top share of NaN is arbitrary tokens.
 
-        One device sync per step; the offending row is looked up only on failure.
+        Every process learns whether any process found one (one small all-reduce per step), so all of
+        them stop with the same message rather than waiting for the failed one in the next collective.
+        The offending row is looked up only on failure.
         """
         sides = (("chosen", result.chosen_scores, chosen_mask), ("rejected", result.rejected_scores, rejected_mask))
         bad = [~torch.isfinite(scores) & mask for _, scores, mask in sides]  # (B, T) each
-        if not torch.stack([b.any() for b in bad]).any():
+        found = torch.stack([b.any() for b in bad]).any().to(torch.int32).reshape(1)
+        if self.accelerator.num_processes > 1:
+            found = self.accelerator.reduce(found, reduction="sum")
+        if not found.item():
             return
-        where = (
-            f"training step {self.state.global_step + 1}" if self.model.training
-            else f"evaluation after step {self.state.global_step}"
-        )  # fmt: skip
-        (side, scores, _), side_bad = next((side, b) for side, b in zip(sides, bad) if b.any())
-        row, token = (int(i) for i in side_bad.nonzero()[0])
-        raise ValueError(
-            f"{self._score_description} are not finite at {where}: {side} response, row {row} of the batch, "
-            f"position {token} is {scores[row, token].item()}. Selecting tokens by them would keep arbitrary "
-            f"tokens, so training stops. {self._score_remedy}"
-        )
+        message = None
+        if any(b.any() for b in bad):
+            where = (
+                f"training step {self.state.global_step + 1}" if self.model.training
+                else f"evaluation after step {self.state.global_step}"
+            )  # fmt: skip
+            (side, scores, _), side_bad = next((side, b) for side, b in zip(sides, bad) if b.any())
+            row, token = (int(i) for i in side_bad.nonzero()[0])
+            message = (
+                f"{self._score_description} are not finite at {where}: {side} response, row {row} of the batch, "
+                f"position {token} is {scores[row, token].item()}"
+            )
+        messages = gather_object([message]) if self.accelerator.num_processes > 1 else [message]
+        process, message = next((i, m) for i, m in enumerate(messages) if m is not None)
+        on = f" on process {process}" if self.accelerator.num_processes > 1 else ""
+        raise ValueError(f"{message}{on}. Selecting tokens by them would keep arbitrary tokens, so training stops. {self._score_remedy}")
 
     def _sdpo_step(self, inputs, policy_logps, shift_mask, model_kwargs, labels):
         """Selective-DPO on one batch; TRL's reward metrics use DPO's full-response rewards."""
@@ -394,24 +417,28 @@ class SelectiveDPOTrainer(DPOTrainer):
                 "precompute_ref_log_probs=True needs a map-style Dataset (its rows are scored and stored); got an "
                 "IterableDataset. Materialize it, or set precompute_ref_log_probs=False."
             )
+        # Every process must use one entry: under ZeRO-3 a module's hash differs per process (each holds a shard).
+        components = [self._stored_value_components(dataset)]
+        if self.accelerator.num_processes > 1:
+            broadcast_object_list(components, from_process=0)
         store = reference_cache.ReferenceLogpsStore(
             self.args.ref_logps_cache_dir or cache_dir() / "ref_logps",
-            self._stored_value_components(dataset),
+            components[0],
             n_rows=len(dataset),
             shard_size=REFERENCE_SHARD_ROWS,
             columns=self._stored_columns,
         )
-        missing = store.missing_shards()
+        missing = reference_scoring.agreed_missing_shards(store, self.accelerator)
         if missing:
             scorer = self._load_scorer()
-            reference_cache.score_missing_shards(
+            reference_scoring.score_missing_shards(
                 store,
                 dataset,
                 missing=missing,
                 score_rows=scorer,
                 batch_size=batch_size,
-                rank=self.accelerator.process_index,
-                world_size=self.accelerator.num_processes,
+                accelerator=self.accelerator,
+                description=self._stored_description,
                 progress=lambda total: progress_bar(total=total, desc=f"Scoring {self._stored_description} ({name})", unit="pair"),
             )  # fmt: skip
             del scorer  # frees any model loaded only for scoring
@@ -429,39 +456,27 @@ class SelectiveDPOTrainer(DPOTrainer):
         if self._ref_path is not None:
             reference = self._files_identity(self._ref_path)
             dtype = str(_reference_init_kwargs(self.args, self.model).get("dtype", "float32"))
+        elif self._policy_path is not None:  # the initial policy, identified by its files as any other model
+            reference = self._files_identity(self._policy_path)
+            dtype = str(_reference_init_kwargs(self.args, self._policy_path).get("dtype", "float32"))
         else:
-            # TRL hashed the reference's weights (or the initial policy's) before anything could change them.
+            # A policy passed as a module: TRL hashed its weights before anything could change them.
             reference = "weights:" + self._precompute_model_hash
             dtype = str((self.ref_model or self.model).dtype)
         components = {**self._token_components(dataset), "reference": reference, "dtype": dtype.removeprefix("torch.")}
         return {**components, **self._mapping_components(self._ref_path)}
 
     def _mapping_components(self, other_path: str | None) -> dict:
-        """Key parts for values moved across tokenizers: the rule's version and the other tokenizer."""
-        if not self.args.map_across_tokenizers:
-            return {}
-        other = AutoTokenizer.from_pretrained(other_path, trust_remote_code=self.args.trust_remote_code)
-        return {"mapping": "char-offsets-v1", "other_tokenizer": reference_cache.tokenizer_hash(other)}
+        return reference_scoring.mapping_components(
+            other_path, enabled=self.args.map_across_tokenizers, trust_remote_code=self.args.trust_remote_code
+        )
 
     def _token_components(self, dataset) -> dict:
-        """The parts of a cache key that fix which tokens are scored and how."""
-        return {
-            "tokens": reference_cache.token_content_hash(dataset),
-            "tokenizer": reference_cache.tokenizer_hash(self._tokenizer),
-            "max_length": self.args.max_length,
-            "truncation_mode": self.args.truncation_mode,
-            "autocast": "bf16" if self.args.bf16 else "fp16" if self.args.fp16 else "none",
-        }
+        return reference_scoring.token_components(dataset, tokenizer=self._tokenizer, args=self.args)
 
     @staticmethod
     def _files_identity(name_or_path: str) -> str:
-        """A model's identity by the content of its weight files (a hub id by the files it resolves to)."""
-        path = Path(name_or_path)
-        if not path.is_dir():
-            from huggingface_hub import snapshot_download
-
-            path = Path(snapshot_download(name_or_path, allow_patterns=["*.json", "*.safetensors", "*.bin"]))
-        return "files:" + reference_cache.files_weights_hash(path, memo_path=cache_dir() / "file_hashes.json")
+        return reference_scoring.files_identity(name_or_path, memo_path=file_digest_memo())
 
     @property
     def _policy_collator(self):
@@ -469,151 +484,90 @@ class SelectiveDPOTrainer(DPOTrainer):
         return getattr(self.data_collator, "inner", self.data_collator)
 
     def _load_scorer(self) -> reference_cache.RowScorer:
-        """`rows -> per-token reference log-probs`, loading `ref_model_name_or_path` for scoring only."""
-        reference = self._load_frozen(self._ref_path) if self._ref_path is not None else None
+        """`rows -> per-token reference log-probs`, with the reference loaded (and engine-prepared) for scoring only."""
         if self.args.map_across_tokenizers:
-            if reference is None:
+            if self._ref_path is None:
                 raise ValueError("map_across_tokenizers=True needs ref_model_name_or_path: the reference to map from.")
-            return self._cross_tokenizer_scorer(self._ref_path, lambda forward: forward(reference))
+            reference = self._load_frozen(self._ref_path)
+            return self._cross_tokenizer_scorer(self._ref_path, lambda sequences: self._sequence_logps(reference, sequences))
+        reference = self._load_frozen(self._ref_path) if self._ref_path is not None else self._initial_policy_for_scoring()
         return reference_cache.collated_scorer(self._policy_collator, functools.partial(self._score_reference_batch, reference))
 
-    def _cross_tokenizer_scorer(self, tokenizer_path: str, values_of: Callable) -> reference_cache.RowScorer:
-        """Score rows in another tokenizer's tokens and move the values onto the policy's tokens.
+    def inference_model(self):
+        """The policy, ready for no-grad forwards (held-out evaluation) under the run's engine.
 
-        `values_of(forward)` returns the per-token values of the other tokenization, where
-        `forward(model)` gives one model's completion log-probs (a list of arrays, one per sequence).
+        After training has prepared it, the engine's model. Before that: under DeepSpeed an inference
+        engine over the policy (ZeRO-3 loaded its weights sharded), under FSDP the policy sharded in
+        place, otherwise the policy itself.
         """
-        from trl.data_utils import _tokenize, common_prefix_length
+        from torch.distributed.tensor import DTensor
+        from trl.models.utils import prepare_deepspeed, prepare_fsdp
 
-        from .alignment import completion_offsets, map_completion_values
+        if self.is_deepspeed_enabled:
+            if self.deepspeed is not None:  # the training engine
+                return self.model_wrapped
+            if self._precompute_engine is None:
+                self._precompute_engine = prepare_deepspeed(self.model, self.accelerator)
+            return self._precompute_engine
+        if self.is_fsdp_enabled and not any(isinstance(p, DTensor) for p in self.model.parameters()):
+            self.model = prepare_fsdp(self.model, self.accelerator)
+        return self.model
 
-        other = AutoTokenizer.from_pretrained(tokenizer_path, trust_remote_code=self.args.trust_remote_code)
+    def _initial_policy_for_scoring(self):
+        """The policy before training, ready for no-grad forwards under the run's engine.
 
-        def score_rows(rows: list[dict]) -> tuple[list[np.ndarray], list[np.ndarray]]:
-            counts = self._policy_collator(rows)["completion_mask"][:, 1:].sum(dim=1).tolist()  # scored per row
-            sequences, contents, policy_ids = [], [], []
-            for side in ("chosen", "rejected"):
-                for row in rows:
-                    if not isinstance(row[side], list):
-                        raise ValueError("map_across_tokenizers=True needs conversational data (lists of messages).")
-                    prompt_ids = _tokenize(other, row["prompt"], add_generation_prompt=True)["input_ids"]
-                    full_ids = _tokenize(other, row["prompt"] + row[side])["input_ids"]
-                    sequences.append((full_ids, common_prefix_length(prompt_ids, full_ids)))
-                    contents.append(row[side][-1]["content"])
-                    policy_ids.append(row[f"{side}_ids"])
-            values = values_of(lambda model: self._completion_logps(model, sequences))
-            mapped = []
-            for (full_ids, start), content, ids, n, value in zip(sequences, contents, policy_ids, counts, values):
-                moved = map_completion_values(
-                    completion_offsets(other, full_ids[start:]), value, completion_offsets(self._tokenizer, ids), content
+        DeepSpeed: an inference engine over the policy itself, built once and reused (as TRL does).
+        FSDP: a frozen copy loaded from the policy's files and sharded; the policy is sharded only when
+        training starts, and a forward on it before then would run unsharded weights on every process.
+        Otherwise the policy itself.
+        """
+        from trl.models.utils import prepare_deepspeed
+
+        if self.is_deepspeed_enabled:
+            if self._precompute_engine is None:
+                self._precompute_engine = prepare_deepspeed(self.model, self.accelerator)
+            return self._precompute_engine
+        if self.is_fsdp_enabled:
+            if self._policy_path is None:
+                raise ValueError(
+                    "Under FSDP, scoring the initial policy as the reference (precompute_ref_log_probs=True with no "
+                    "ref_model_name_or_path) needs the policy as a path or hub id, so a frozen copy can be loaded and "
+                    "sharded. Pass `model` as a path, or set ref_model_name_or_path to the policy's checkpoint."
                 )
-                # The collator keeps the first completion tokens (keep_start) or the last ones (keep_end).
-                mapped.append(moved[:n] if self.args.truncation_mode == "keep_start" else moved[len(moved) - n :])
-            return mapped[: len(rows)], mapped[len(rows) :]
+            return self._load_frozen(self._policy_path)
+        return self.model
 
-        return score_rows
+    def _cross_tokenizer_scorer(self, tokenizer_path: str, values_of: Callable) -> reference_cache.RowScorer:
+        """Rows scored in the tokens of the model at `tokenizer_path`, the values moved onto the policy's."""
+        return reference_scoring.cross_tokenizer_scorer(
+            policy_tokenizer=self._tokenizer,
+            other_tokenizer=AutoTokenizer.from_pretrained(tokenizer_path, trust_remote_code=self.args.trust_remote_code),
+            policy_collator=self._policy_collator,
+            truncation_mode=self.args.truncation_mode,
+            values_of=values_of,
+        )
 
-    @torch.no_grad()
-    def _completion_logps(self, model, sequences: list[tuple[list[int], int]]) -> list[np.ndarray]:
-        """Per-token log-probs of each sequence's completion (tokens from `start` on) under `model`."""
-        length = max(len(ids) for ids, _ in sequences)
-        input_ids = torch.zeros(len(sequences), length, dtype=torch.long)
-        attention_mask = torch.zeros_like(input_ids)
-        labels = torch.full_like(input_ids, -100)
-        for i, (ids, start) in enumerate(sequences):
-            input_ids[i, : len(ids)] = torch.tensor(ids)
-            attention_mask[i, : len(ids)] = 1
-            labels[i, start : len(ids)] = torch.tensor(ids[start:])
-        device = self.accelerator.device
-        with self.compute_loss_context_manager(), compact_lm_head():
-            log_probs = model(
-                input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), labels=labels.to(device),
-                fused_lm_head=True, use_cache=False,
-            ).log_probs.float().cpu()  # fmt: skip
-        return [log_probs[i, start - 1 : len(ids) - 1].numpy() for i, (ids, start) in enumerate(sequences)]
+    def _sequence_logps(self, model, sequences: list[tuple[list[int], int]]) -> list[np.ndarray]:
+        return reference_scoring.sequence_completion_logps(
+            model, sequences, device=self.accelerator.device, context=self.compute_loss_context_manager
+        )
 
     def _load_frozen(self, path: str):
-        """A frozen model from `path`, on this process's device, with TRL's fused LM head."""
-        model = create_model_from_path(path, **_reference_init_kwargs(self.args, self.model))
-        model.to(self.accelerator.device).eval()
-        if self.args.disable_dropout:
-            disable_dropout_in_model(model)
-        add_fused_lm_head(model)
-        return model
+        """A frozen model from `path`, with TRL's fused LM head, prepared for the run's engine."""
+        return reference_scoring.load_frozen(
+            path, accelerator=self.accelerator, init_kwargs=_reference_init_kwargs(self.args, self.model),
+            disable_dropout=self.args.disable_dropout,
+        )  # fmt: skip
 
-    @torch.no_grad()
     def _score_reference_batch(self, reference, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """`(log_probs, completion_mask)`, both `(2B, T-1)`, of one collated batch under the reference."""
-        batch = self._prepare_inputs(batch)
-        model_kwargs = {k: v for k, v in batch.items() if k not in _NON_MODEL_KEYS}
-        model_kwargs["use_cache"] = False
-        labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
-        shift_mask = batch["completion_mask"][:, 1:].bool()
-        # Autocast as in training, where the reference runs inside the Trainer's loss context.
-        with self.compute_loss_context_manager():
-            log_probs = self._reference_forward(model_kwargs, labels, reference=reference)
-        return log_probs[:, -shift_mask.size(1) :], shift_mask
-
-    def _log_trl_metrics(self, mode, inputs, outputs, per_token_logps, shift_mask, chosen_rewards, rejected_rewards):
-        """Log what TRL's DPOTrainer logs, under the same names.
-
-        Selective-DPO passes DPO's rewards over every response token, so curves compare with a plain
-        DPO run; the selective loss's own margin is `selection/rewards_margin_kept`, which reads low
-        by design (selection picks the tokens where the policy is furthest behind on chosen and
-        ahead on rejected). SePO passes its `u(y)`, as SimPO-style trainers do.
-        """
-        gather_sum = lambda t: self.accelerator.gather_for_metrics(t).sum()  # noqa: E731
-        seq_len = shift_mask.size(1)
-        chosen_mask, rejected_mask = shift_mask.chunk(2, dim=0)
-
-        tokens = gather_sum(shift_mask.sum())
-        entropy = gather_sum((outputs.entropy[:, -seq_len:].detach() * shift_mask).sum())
-        self._metrics[mode]["entropy"].append((entropy / tokens).item() if tokens > 0 else 0.0)
-
-        if mode == "train":
-            self._total_train_tokens += gather_sum(inputs["attention_mask"].sum()).item() // self._tp_size
-        self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
-
-        chosen_logits, rejected_logits = outputs.mean_logits[:, -seq_len:].chunk(2, dim=0)
-        for side, logits, mask in (("chosen", chosen_logits, chosen_mask), ("rejected", rejected_logits, rejected_mask)):
-            total, count = gather_sum(logits[mask].sum()).item(), gather_sum(mask.sum()).item()
-            self._metrics[mode][f"logits/{side}"].append(total / count if count > 0 else 0.0)
-
-        chosen_top1 = outputs.is_top1[:, -seq_len:].chunk(2, dim=0)[0]
-        correct, count = gather_sum((chosen_top1 & chosen_mask).sum()), gather_sum(chosen_mask.sum())
-        self._metrics[mode]["mean_token_accuracy"].append((correct / count).item() if count > 0 else 0.0)
-
-        chosen_rewards = self.accelerator.gather(chosen_rewards)
-        rejected_rewards = self.accelerator.gather(rejected_rewards)
-        self._metrics[mode]["rewards/chosen"].append(chosen_rewards.mean().item())
-        self._metrics[mode]["rewards/rejected"].append(rejected_rewards.mean().item())
-        self._metrics[mode]["rewards/accuracies"].append((chosen_rewards > rejected_rewards).float().mean().item())
-        self._metrics[mode]["rewards/margins"].append((chosen_rewards - rejected_rewards).mean().item())
-        chosen_logps, rejected_logps = masked_sum(per_token_logps, shift_mask).chunk(2, dim=0)
-        self._metrics[mode]["logps/chosen"].append(self.accelerator.gather(chosen_logps).mean().item())
-        self._metrics[mode]["logps/rejected"].append(self.accelerator.gather(rejected_logps).mean().item())
-
-    def _log_selection_metrics(self, mode, result: SelectiveLossOutput, chosen_mask, rejected_mask) -> None:
-        """Share of completion tokens kept, mean score of kept and dropped tokens, and the loss's margin."""
-        gather_sum = lambda t: self.accelerator.gather_for_metrics(t).sum().item()  # noqa: E731
-        margins = self.accelerator.gather(result.chosen_rewards - result.rejected_rewards)
-        self._metrics[mode]["selection/rewards_margin_kept"].append(margins.mean().item())
-        sides = (
-            ("chosen", result.chosen_scores, result.chosen_keep, chosen_mask),
-            ("rejected", result.rejected_scores, result.rejected_keep, rejected_mask),
+        return reference_scoring.batch_logps(
+            reference, batch, prepare_inputs=self._prepare_inputs, context=self.compute_loss_context_manager
         )
-        for side, scores, keep, mask in sides:
-            dropped = mask & ~keep
-            n_tokens, n_kept, n_dropped = gather_sum(mask.sum()), gather_sum(keep.sum()), gather_sum(dropped.sum())
-            kept_score = gather_sum(masked_sum(scores, keep).sum())
-            dropped_score = gather_sum(masked_sum(scores, dropped).sum())
-            if n_tokens > 0:
-                self._metrics[mode][f"selection/kept_share_{side}"].append(n_kept / n_tokens)
-            # An empty set has no mean; logging 0 would read as a real score.
-            if n_kept > 0:
-                self._metrics[mode][f"selection/score_kept_{side}"].append(kept_score / n_kept)
-            if n_dropped > 0:
-                self._metrics[mode][f"selection/score_dropped_{side}"].append(dropped_score / n_dropped)
+
+    def _log(self, mode: str, logged: dict[str, float]) -> None:
+        for name, value in logged.items():
+            self._metrics[mode][name].append(value)
 
 
 class SePOTrainer(SelectiveDPOTrainer):
@@ -679,13 +633,15 @@ class SePOTrainer(SelectiveDPOTrainer):
         }
 
     def _load_scorer(self):
-        """`batch -> (token rewards, mask)`: the oracle and its reference, loaded for scoring only."""
+        """`rows -> token rewards`: the oracle and its reference, loaded (and engine-prepared) for scoring only."""
         oracle = self._load_frozen(self._oracle_paths["oracle_model_name_or_path"])
         oracle_ref = self._load_frozen(self._oracle_paths["oracle_ref_model_name_or_path"])
         if self.args.map_across_tokenizers:
             return self._cross_tokenizer_scorer(
                 self._oracle_paths["oracle_model_name_or_path"],
-                lambda forward: [a - b for a, b in zip(forward(oracle), forward(oracle_ref))],
+                lambda sequences: [
+                    a - b for a, b in zip(self._sequence_logps(oracle, sequences), self._sequence_logps(oracle_ref, sequences))
+                ],
             )
 
         def token_rewards(batch):

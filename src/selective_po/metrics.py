@@ -1,0 +1,88 @@
+"""What the trainers log each step: TRL's DPO metrics under TRL's names, and the selection's own.
+
+Data flow: per-token log-probs, selection mask and loss -> **logged metrics** (this module) -> the
+trainer's `_metrics`, which TRL averages over each logging window.
+
+Every function returns `{name: value}` for one step, with every count and sum gathered over the
+processes first (`gather_for_metrics` drops the duplicates of an uneven last batch), so each value is
+the same on every process and means the same with 1 or N of them.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from .losses import SelectiveLossOutput, masked_sum
+
+
+def dpo_metrics(
+    accelerator, *, outputs, per_token_logps: Tensor, shift_mask: Tensor, chosen_rewards: Tensor, rejected_rewards: Tensor
+) -> dict[str, float]:
+    """What TRL's DPOTrainer logs, under the same names.
+
+    Selective-DPO passes DPO's rewards over every response token, so curves compare with a plain
+    DPO run; the selective loss's own margin is `selection/rewards_margin_kept`, which reads low by
+    design (selection picks the tokens where the policy is furthest behind on chosen and ahead on
+    rejected). SePO passes its `u(y)`, as SimPO-style trainers do.
+
+    Args:
+        outputs: The policy's fused-LM-head outputs (`entropy`, `mean_logits`, `is_top1`), `(2B, T')`.
+        per_token_logps: Shape `(2B, T-1)`, the policy's log-probs, `[chosen; rejected]`.
+        shift_mask: Shape `(2B, T-1)`, bool, completion positions.
+        chosen_rewards, rejected_rewards: Shape `(B,)`.
+    """
+    gather_sum = lambda t: accelerator.gather_for_metrics(t).sum()  # noqa: E731
+    seq_len = shift_mask.size(1)
+    chosen_mask, _ = shift_mask.chunk(2, dim=0)
+    logged = {}
+
+    tokens = gather_sum(shift_mask.sum())
+    entropy = gather_sum((outputs.entropy[:, -seq_len:].detach() * shift_mask).sum())
+    logged["entropy"] = (entropy / tokens).item() if tokens > 0 else 0.0
+
+    chosen_logits, rejected_logits = outputs.mean_logits[:, -seq_len:].chunk(2, dim=0)
+    for side, logits, mask in zip(("chosen", "rejected"), (chosen_logits, rejected_logits), shift_mask.chunk(2, dim=0)):
+        total, count = gather_sum(logits[mask].sum()).item(), gather_sum(mask.sum()).item()
+        logged[f"logits/{side}"] = total / count if count > 0 else 0.0
+
+    chosen_top1 = outputs.is_top1[:, -seq_len:].chunk(2, dim=0)[0]
+    correct, count = gather_sum((chosen_top1 & chosen_mask).sum()), gather_sum(chosen_mask.sum())
+    logged["mean_token_accuracy"] = (correct / count).item() if count > 0 else 0.0
+
+    chosen_rewards, rejected_rewards = accelerator.gather(chosen_rewards), accelerator.gather(rejected_rewards)
+    logged["rewards/chosen"] = chosen_rewards.mean().item()
+    logged["rewards/rejected"] = rejected_rewards.mean().item()
+    logged["rewards/accuracies"] = (chosen_rewards > rejected_rewards).float().mean().item()
+    logged["rewards/margins"] = (chosen_rewards - rejected_rewards).mean().item()
+    chosen_logps, rejected_logps = masked_sum(per_token_logps, shift_mask).chunk(2, dim=0)
+    logged["logps/chosen"] = accelerator.gather(chosen_logps).mean().item()
+    logged["logps/rejected"] = accelerator.gather(rejected_logps).mean().item()
+    return logged
+
+
+def selection_metrics(accelerator, result: SelectiveLossOutput, chosen_mask: Tensor, rejected_mask: Tensor) -> dict[str, float]:
+    """Share of completion tokens kept, mean score of kept and dropped tokens, and the loss's own margin.
+
+    Args:
+        result: The selective loss's output (scores and keep masks `(B, T)`, rewards `(B,)`).
+        chosen_mask, rejected_mask: Shape `(B, T)`, bool, completion positions.
+    """
+    gather_sum = lambda t: accelerator.gather_for_metrics(t).sum().item()  # noqa: E731
+    logged = {"selection/rewards_margin_kept": accelerator.gather(result.chosen_rewards - result.rejected_rewards).mean().item()}
+    sides = (
+        ("chosen", result.chosen_scores, result.chosen_keep, chosen_mask),
+        ("rejected", result.rejected_scores, result.rejected_keep, rejected_mask),
+    )
+    for side, scores, keep, mask in sides:
+        dropped = mask & ~keep
+        n_tokens, n_kept, n_dropped = gather_sum(mask.sum()), gather_sum(keep.sum()), gather_sum(dropped.sum())
+        kept_score = gather_sum(masked_sum(scores, keep).sum())
+        dropped_score = gather_sum(masked_sum(scores, dropped).sum())
+        if n_tokens > 0:
+            logged[f"selection/kept_share_{side}"] = n_kept / n_tokens
+        # An empty set has no mean; logging 0 would read as a real score.
+        if n_kept > 0:
+            logged[f"selection/score_kept_{side}"] = kept_score / n_kept
+        if n_dropped > 0:
+            logged[f"selection/score_dropped_{side}"] = dropped_score / n_dropped
+    return logged
