@@ -1,19 +1,32 @@
-"""Step time and peak memory: TRL's DPOTrainer against SelectiveDPOTrainer, live and stored reference.
+"""Step time and peak memory of every training path, against TRL's DPOTrainer, in one process.
 
-    python benchmarks/step_time.py                      # bundled model and data, 4 pairs per step
-    python benchmarks/step_time.py --steps 20 --batch_size 8
+    python benchmarks/step_time.py                                  # bundled model and data, 4 pairs per step
+    python benchmarks/step_time.py --shape chat --output_json out.json
+    python benchmarks/step_time.py --methods sigmoid,sdpo-shared --profile sdpo-shared
 
-Methods: `sigmoid` (TRL's DPO, live reference), `sdpo` (Selective-DPO, live reference) and
-`sdpo-stored` (Selective-DPO reading per-token reference log-probs scored once beforehand, with no
-reference model in memory). All trainers are built in one process on the same model and data, and
-their steps alternate (sigmoid, sdpo, sdpo-stored, sigmoid, ...) on the same rows, so drift in
-machine load hits all alike. A step is what `Trainer` does per optimizer step: forward and backward through
-`training_step`, then the optimizer step.
+Rows (`--methods` picks some):
 
-Peak memory: on CUDA, `max_memory_allocated` around each method's steps in this process. On a CPU
-there is no per-allocation counter, and one process's resident set mixes all methods, so each
-method also runs alone in a fresh subprocess (3 steps) and its peak resident set size (`VmHWM`) is
-reported: model, reference, optimizer state and activations together.
+| row | what it runs |
+| --- | --- |
+| `sigmoid` | TRL's own `DPOTrainer`, live reference (the baseline every ratio is against) |
+| `full-logits-dpo` | DPO computed as the official Selective-DPO code and TRL before its fused head do: full logits at every position, then log-softmax and gather, for the policy and a live reference |
+| `sdpo` | Selective-DPO, live reference, each pair as two rows |
+| `sdpo-shared` | Selective-DPO, live reference, each pair as one row with its prompt once (`share_prompt`) |
+| `sdpo-stored` | Selective-DPO reading per-token reference log-probs stored beforehand, two rows |
+| `sdpo-stored-shared` | the same, prompt once |
+| `sepo-stored` | SePO from stored oracle rewards, prompt once, LM head on the selected tokens only |
+
+All trainers are built in one process on the same model and rows, and their steps alternate
+(one step of each row in turn), so drift in machine load hits all alike. A step is what `Trainer`
+does per optimizer step: forward and backward through `training_step`, then the optimizer step.
+`--shape chat` makes the responses about 3x longer (the prompt about 20% of each row instead of
+about 43%), as in chat preference data.
+
+Peak memory: on CUDA, `max_memory_allocated` around each row's steps. On a CPU there is no
+per-allocation counter and one process's resident set mixes all rows, so each row also runs alone
+in a fresh subprocess (3 steps) and its peak resident set (`VmHWM`) is reported.
+
+`--profile ROW` prints a `torch.profiler` table of the top operators over 3 steps of that row.
 """
 
 from __future__ import annotations
@@ -26,34 +39,67 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from trl import DPOConfig, DPOTrainer
 
-from selective_po import SelectiveDPOConfig, SelectiveDPOTrainer, load_preference_dataset
+from selective_po import SelectiveDPOConfig, SelectiveDPOTrainer, SePOConfig, SePOTrainer, load_preference_dataset
 from selective_po.models import DEFAULT_MODEL, resolve_model_path
+from selective_po.packing import prompt_token_share
 
-METHODS = ("sigmoid", "sdpo", "sdpo-stored")
+METHODS = ("sigmoid", "full-logits-dpo", "sdpo", "sdpo-shared", "sdpo-stored", "sdpo-stored-shared", "sepo-stored")
 
 
-def build_trainer(method: str, model, tokenizer, dataset, opts, output_dir: str):
+class FullLogitsDPOTrainer(DPOTrainer):
+    """DPO as the official Selective-DPO code (a TRL 0.20 fork) computes it: full `(B, T, V)` logits for every
+    position of policy and reference, log-softmax, gather, masked sums, sigmoid loss."""
+
+    def _compute_loss(self, model, inputs, return_outputs):
+        mask = inputs["completion_mask"][:, 1:].bool()
+        targets = inputs["input_ids"][:, 1:].unsqueeze(-1)
+
+        def sequence_logps(m):
+            logits = m(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False).logits
+            return (logits[:, :-1].float().log_softmax(-1).gather(-1, targets).squeeze(-1) * mask).sum(-1)
+
+        policy = sequence_logps(model)
+        with torch.no_grad():
+            reference = sequence_logps(self.ref_model)
+        chosen, rejected = (policy - reference).chunk(2)
+        return -F.logsigmoid(self.beta * (chosen - rejected)).mean()
+
+
+def build_trainer(method: str, model, tokenizer, dataset, opts, output_dir: str, oracle_dirs: dict):
     common = dict(
-        output_dir=output_dir,
-        per_device_train_batch_size=opts.batch_size,
-        max_length=opts.max_length,
-        learning_rate=1e-6,
-        report_to="none",
-        save_strategy="no",
-        bf16=torch.cuda.is_available(),
-        seed=opts.seed,
-    )
-    if method == "sigmoid":
-        return DPOTrainer(model=model, args=DPOConfig(loss_type="sigmoid", **common), train_dataset=dataset, processing_class=tokenizer)
-    stored = dict(precompute_ref_log_probs=True, ref_logps_cache_dir=f"{output_dir}/cache") if method == "sdpo-stored" else {}
-    args = SelectiveDPOConfig(loss_type="sdpo", sdpo_threshold=opts.threshold, **stored, **common)
+        output_dir=output_dir, per_device_train_batch_size=opts.batch_size, max_length=opts.max_length,
+        learning_rate=1e-6, report_to="none", save_strategy="no", bf16=torch.cuda.is_available(), seed=opts.seed,
+    )  # fmt: skip
+    if method in ("sigmoid", "full-logits-dpo"):
+        trainer_class = DPOTrainer if method == "sigmoid" else FullLogitsDPOTrainer
+        return trainer_class(model=model, args=DPOConfig(loss_type="sigmoid", **common), train_dataset=dataset, processing_class=tokenizer)
+    selective = dict(plot_curves=False, ref_logps_cache_dir=f"{output_dir}/cache", share_prompt="shared" in method)
+    if method == "sepo-stored":
+        args = SePOConfig(
+            oracle_model_name_or_path=oracle_dirs["oracle"], oracle_ref_model_name_or_path=oracle_dirs["oracle_ref"],
+            share_prompt=True, plot_curves=False, ref_logps_cache_dir=f"{output_dir}/cache", **common,
+        )  # fmt: skip
+        return SePOTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
+    stored = {"precompute_ref_log_probs": True} if "stored" in method else {}
+    args = SelectiveDPOConfig(loss_type="sdpo", sdpo_threshold=opts.threshold, **selective, **stored, **common)
     return SelectiveDPOTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
+
+
+def chat_shape(dataset):
+    """Responses three times as long (the explanation repeated), as in chat data where the prompt is a small share."""
+
+    def lengthen(row):
+        return {side: [{**m, "content": " ".join([m["content"]] * 3)} for m in row[side]] for side in ("chosen", "rejected")}
+
+    return dataset.map(lengthen)
 
 
 def load(opts):
@@ -65,7 +111,23 @@ def load(opts):
     tokenizer = AutoTokenizer.from_pretrained(path)
     needed = (opts.warmup + opts.steps) * opts.batch_size
     data = load_preference_dataset(opts.dataset, split="train")
-    return model, tokenizer, data.select(range(min(needed, len(data))))
+    data = data.select(range(min(needed, len(data))))
+    return model, tokenizer, chat_shape(data) if opts.shape == "chat" else data
+
+
+def oracles(model, tokenizer, tmpdir: str) -> dict:
+    """A SePO oracle pair: the model and a copy with a little noise, so rewards differ and 30% are really selected."""
+    paths = {"oracle_ref": f"{tmpdir}/oracle_ref", "oracle": f"{tmpdir}/oracle"}
+    model.save_pretrained(paths["oracle_ref"])
+    for path in paths.values():
+        tokenizer.save_pretrained(path)
+    noisy = copy.deepcopy(model)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for param in noisy.parameters():
+            param.add_(torch.randn(param.shape, generator=generator).to(param.dtype) * 1e-3)
+    noisy.save_pretrained(paths["oracle"])
+    return paths
 
 
 def fixed_batches(trainer, opts):
@@ -89,17 +151,25 @@ def timed_step(trainer, optimizer, batch) -> float:
     return time.perf_counter() - start
 
 
-def run(opts, methods, tmpdir):
+def build_all(opts, methods, tmpdir):
     model, tokenizer, data = load(opts)
-    trainers = {m: build_trainer(m, copy.deepcopy(model), tokenizer, data, opts, f"{tmpdir}/{m}") for m in methods}
-    del model
+    oracle_dirs = oracles(model, tokenizer, tmpdir) if "sepo-stored" in methods else {}
+    trainers = {m: build_trainer(m, copy.deepcopy(model), tokenizer, data, opts, f"{tmpdir}/{m}", oracle_dirs) for m in methods}
     optimizers = {}
-    for method, trainer in trainers.items():
+    for trainer in trainers.values():
         trainer.model.train()
         trainer.current_gradient_accumulation_steps = 1  # set by Trainer's loop, which is bypassed here
+    for method, trainer in trainers.items():
         optimizers[method] = trainer.create_optimizer()
+    return trainers, optimizers
+
+
+def run(opts, methods, tmpdir):
+    trainers, optimizers = build_all(opts, methods, tmpdir)
     batches = {m: fixed_batches(trainers[m], opts) for m in methods}
-    tokens = [int(b["attention_mask"].sum()) for b in batches[methods[0]]]
+    first = batches[methods[0]]
+    tokens = [int(b["attention_mask"].sum()) for b in first]
+    share = statistics.mean(prompt_token_share(b) for b in first)
     times = {m: [] for m in methods}
     peaks = {m: 0 for m in methods}
     for i in range(len(tokens)):
@@ -111,45 +181,28 @@ def run(opts, methods, tmpdir):
                 peaks[method] = max(peaks[method], torch.cuda.max_memory_allocated())
             if i >= opts.warmup:
                 times[method].append(elapsed)
-            print(f"step {i:>3} {method:>12}: {elapsed:6.2f} s  ({tokens[i]} tokens)", file=sys.stderr, flush=True)
-    return times, peaks, tokens
+            print(f"step {i:>3} {method:>18}: {elapsed:6.2f} s  ({tokens[i]} tokens)", file=sys.stderr, flush=True)
+    return times, peaks, tokens, share
 
 
-@torch.no_grad()
-def scoring_throughput(opts, tmpdir) -> tuple[float, float, int]:
-    """(scoring tokens/s, forward-only tokens/s, tokens) of the initial policy as reference, same rows."""
-    from selective_po import reference_cache
-    from selective_po.trainer import REFERENCE_SHARD_ROWS
+def profile(opts, method, tmpdir) -> None:
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
 
-    model, tokenizer, data = load(opts)
-    trainer = build_trainer("sdpo", model, tokenizer, data, opts, f"{tmpdir}/scoring")
-    trainer.model.eval()
-    rows = trainer.train_dataset
-    store = reference_cache.ReferenceLogpsStore(f"{tmpdir}/scoring-cache", {"benchmark": 1}, n_rows=len(rows), shard_size=REFERENCE_SHARD_ROWS)
-    batch_size = opts.scoring_batch_size
-    start = time.perf_counter()
-    forward = lambda batch: trainer._score_reference_batch(trainer.model, batch)  # noqa: E731
-    score_rows = reference_cache.collated_scorer(trainer.data_collator, forward)
-    reference_cache.score_missing_shards(store, rows, score_rows=score_rows, batch_size=batch_size)
-    scoring = time.perf_counter() - start
-
-    batches = [trainer.data_collator([rows[j] for j in range(i, min(i + batch_size, len(rows)))]) for i in range(0, len(rows), batch_size)]
-    n_tokens = sum(int(b["attention_mask"].sum()) for b in batches)
-    start = time.perf_counter()
-    for batch in batches:
-        batch = trainer._prepare_inputs(batch)
-        labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
-        trainer.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels, fused_lm_head=True, use_cache=False)
-    forward = time.perf_counter() - start
-    return n_tokens / scoring, n_tokens / forward, n_tokens
+    trainers, optimizers = build_all(opts, (method,), tmpdir)
+    batches = fixed_batches(trainers[method], opts)
+    timed_step(trainers[method], optimizers[method], batches[0])  # warm-up
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with torch_profile(activities=activities) as prof:
+        for batch in batches[1:4]:
+            timed_step(trainers[method], optimizers[method], batch)
+    key = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+    print(f"\nTop operators over 3 steps of {method} (by self time):")
+    print(prof.key_averages().table(sort_by=key, row_limit=15))
 
 
 def peak_rss_kib() -> int:
-    """This process's peak resident set size, in KiB.
-
-    Linux keeps `ru_maxrss` across `exec`, so a child started from a large parent would report the
-    parent's size; `VmHWM` belongs to the process's own address space and starts afresh.
-    """
+    """This process's peak resident set size, in KiB (`VmHWM`: its own address space, not a parent's)."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
             if line.startswith("VmHWM:"):
@@ -162,12 +215,9 @@ def peak_rss_kib() -> int:
 def peak_rss_alone(method: str, opts) -> float:
     """Peak resident set size (GiB) of a fresh process that runs only `method`."""
     command = [sys.executable, __file__, "--only", method, "--steps", str(min(opts.steps, 3)), "--warmup", "1"]
-    command += ["--model", opts.model, "--dataset", opts.dataset, "--batch_size", str(opts.batch_size)]
+    command += ["--model", opts.model, "--dataset", opts.dataset, "--batch_size", str(opts.batch_size), "--shape", opts.shape]
     command += ["--max_length", str(opts.max_length), "--threshold", str(opts.threshold)]
-    env = {**os.environ, "TQDM_DISABLE": "1"}
-    if opts.malloc_mmap_threshold:
-        env["MALLOC_MMAP_THRESHOLD_"] = str(opts.malloc_mmap_threshold)
-    result = subprocess.run(command, capture_output=True, text=True, env=env)
+    result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
     if result.returncode != 0:
         raise RuntimeError(f"memory run of {method} failed:\n{result.stderr[-3000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])["peak_rss_gib"]
@@ -177,51 +227,58 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--dataset", default="arithmetic")
-    parser.add_argument("--steps", type=int, default=10, help="timed steps per method")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per method first")
+    parser.add_argument("--shape", choices=("arithmetic", "chat"), default="arithmetic", help="`chat`: 3x longer responses")
+    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated rows; sigmoid is always run")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per row")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per row first")
     parser.add_argument("--batch_size", type=int, default=4, help="pairs per step")
-    parser.add_argument("--max_length", type=int, default=512)
+    parser.add_argument("--max_length", type=int, default=1024)
     parser.add_argument("--threshold", type=float, default=0.6)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--scoring_batch_size", type=int, default=8, help="pairs per forward when scoring")
-    parser.add_argument(
-        "--malloc_mmap_threshold", type=int, default=0,
-        help="for the CPU memory runs only: fix glibc's mmap threshold (e.g. 65536) so freed blocks go back to the "
-        "OS and the resident set follows live memory; 0 keeps glibc's defaults",
-    )  # fmt: skip
+    parser.add_argument("--profile", help="also print a torch.profiler table of this row")
+    parser.add_argument("--output_json", help="write the figures here")
     parser.add_argument("--only", choices=METHODS, help=argparse.SUPPRESS)
     opts = parser.parse_args()
     torch.manual_seed(opts.seed)
-
-    import tempfile
+    methods = tuple(dict.fromkeys(["sigmoid", *opts.methods.split(",")]))
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        parser.error(f"unknown rows {unknown}; choose from {', '.join(METHODS)}")
 
     with tempfile.TemporaryDirectory() as tmpdir:
         if opts.only:  # child process of the CPU memory measurement
             run(opts, (opts.only,), tmpdir)
             print(json.dumps({"peak_rss_gib": peak_rss_kib() / 2**20}))
             return
-        times, peaks, tokens = run(opts, METHODS, tmpdir)
-        scoring_tps, forward_tps, scored_tokens = scoring_throughput(opts, tmpdir)
+        times, peaks, tokens, share = run(opts, methods, tmpdir)
+        if opts.profile:
+            profile(opts, opts.profile, tmpdir)
 
     device = "cuda: " + torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({torch.get_num_threads()} threads)"
-    if not torch.cuda.is_available():
-        peaks = {m: peak_rss_alone(m, opts) * 2**30 for m in METHODS}
-        memory_label = "peak RSS alone (GiB)"
-        if opts.malloc_mmap_threshold:
-            memory_label = f"peak RSS, mmap>={opts.malloc_mmap_threshold}"
-    else:
+    if torch.cuda.is_available():
         memory_label = "peak allocated (GiB)"
-    median = {m: statistics.median(times[m]) for m in METHODS}
-    print(f"\n{opts.model} on {device}; {opts.batch_size} pairs/step, median {statistics.median(tokens)} tokens/step; "
-          f"{opts.steps} timed steps per method after {opts.warmup} warm-up, alternating")
-    print(f"{'method':<14}{'median step (s)':>16}{'min':>8}{'max':>8}{memory_label:>23}   vs sigmoid")
-    for m in METHODS:
+    else:
+        peaks = {m: peak_rss_alone(m, opts) * 2**30 for m in methods}
+        memory_label = "peak RSS alone (GiB)"
+    median = {m: statistics.median(times[m]) for m in methods}
+    print(f"\n{opts.model} on {device}; shape {opts.shape}: {opts.batch_size} pairs/step, median {statistics.median(tokens)} "
+          f"tokens/step, prompt {share:.0%} of each row's tokens; {opts.steps} timed steps per row after {opts.warmup} "
+          "warm-up, alternating")  # fmt: skip
+    print(f"{'row':<20}{'median step (s)':>16}{'min':>8}{'max':>8}{memory_label:>23}   vs sigmoid")
+    for m in methods:
         ratio = f"{median[m] / median['sigmoid']:.3f}x time, {(peaks[m] - peaks['sigmoid']) / 2**30:+.3f} GiB"
-        print(f"{m:<14}{median[m]:>16.3f}{min(times[m]):>8.3f}{max(times[m]):>8.3f}{peaks[m] / 2**30:>23.3f}   {ratio}")
-    weights = sum(p.numel() * p.element_size() for p in load(opts)[0].parameters())
-    print(f"reference weights: {weights / 2**30:.3f} GiB")
-    print(f"scoring ({scored_tokens} tokens, {opts.scoring_batch_size} pairs/forward): {scoring_tps:.0f} tokens/s; "
-          f"forward only, same batches: {forward_tps:.0f} tokens/s ({scoring_tps / forward_tps:.2f}x)")
+        print(f"{m:<20}{median[m]:>16.3f}{min(times[m]):>8.3f}{max(times[m]):>8.3f}{peaks[m] / 2**30:>23.3f}   {ratio}")
+    if opts.output_json:
+        result = {
+            "device": device, "torch": torch.__version__, "model": opts.model, "shape": opts.shape,
+            "pairs_per_step": opts.batch_size, "median_tokens_per_step": statistics.median(tokens), "prompt_share": share,
+            "timed_steps": opts.steps, "warmup_steps": opts.warmup, "memory": memory_label,
+            "methods": {m: {"median_step_s": median[m], "min_step_s": min(times[m]), "max_step_s": max(times[m]),
+                            "ratio_vs_sigmoid": median[m] / median["sigmoid"], "peak_memory_gib": peaks[m] / 2**30}
+                        for m in methods},
+        }  # fmt: skip
+        Path(opts.output_json).parent.mkdir(parents=True, exist_ok=True)
+        Path(opts.output_json).write_text(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":

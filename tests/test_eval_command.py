@@ -38,10 +38,14 @@ def test_eval_command_writes_every_measurement(tmp_path, tiny_model_dir):
     results = json.loads(out.read_text())
     assert results["pairs"] == 6
     assert results["reward_accuracy"] == 0.0 and results["mean_margin"] == 0.0  # the model is its own reference
-    for key in ("span_precision_chosen", "span_recall_rejected", "greedy_accuracy_arithmetic", "likelihood_accuracy"):
+    for key in ("span_top1_chosen", "span_recall_at_k_rejected", "greedy_accuracy_arithmetic", "likelihood_accuracy"):
         assert 0.0 <= results[key] <= 1.0, key
-    # policy == reference: every score ties, every token is kept, so recall is complete
-    assert results["span_recall_chosen"] == 1.0 and results["span_recall_rejected"] == 1.0
+    # policy == reference: every score ties, so every span measure is exactly what random scores give
+    for side in ("chosen", "rejected"):
+        assert results[f"span_auroc_{side}"] == 0.5
+        for name in ("span_top1", "span_recall_at_k"):
+            assert results[f"{name}_{side}"] == pytest.approx(results[f"{name}_{side}_random"]), (name, side)
+        assert results[f"span_recall_at_k_{side}_responses"] == 6
     assert np.isclose(results["greedy_accuracy_arithmetic"], 0.0)  # an untrained tiny model knows no arithmetic
     assert results["task_prompts"] == 6  # the pairs' own prompts, as the bundled data has no prompt file
 

@@ -88,3 +88,64 @@ def test_float_noise_around_equal_scores_is_a_tie():
     signal[:, :20] += 1e-4
     keep = select_tokens(signal, mask, keep_share=0.4)
     assert keep[:, :20].all() and not keep[:, 20:].any() and SCORE_TIE_TOLERANCE < 1e-4
+
+
+def reference_quantile_keep(scores, mask, quantile):
+    """The official code's count, row by row: `torch.quantile` over the real tokens, in float64."""
+    keep = torch.zeros_like(mask)
+    for i in range(scores.size(0)):
+        real = scores[i][mask[i]].double()
+        if real.numel():
+            keep[i] = mask[i] & (scores[i].double() >= torch.quantile(real, quantile))
+    return keep
+
+
+@pytest.mark.parametrize("quantile", THRESHOLDS)
+@pytest.mark.parametrize("shape", [(1, 1), (3, 47), (5, 13), (7, 2)])
+@pytest.mark.parametrize("side", ["right", "left", "middle"])
+def test_quantile_count_matches_torch_quantile_per_row(quantile, shape, side):
+    from selective_po.selection import quantile_mask
+
+    generator = torch.Generator().manual_seed(hash((quantile, shape, side, "q")) % 2**31)
+    mask = random_mask(*shape, side=side, generator=generator)
+    for scores in (torch.randn(shape, generator=generator), torch.randint(-3, 4, shape, generator=generator).float() / 4):
+        scores[~mask] = torch.randn(int((~mask).sum()), generator=generator) * 100  # garbage outside the mask
+        keep = quantile_mask(scores, mask, quantile=quantile)
+        torch.testing.assert_close(keep, reference_quantile_keep(scores, mask, quantile))
+
+
+def test_quantile_count_keeps_one_fewer_exactly_when_frac_qn_exceeds_q():
+    from selective_po.selection import quantile_mask
+
+    for n in range(1, 40):
+        scores, mask = torch.randn(1, n, generator=torch.Generator().manual_seed(n)), torch.ones(1, n, dtype=torch.bool)
+        for q in (0.1, 0.25, 0.5, 0.6, 0.7, 0.9):
+            ceil_count = int(top_share_mask(scores, mask, keep_share=1 - q).sum())
+            quantile_count = int(quantile_mask(scores, mask, quantile=q).sum())
+            frac = q * n - int(q * n + 1e-9)
+            assert ceil_count - quantile_count == (1 if frac > q + 1e-9 else 0), (n, q)
+
+
+def test_quantile_count_avoids_the_official_codes_defects():
+    from selective_po.selection import quantile_mask
+
+    mask = torch.tensor([[True, True, True, True, False]])
+    # a real token whose score is exactly 0 is a token, not padding; a padded position never is kept
+    assert quantile_mask(torch.tensor([[0.0, 1.0, 2.0, 3.0, 9.0]]), mask, quantile=0.5).tolist() == [[False, False, True, True, False]]
+    # bf16 scores are upcast rather than failing in torch.quantile
+    assert quantile_mask(torch.tensor([[0.0, 1.0, 2.0, 3.0, 9.0]], dtype=torch.bfloat16), mask, quantile=0.5).sum() == 2
+    # an empty row keeps nothing
+    assert not quantile_mask(torch.zeros(1, 5), torch.zeros(1, 5, dtype=torch.bool), quantile=0.5).any()
+
+
+def test_confidence_keeps_tokens_below_the_mean_probability():
+    from selective_po.scoring import confidence_token_scores
+    from selective_po.selection import select_tokens
+
+    probs = torch.tensor([[0.9, 0.1, 0.5, 0.8, 0.3], [0.5, 0.5, 0.5, 0.5, 0.2]], dtype=torch.float64)
+    mask = torch.tensor([[True, True, True, True, False], [True, True, True, False, False]])
+    keep = select_tokens(confidence_token_scores(probs.log().float()), mask, keep_share=0.4, rule="confidence")
+    # row 0: mean of (0.9, 0.1, 0.5, 0.8) is 0.575; row 1: every real token equally likely, so none is below
+    assert keep.tolist() == [[False, True, True, False, False], [False, False, False, False, False]]
+    reference = mask & (probs < (probs * mask).sum(-1, keepdim=True) / mask.sum(-1, keepdim=True))
+    assert torch.equal(keep[0], reference[0])

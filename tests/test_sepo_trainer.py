@@ -115,6 +115,9 @@ def test_oracle_with_another_vocabulary_is_an_error(tmp_path, tiny_model_dir, or
         ({"ref_model_name_or_path": "x"}, "without a reference model"),
         ({"loss_type": "sdpo"}, r"Unknown loss_type \['sdpo'\]. Allowed: sepo"),
         ({"selection_rule": "best"}, "selection_rule='best' is unknown"),
+        ({"selection_rule": "confidence"}, "selection_rule='confidence' is not implemented for SePO yet"),
+        ({"sdpo_count_rule": "quantile"}, "sdpo_count_rule applies to Selective-DPO"),
+        ({"sdpo_count_rule": "floor"}, "sdpo_count_rule='floor' is unknown"),
     ],
 )
 def test_config_errors(overrides, message):
@@ -135,3 +138,25 @@ def test_weak_to_strong_oracle_smaller_than_the_policy(tmp_path, tiny_tokenizer)
     trainer.train()
     logs = [e for e in trainer.state.log_history if "loss" in e]
     assert len(logs) == 2 and all(0.3 <= e["selection/kept_share_chosen"] < 0.5 for e in logs)
+
+
+def test_the_lm_head_projects_only_the_selected_tokens(tmp_path, tiny_model_dir, oracle_dirs, monkeypatch):
+    """SePO's selection is known from the stored rewards before the forward: only kept positions are projected,
+    and loss and gradients equal those of projecting every completion position."""
+    import trl.trainer.utils as trl_utils
+
+    trainer = make(tmp_path, tiny_model_dir, oracle_dirs)
+    projected = []
+    original = trl_utils._ChunkedLogProbFunction.apply
+    monkeypatch.setattr(trl_utils._ChunkedLogProbFunction, "apply", lambda hidden, *a: (projected.append(hidden.shape[0]), original(hidden, *a))[1])
+    loss, grads, _ = one_batch_loss(trainer)
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
+    kept = int(trainer._score_mask(batch).sum())
+    assert projected == [kept] and kept < int(batch["completion_mask"][:, 1:].sum())
+
+    every_position = lambda model, inputs, score_mask=None, forward=trainer._policy_forward: forward(model, inputs, None)  # noqa: E731
+    monkeypatch.setattr(trainer, "_policy_forward", every_position)
+    full_loss, full_grads, _ = one_batch_loss(trainer)
+    torch.testing.assert_close(loss, full_loss, rtol=1e-5, atol=1e-6)
+    for name in grads:
+        torch.testing.assert_close(grads[name], full_grads[name], rtol=1e-4, atol=1e-6, msg=name)

@@ -191,3 +191,29 @@ def test_missing_model_path_is_named(tmp_path):
     args = SelectiveDPOConfig(output_dir=str(tmp_path), report_to="none", ref_model_name_or_path="./missing-ref")
     with pytest.raises(FileNotFoundError, match="missing-ref' does not exist"):
         SelectiveDPOTrainer(model=str(tmp_path), args=args, train_dataset=preference_dataset())
+
+
+@pytest.mark.parametrize("options", [{"selection_rule": "confidence"}, {"sdpo_count_rule": "quantile"}])
+def test_confidence_rule_and_quantile_count_reach_the_loss(tmp_path, tiny_tokenizer, options):
+    from selective_po.losses import selective_dpo_loss
+
+    model, reference = build_model(tiny_tokenizer, seed=1), build_model(tiny_tokenizer, seed=2)
+    # 0.7: the quantile count keeps one token fewer for responses of 4, 7, 14, ... tokens (frac(0.7 n) > 0.7)
+    args = SelectiveDPOConfig(output_dir=str(tmp_path), sdpo_threshold=0.7, **options, **COMMON)
+    trainer = SelectiveDPOTrainer(model=model, ref_model=reference, args=args, train_dataset=preference_dataset(),
+                                  processing_class=tiny_tokenizer)  # fmt: skip
+    loss, _, metrics = one_batch_loss(trainer)
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
+    with torch.no_grad():
+        _, policy, ref, mask = trainer.per_token_logps(trainer.model, batch)
+    expected = {}
+    for name, rule_options in (("this", options), ("default", {})):
+        result = selective_dpo_loss(*policy.chunk(2), *ref.chunk(2), chosen_mask=mask.chunk(2)[0], rejected_mask=mask.chunk(2)[1],
+                                    threshold=0.7, beta=trainer.beta, **{k.replace("selection_", "").replace("sdpo_", ""): v
+                                                                           for k, v in rule_options.items()})  # fmt: skip
+        expected[name] = result
+    torch.testing.assert_close(loss, expected["this"].losses.mean(), rtol=1e-5, atol=1e-6)
+    kept = int(expected["this"].chosen_keep.sum())
+    assert metrics["selection/kept_share_chosen"] == pytest.approx(kept / int(mask.chunk(2)[0].sum()))
+    keeps = {name: torch.cat([result.chosen_keep, result.rejected_keep]) for name, result in expected.items()}
+    assert not torch.equal(keeps["this"], keeps["default"])  # the option changed the selection

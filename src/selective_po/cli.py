@@ -33,8 +33,8 @@ USAGE = """usage: selective-po {train,score,eval,inspect,build-pairs,demo} [opti
   train   train with Selective-DPO, SePO (--loss_type sepo) or any TRL DPO loss; `train --help` lists the flags
   score   store per-token reference log-probs for a run (same flags as train), so that training with
           --precompute_ref_log_probs true never loads the reference
-  eval    held-out measurements without a judge: preference accuracy, margin, selected-token precision and
-          recall against known spans, greedy task accuracy; a table and JSON (`eval --help`)
+  eval    held-out measurements without a judge: preference accuracy, margin, how well the token scores
+          find known spans, greedy task accuracy; a table and JSON (`eval --help`)
   inspect an HTML page of chosen/rejected pairs with every token shaded by its score and the kept ones marked
   build-pairs
           on-policy pairs with verifiable answers: sample from a model, check each response (arithmetic,
@@ -271,16 +271,21 @@ def eval_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="selective-po eval",
         description="Measure a trained model on held-out preference pairs, with no judge model: preference accuracy "
-        "(implicit reward margin > 0) and mean margin against the reference, likelihood accuracy, precision and "
-        "recall of the tokens Selective-DPO selects against the known differing span (when the data has "
-        "chosen_span / rejected_span), and greedy task accuracy under the arithmetic verifier (when it has answer).",
+        "(implicit reward margin > 0) and mean margin against the reference, likelihood accuracy, how well "
+        "Selective-DPO's token scores find the known differing span (AUROC, top-1 and recall at the kept share, with "
+        "95%% intervals and the random baseline; when the data has chosen_span / rejected_span), and greedy task "
+        "accuracy under the arithmetic verifier (when it has answer).",
     )
     parser.add_argument("--model", required=True, help="the trained model (folder, hub id or embedded name)")
     parser.add_argument("--ref_model", default=DEFAULT_MODEL, help="the reference for margins and selection")
     parser.add_argument("--dataset", default="arithmetic", help=DATASET_HELP)
     parser.add_argument("--split", help=SPLIT_HELP)
     parser.add_argument("--pairs", type=COUNT_OR_ALL, default=64, help="how many pairs of the split (0: all)")
-    parser.add_argument("--sdpo_threshold", type=THRESHOLD, default=0.6, help="selection used for span precision/recall")
+    parser.add_argument("--sdpo_threshold", type=THRESHOLD, default=0.6, help="selection whose kept share is used for span recall")
+    parser.add_argument(
+        "--selection_rule", choices=("scores", "confidence"), default="scores",
+        help="token scores checked against the spans: Selective-DPO's reference gap (scores) or ConfPO's 1 - p (confidence)",
+    )  # fmt: skip
     parser.add_argument("--batch_size", type=POSITIVE_INT, default=16)
     parser.add_argument("--max_new_tokens", type=POSITIVE_INT, default=96)
     parser.add_argument(
@@ -297,7 +302,8 @@ def evaluate(argv: list[str]) -> dict[str, float]:
     import tempfile
 
     from .data import load_task_prompts
-    from .evaluation import balanced_task_rows, evaluate_preferences, greedy_task_accuracy, selection_span_scores
+    from .evaluation import balanced_task_rows, evaluate_preferences, greedy_task_accuracy, span_responses
+    from .selection_quality import span_selection_quality
     from .models import resolve_model_path
     from .trainer import SelectiveDPOTrainer
 
@@ -308,14 +314,18 @@ def evaluate(argv: list[str]) -> dict[str, float]:
     task_rows = load_task_prompts(opts.task_prompts or opts.dataset, split=split, fallback=rows)
     task_rows = balanced_task_rows(task_rows, opts.prompts)
     with tempfile.TemporaryDirectory() as tmp:
+        # The reference's per-token log-probs are stored (keyed by its weights and the tokens), so evaluating
+        # a second model against the same reference runs one forward, not two.
         args = SelectiveDPOConfig(
             output_dir=tmp, ref_model_name_or_path=opts.ref_model, per_device_eval_batch_size=opts.batch_size,
-            report_to="none",
+            precompute_ref_log_probs=True, precompute_ref_batch_size=opts.batch_size, report_to="none",
         )  # fmt: skip
         trainer = SelectiveDPOTrainer(model=resolve_model_path(opts.model), args=args, train_dataset=rows, eval_dataset=rows)
         results = evaluate_preferences(trainer, desc="Scoring held-out pairs").summary()
+        quality = {}
         if "chosen_span" in rows.column_names:
-            results.update(selection_span_scores(trainer, threshold=opts.sdpo_threshold, batch_size=opts.batch_size))
+            responses = span_responses(trainer, threshold=opts.sdpo_threshold, batch_size=opts.batch_size, rule=opts.selection_rule)
+            quality = span_selection_quality(responses, keep_share=1 - opts.sdpo_threshold)
         if task_rows:
             results["task_prompts"] = len(task_rows)
             results.update(greedy_task_accuracy(
@@ -323,12 +333,27 @@ def evaluate(argv: list[str]) -> dict[str, float]:
             ))  # fmt: skip
     print(f"\n{opts.model} on {opts.dataset} (split {split!r}), reference {opts.ref_model}")
     for key, value in results.items():
-        shown = f"{value:.1%}" if any(word in key for word in ("accuracy", "precision", "recall", "rate")) else f"{value:+.4f}" if isinstance(value, float) else str(value)
+        shown = f"{value:.1%}" if any(word in key for word in ("accuracy", "rate")) else f"{value:+.4f}" if isinstance(value, float) else str(value)
         print(f"  {key:<28}{shown:>12}")
+    if quality:
+        print_selection_quality(quality, keep_share=1 - opts.sdpo_threshold, rule=opts.selection_rule)
+    results |= quality
     if opts.output_json:
         Path(opts.output_json).parent.mkdir(parents=True, exist_ok=True)
         Path(opts.output_json).write_text(json.dumps({"model": opts.model, "ref_model": opts.ref_model, **results}, indent=2))
     return results
+
+
+def print_selection_quality(quality: dict[str, float], *, keep_share: float, rule: str) -> None:
+    """The span measures as a table: mean, 95% bootstrap interval over responses, random scores' value."""
+    scorer = {"scores": "Selective-DPO token scores", "confidence": "ConfPO token scores (1 - p)"}[rule]
+    print(f"\n{scorer} against the known differing span (mean over responses; [95% interval]; random):")
+    labels = {"span_auroc": "AUROC", "span_top1": "top-1 token in span", "span_recall_at_k": f"span recall, top {keep_share:.0%}"}
+    for name, label in labels.items():
+        for side in ("chosen", "rejected"):
+            key = f"{name}_{side}"
+            print(f"  {label + ' (' + side + ')':<34}{quality[key]:>7.3f}  [{quality[key + '_low']:.3f}, {quality[key + '_high']:.3f}]"
+                  f"  random {quality[key + '_random']:.3f}  ({quality[key + '_responses']} responses)")  # fmt: skip
 
 
 def inspect_parser() -> argparse.ArgumentParser:
@@ -362,8 +387,9 @@ def inspect_pairs(argv: list[str]) -> Path:
         rows = rows.select(range(min(opts.pairs, len(rows))))
     with tempfile.TemporaryDirectory() as tmp:
         args = SelectiveDPOConfig(
-            output_dir=tmp, ref_model_name_or_path=opts.ref_model, sdpo_threshold=opts.sdpo_threshold, report_to="none"
-        )
+            output_dir=tmp, ref_model_name_or_path=opts.ref_model, sdpo_threshold=opts.sdpo_threshold,
+            precompute_ref_log_probs=True, report_to="none",
+        )  # fmt: skip
         trainer = SelectiveDPOTrainer(model=resolve_model_path(opts.model), args=args, train_dataset=rows, eval_dataset=rows)
         views = collect_pair_views(trainer, threshold=opts.sdpo_threshold)
     page = render_html(

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from trl import DPOConfig
 
-from .selection import SELECTION_RULES
+from .selection import COUNT_RULES, SELECTION_RULES
 
 SELECTIVE_LOSS_TYPES = ("sdpo",)
 # The loss types TRL 1.16's DPOTrainer implements. A test reads them off TRL's source, so an upgrade
@@ -97,8 +97,18 @@ class SelectiveDPOConfig(DPOConfig):
     selection_rule: str = field(
         default="scores",
         metadata={
-            "help": "How tokens are selected: `scores` (the method), or a control: `random` (the same number of "
-            "tokens per response, drawn uniformly with a seed derived from `seed`) or `all` (every response token)."
+            "help": "How tokens are selected: `scores` (the method), a control: `random` (the same number of "
+            "tokens per response, drawn uniformly with a seed derived from `seed`) or `all` (every response token), or "
+            "`confidence` (ConfPO, arXiv 2506.08712: the tokens whose policy probability is below their response's mean "
+            "token probability; no second model scores them, and sdpo_threshold is unused)."
+        },
+    )
+    sdpo_count_rule: str = field(
+        default="ceil",
+        metadata={
+            "help": "How many tokens `scores` keeps per response of n tokens: `ceil` keeps the ceil((1 - q) n) "
+            "highest-scoring (ties at the boundary all kept); `quantile` keeps those at or above torch.quantile(scores, "
+            "q), as the official Selective-DPO code does, which is one token fewer whenever frac(q n) > q."
         },
     )
     map_across_tokenizers: bool = field(
@@ -108,6 +118,16 @@ class SelectiveDPOConfig(DPOConfig):
             "than the policy: they score the response in their own tokens and the values move onto the policy's "
             "tokens through character offsets (see selective_po.alignment). Needs conversational data and stored "
             "values (precompute_ref_log_probs=True)."
+        },
+    )
+    share_prompt: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Run each pair as one row [prompt; chosen; rejected] in which the rejected tokens cannot see the "
+            "chosen ones, so the prompt is computed once (policy, live reference and scoring) instead of twice; the "
+            "log-probs equal the two-row path up to float rounding. None: on wherever that is exact (sdpa or eager "
+            "attention, truncation_mode keep_start, no sliding-window or mixture-of-experts layers, text only). True: "
+            "required, an error where not exact. Applies to the selective losses; TRL's losses run as in TRL."
         },
     )
     plot_curves: bool = field(
@@ -144,6 +164,8 @@ class SelectiveDPOConfig(DPOConfig):
             raise ValueError(f"Unknown loss_type {unknown}. Allowed: {', '.join(allowed)}.")
         if self.selection_rule not in SELECTION_RULES:
             raise ValueError(f"selection_rule={self.selection_rule!r} is unknown. Allowed: {', '.join(SELECTION_RULES)}.")
+        if self.sdpo_count_rule not in COUNT_RULES:
+            raise ValueError(f"sdpo_count_rule={self.sdpo_count_rule!r} is unknown. Allowed: {', '.join(COUNT_RULES)}.")
         if not self.uses_selection:
             return
         if len(self.loss_type) != 1:
@@ -257,6 +279,13 @@ class SePOConfig(SelectiveDPOConfig):
                 f"SePO needs {' and '.join(missing)}: the oracle (a model DPO-trained on the target data) and the model "
                 "it was trained from. Train one with `selective-po train --loss_type sigmoid ...` first."
             )
+        if self.selection_rule == "confidence":
+            raise ValueError(
+                "selection_rule='confidence' is not implemented for SePO yet (its kept tokens come from the oracle's "
+                "rewards); use it with SelectiveDPOConfig (loss_type='sdpo'), or selection_rule='scores' here."
+            )
+        if self.sdpo_count_rule != "ceil":
+            raise ValueError("sdpo_count_rule applies to Selective-DPO; SePO keeps ceil(share * n) tokens: leave it 'ceil'.")
         if self.ref_model_name_or_path is not None:
             raise ValueError(
                 "SePO trains without a reference model; set oracle_model_name_or_path and "

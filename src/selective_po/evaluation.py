@@ -1,7 +1,8 @@
 """Held-out measurements that need no judge, and a view of which tokens were selected.
 
 - preference accuracies and margin (below);
-- precision and recall of the selected tokens against a known differing span (`selection_span_scores`);
+- each response's token scores against its known differing span (`span_responses`; the measures
+  are in `selection_quality.py`);
 - greedy task accuracy under each row's verifier (`greedy_task_accuracy`; arithmetic answers and
   IFEval instructions, see `verifiers.py`).
 
@@ -24,6 +25,7 @@ import numpy as np
 import torch
 
 from .alignment import completion_offsets
+from .intervals import bootstrap_interval  # noqa: F401  (re-exported: part of this module's API)
 from .losses import masked_sum, select_sdpo_tokens
 from .models import generate_completions
 from .progress import bar
@@ -70,23 +72,6 @@ class PreferenceEvaluation:
         chosen = torch.tensor([float(np.sum(v, dtype=np.float64)) for v in dataset[CHOSEN_COLUMN]])
         rejected = torch.tensor([float(np.sum(v, dtype=np.float64)) for v in dataset[REJECTED_COLUMN]])
         return cls(chosen, rejected, chosen.clone(), rejected.clone(), beta=beta)
-
-
-def bootstrap_interval(
-    values, *, confidence: float = 0.95, resamples: int = 4000, seed: int = 0
-) -> tuple[float, float]:
-    """Percentile bootstrap interval of the mean of `values` `(N,)` (resampling its entries).
-
-    For a paired change, pass the per-pair differences: the pairs are resampled together.
-    """
-    values = np.asarray(values, dtype=np.float64)
-    if values.size == 0:
-        return float("nan"), float("nan")
-    generator = np.random.default_rng(seed)
-    means = values[generator.integers(0, values.size, size=(resamples, values.size))].mean(axis=1)
-    tail = (1.0 - confidence) / 2 * 100
-    low, high = np.percentile(means, [tail, 100 - tail])
-    return float(low), float(high)
 
 
 @torch.no_grad()
@@ -156,11 +141,16 @@ def span_token_mask(tokenizer, completion_ids: list[int], content: str, span: tu
 
 
 @torch.no_grad()
-def selected_tokens(trainer: SelectiveDPOTrainer, *, threshold: float, rows=None, batch_size: int = 16, desc: str | None = None):
+def selected_tokens(
+    trainer: SelectiveDPOTrainer, *, threshold: float, rows=None, batch_size: int = 16, desc: str | None = None, rule: str = "scores"
+):
     """Per pair of `rows` (default: `trainer.eval_dataset`, tokenized by the trainer): the row, and
     for each side its completion tokens' ids, scores and keep flags (numpy, one entry per scored
-    token), from the trainer's own batches and selection code. `desc` shows a progress bar.
+    token), from the trainer's own batches and selection code. `rule`: `scores` (Selective-DPO's
+    reference gap) or `confidence` (ConfPO). `desc` shows a progress bar.
     """
+    if rule not in ("scores", "confidence"):
+        raise ValueError(f"rule={rule!r}: token scores exist for 'scores' and 'confidence' only.")
     dataset = trainer.eval_dataset if rows is None else rows
     was_training = trainer.model.training
     trainer.model.eval()
@@ -172,8 +162,9 @@ def selected_tokens(trainer: SelectiveDPOTrainer, *, threshold: float, rows=None
             _, policy, ref, mask = trainer.per_token_logps(trainer.inference_model(), batch)
             chosen_mask, rejected_mask = mask.chunk(2)
             chosen_scores, rejected_scores, chosen_keep, rejected_keep = select_sdpo_tokens(
-                *policy.chunk(2), *ref.chunk(2), chosen_mask=chosen_mask, rejected_mask=rejected_mask, threshold=threshold
-            )
+                *policy.chunk(2), *ref.chunk(2), chosen_mask=chosen_mask, rejected_mask=rejected_mask, threshold=threshold,
+                rule=rule, count_rule=trainer.args.sdpo_count_rule,
+            )  # fmt: skip
             chosen_ids, rejected_ids = batch["input_ids"][:, 1:].chunk(2)  # position t scores token t + 1
             sides = {
                 "chosen": (chosen_ids, chosen_scores, chosen_keep, chosen_mask),
@@ -190,27 +181,27 @@ def selected_tokens(trainer: SelectiveDPOTrainer, *, threshold: float, rows=None
         trainer.model.train(was_training)
 
 
-def selection_span_scores(trainer: SelectiveDPOTrainer, *, threshold: float, batch_size: int = 16) -> dict[str, float]:
-    """Precision and recall of the tokens Selective-DPO keeps against each pair's known differing span.
+def span_responses(trainer: SelectiveDPOTrainer, *, threshold: float, batch_size: int = 16, rule: str = "scores") -> dict[str, list]:
+    """Each held-out response's token scores (`rule`: Selective-DPO's `scores` or ConfPO's `confidence`)
+    and which of its tokens overlap the known span.
 
     Needs `chosen_span` / `rejected_span` columns (character offsets in the message content), as the
-    bundled arithmetic data has. Counts are pooled over all pairs (micro-averaged), per side.
+    bundled arithmetic data has.
+
+    Returns:
+        For `"chosen"` and `"rejected"`: one `(scores, in_span)` per pair, each `(n,)` over the response's
+        scored tokens (the input of `selection_quality.span_selection_quality`).
     """
     for column in ("chosen_span", "rejected_span"):
         if column not in trainer.eval_dataset.column_names:
-            raise ValueError(f"Span precision/recall needs a {column!r} column (character offsets of the known span).")
-    counts = {side: {"kept_in_span": 0, "kept": 0, "span": 0} for side in ("chosen", "rejected")}
-    for row, sides in selected_tokens(trainer, threshold=threshold, batch_size=batch_size, desc="Span precision and recall"):
-        for side, (ids, _, kept) in sides.items():
+            raise ValueError(f"Selection quality needs a {column!r} column (character offsets of the known span).")
+    responses: dict[str, list] = {"chosen": [], "rejected": []}
+    progress = "Token scores against the spans"
+    for row, sides in selected_tokens(trainer, threshold=threshold, batch_size=batch_size, desc=progress, rule=rule):
+        for side, (ids, scores, _) in sides.items():
             in_span = span_token_mask(trainer._tokenizer, ids, row[side][-1]["content"], row[f"{side}_span"])
-            counts[side]["kept_in_span"] += int((kept & in_span).sum())
-            counts[side]["kept"] += int(kept.sum())
-            counts[side]["span"] += int(in_span.sum())
-    scores = {}
-    for side, c in counts.items():
-        scores[f"span_precision_{side}"] = c["kept_in_span"] / c["kept"] if c["kept"] else 0.0
-        scores[f"span_recall_{side}"] = c["kept_in_span"] / c["span"] if c["span"] else 0.0
-    return scores
+            responses[side].append((scores, in_span))
+    return responses
 
 
 def greedy_generations(model, tokenizer, rows: list[dict], *, batch_size: int = 16, max_new_tokens: int = 96) -> list[str]:

@@ -23,8 +23,9 @@ p_oracle_ref computed offline:
     loss   = -log sigmoid(u(y_w) - u(y_l) - gamma)
 With every token kept this is SimPO's form.
 
-Both take a selection `rule`: `scores` (the method), or the controls `random` (the same number of
-tokens, drawn uniformly) and `all` (every completion token).
+Both take a selection `rule`: `scores` (the method), the controls `random` (the same number of
+tokens, drawn uniformly) and `all` (every completion token), or `confidence` (ConfPO: the tokens the
+policy itself is less sure of than its response's mean, no second model; Selective-DPO's loss only).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .scoring import sdpo_token_scores
+from .scoring import confidence_token_scores, sdpo_token_scores
 from .selection import select_tokens
 
 
@@ -84,6 +85,7 @@ def select_sdpo_tokens(
     threshold: float,
     rule: str = "scores",
     generator: torch.Generator | None = None,
+    count_rule: str = "ceil",
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Score every response token and keep the top `1 - threshold` share of each response.
 
@@ -91,7 +93,10 @@ def select_sdpo_tokens(
         policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps: Shape `(B, T)`.
         chosen_mask, rejected_mask: Shape `(B, T)`, bool. True on real response tokens.
         threshold: `sdpo_threshold` `q` in `[0, 1)`.
-        rule: `scores`, or a control: `random` (seeded by `generator`) or `all`.
+        rule: `scores`, a control (`random`, seeded by `generator`, or `all`), or `confidence`
+            (ConfPO's `1 - p` policy scores, kept above their response's mean; `threshold` unused).
+        count_rule: How many tokens `scores` keeps: `ceil` (`ceil((1 - q) n)`) or `quantile` (at or
+            above the `q` quantile, as the official code).
 
     Returns:
         `(chosen_scores, rejected_scores, chosen_keep, rejected_keep)`, each `(B, T)`; scores float32
@@ -99,10 +104,13 @@ def select_sdpo_tokens(
     """
     if not 0.0 <= threshold < 1.0:
         raise ValueError(f"threshold (sdpo_threshold) must lie in [0, 1), got {threshold}.")
-    chosen_scores, rejected_scores = sdpo_token_scores(
-        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps
-    )
-    select = dict(keep_share=1.0 - threshold, rule=rule, generator=generator)
+    if rule == "confidence":
+        chosen_scores, rejected_scores = confidence_token_scores(policy_chosen_logps), confidence_token_scores(policy_rejected_logps)
+    else:
+        chosen_scores, rejected_scores = sdpo_token_scores(
+            policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps
+        )
+    select = dict(keep_share=1.0 - threshold, rule=rule, generator=generator, count_rule=count_rule)
     chosen_keep = select_tokens(chosen_scores, chosen_mask, **select)  # (B, T)
     rejected_keep = select_tokens(rejected_scores, rejected_mask, **select)  # (B, T)
     return chosen_scores, rejected_scores, chosen_keep, rejected_keep
@@ -157,6 +165,7 @@ def selective_dpo_loss(
     label_smoothing: float = 0.0,
     rule: str = "scores",
     generator: torch.Generator | None = None,
+    count_rule: str = "ceil",
 ) -> SelectiveDPOOutput:
     """Selective-DPO loss: DPO on the top `1 - threshold` share of tokens of each response.
 
@@ -170,7 +179,8 @@ def selective_dpo_loss(
         threshold: `sdpo_threshold` `q` in `[0, 1)`; the top `1 - q` share of tokens is kept.
         beta: DPO's inverse temperature.
         label_smoothing: cDPO's label-flip probability.
-        rule: `scores`, or a control: `random` (seeded by `generator`) or `all`.
+        rule: `scores`, a control (`random`, seeded by `generator`, or `all`), or `confidence`.
+        count_rule: `ceil` or `quantile` (see `select_sdpo_tokens`).
 
     Returns:
         A `SelectiveDPOOutput`; `losses` has shape `(B,)`.
@@ -185,6 +195,7 @@ def selective_dpo_loss(
         threshold=threshold,
         rule=rule,
         generator=generator,
+        count_rule=count_rule,
     )
     chosen_logps = masked_sum(policy_chosen_logps, chosen_keep)
     rejected_logps = masked_sum(policy_rejected_logps, rejected_keep)
@@ -209,6 +220,36 @@ def selective_dpo_loss(
     )
 
 
+def sepo_keep_masks(
+    chosen_token_rewards: Tensor,
+    rejected_token_rewards: Tensor,
+    *,
+    chosen_mask: Tensor,
+    rejected_mask: Tensor,
+    chosen_share: float = 0.3,
+    rejected_share: float = 0.3,
+    rule: str = "scores",
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, Tensor]:
+    """SePO's kept tokens: the highest-reward `chosen_share` of chosen tokens, the lowest-reward
+    `rejected_share` of rejected tokens (or a control `rule`).
+
+    They depend only on the stored rewards, so they are known before the policy's forward, which
+    then scores only these positions.
+
+    Args:
+        chosen_token_rewards, rejected_token_rewards: Shape `(B, T)`.
+        chosen_mask, rejected_mask: Shape `(B, T)`, bool. True on real response tokens.
+
+    Returns:
+        `(chosen_keep, rejected_keep)`, each `(B, T)` bool.
+    """
+    select = dict(rule=rule, generator=generator)
+    chosen_keep = select_tokens(chosen_token_rewards.detach().float(), chosen_mask, keep_share=chosen_share, **select)
+    rejected_keep = select_tokens(-rejected_token_rewards.detach().float(), rejected_mask, keep_share=rejected_share, **select)
+    return chosen_keep, rejected_keep  # (B, T) each
+
+
 def sepo_loss(
     policy_chosen_logps: Tensor,
     policy_rejected_logps: Tensor,
@@ -223,6 +264,7 @@ def sepo_loss(
     gamma: float = 0.0,
     rule: str = "scores",
     generator: torch.Generator | None = None,
+    keep: tuple[Tensor, Tensor] | None = None,
 ) -> SelectiveLossOutput:
     """SePO loss: reference-free, on the highest-reward chosen and lowest-reward rejected tokens.
 
@@ -237,15 +279,20 @@ def sepo_loss(
         beta: Scale of the length-normalized log-likelihood `u`.
         gamma: Target margin between `u(y_w)` and `u(y_l)`.
         rule: `scores`, or a control: `random` (seeded by `generator`) or `all`.
+        keep: `(chosen_keep, rejected_keep)` from `sepo_keep_masks` when already chosen (the policy's log-probs
+            may then be filled at the kept positions only); `None` selects here.
 
     Returns:
         A `SelectiveLossOutput` whose rewards are `u(y_w)` and `u(y_l)`; `losses` has shape `(B,)`.
     """
     chosen_scores = chosen_token_rewards.detach().float()
     rejected_scores = rejected_token_rewards.detach().float()
-    select = dict(rule=rule, generator=generator)
-    chosen_keep = select_tokens(chosen_scores, chosen_mask, keep_share=chosen_share, **select)  # (B, T)
-    rejected_keep = select_tokens(-rejected_scores, rejected_mask, keep_share=rejected_share, **select)  # (B, T)
+    if keep is None:
+        keep = sepo_keep_masks(
+            chosen_scores, rejected_scores, chosen_mask=chosen_mask, rejected_mask=rejected_mask,
+            chosen_share=chosen_share, rejected_share=rejected_share, rule=rule, generator=generator,
+        )  # fmt: skip
+    chosen_keep, rejected_keep = keep  # (B, T) each
     # An empty kept set has u = 0 (a zero sum over a count clamped to 1), never a division by zero.
     chosen_u = beta * masked_sum(policy_chosen_logps, chosen_keep) / chosen_keep.sum(-1).clamp(min=1)
     rejected_u = beta * masked_sum(policy_rejected_logps, rejected_keep) / rejected_keep.sum(-1).clamp(min=1)

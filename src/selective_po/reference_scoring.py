@@ -30,6 +30,7 @@ from accelerate.utils import DistributedType, broadcast_object_list, gather_obje
 from trl.trainer.utils import add_fused_lm_head, create_model_from_path, disable_dropout_in_model
 
 from .logprobs import compact_lm_head
+from .packing import shared_prompt_forward
 from .reference_cache import ReferenceLogpsStore, RowScorer, ShardSpec, files_weights_hash, token_content_hash, tokenizer_hash
 
 # Batch keys that the collators add for the loss, not for the model's forward.
@@ -106,13 +107,19 @@ def load_frozen(path: str, *, accelerator, init_kwargs: dict, disable_dropout: b
 
 @torch.no_grad()
 def batch_logps(
-    model, batch: dict, *, prepare_inputs: Callable[[dict], dict], context: Callable[[], AbstractContextManager]
+    model,
+    batch: dict,
+    *,
+    prepare_inputs: Callable[[dict], dict],
+    context: Callable[[], AbstractContextManager],
+    shared_prompt_mask: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`(log_probs, completion_mask)`, both `(2B, T-1)`, of one collated batch under `model`.
 
     Args:
         prepare_inputs: Moves the batch to the device (the trainer's `_prepare_inputs`).
         context: The trainer's loss context (autocast as in training).
+        shared_prompt_mask: Run each pair as one packed row with this mask form (`packing.py`); `None`: two rows.
     """
     batch = prepare_inputs(batch)
     model_kwargs = {k: v for k, v in batch.items() if k not in NON_MODEL_KEYS}
@@ -120,7 +127,10 @@ def batch_logps(
     labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
     shift_mask = batch["completion_mask"][:, 1:].bool()
     with context(), compact_lm_head():
-        log_probs = model(**model_kwargs, labels=labels, fused_lm_head=True).log_probs
+        if shared_prompt_mask is not None:
+            log_probs = shared_prompt_forward(model, batch, mask_kind=shared_prompt_mask).log_probs
+        else:
+            log_probs = model(**model_kwargs, labels=labels, fused_lm_head=True).log_probs
     return log_probs[:, -shift_mask.size(1) :], shift_mask
 
 

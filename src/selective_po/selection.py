@@ -27,6 +27,8 @@ from torch import Tensor
 _ROUNDING_SLACK = 1e-9
 # Score differences below this (in nats) are float32 noise of the log-probs, not information: ties.
 SCORE_TIE_TOLERANCE = 1e-5
+# The same for probabilities (ConfPO's `1 - p` scores): float32 noise of `exp(logp)` is far below this.
+CONFIDENCE_TIE_TOLERANCE = 1e-6
 
 
 def keep_counts(num_tokens: Tensor, keep_share: float) -> Tensor:
@@ -68,7 +70,60 @@ def top_share_mask(scores: Tensor, completion_mask: Tensor, *, keep_share: float
 
 
 
-SELECTION_RULES = ("scores", "random", "all")
+SELECTION_RULES = ("scores", "random", "all", "confidence")
+# How many tokens `scores` keeps: `ceil` (the module docstring) or `quantile` (the official Selective-DPO code).
+COUNT_RULES = ("ceil", "quantile")
+
+
+def quantile_mask(scores: Tensor, completion_mask: Tensor, *, quantile: float, tie_tolerance: float = 0.0) -> Tensor:
+    """Keep each sequence's completion tokens scoring at or above its `quantile` of scores.
+
+    The official Selective-DPO code's count: `torch.quantile` with linear interpolation, per sequence,
+    over the real tokens only. With `n` tokens and no ties it keeps `n - ceil(quantile * (n - 1))`,
+    which is one token fewer than `ceil((1 - quantile) * n)` exactly when `frac(quantile * n) > quantile`.
+
+    Args:
+        scores: Shape `(B, T)`; computed on in float32 (bf16 scores are upcast, not rejected).
+        completion_mask: Shape `(B, T)`, bool. Only these positions are ranked (a real token whose
+            score happens to be 0 is a token, not padding).
+        quantile: In `[0, 1)`; 0 keeps every token.
+        tie_tolerance: Scores this far below the quantile still count as reaching it.
+
+    Returns:
+        Shape `(B, T)`, bool, a subset of `completion_mask`; empty for a sequence with no tokens.
+    """
+    if not 0.0 <= quantile < 1.0:
+        raise ValueError(f"quantile must lie in [0, 1), got {quantile}.")
+    completion_mask = completion_mask.bool()
+    scores = scores.float()
+    n = completion_mask.sum(dim=-1)  # (B,)
+    ranked = scores.masked_fill(~completion_mask, float("inf")).sort(dim=-1).values  # (B, T) ascending, padding last
+    position = quantile * (n - 1).clamp(min=0).double()  # (B,)
+    below, above = position.floor().long(), position.ceil().long()
+    low, high = ranked.gather(-1, below.unsqueeze(-1)), ranked.gather(-1, above.unsqueeze(-1))  # (B, 1)
+    weight = (position - below).float().unsqueeze(-1)
+    cut = torch.where(weight > 0, torch.lerp(low, high, weight), low)  # torch.quantile's `linear`
+    return completion_mask & (scores >= cut - tie_tolerance) & (n > 0).unsqueeze(-1)
+
+
+def above_mean_mask(scores: Tensor, completion_mask: Tensor, *, tie_tolerance: float = 0.0) -> Tensor:
+    """Keep each sequence's completion tokens that score above the sequence's mean score.
+
+    With ConfPO's scores `1 - p` (`scoring.confidence_token_scores`) these are the tokens whose
+    probability is below the response's mean token probability.
+
+    Args:
+        scores: Shape `(B, T)`.
+        completion_mask: Shape `(B, T)`, bool.
+        tie_tolerance: A score must exceed the mean by more than this (float noise is no signal).
+
+    Returns:
+        Shape `(B, T)`, bool. A sequence whose scores are all equal keeps none.
+    """
+    completion_mask = completion_mask.bool()
+    scores = scores.float().masked_fill(~completion_mask, 0.0)
+    mean = scores.sum(-1, keepdim=True) / completion_mask.sum(-1, keepdim=True).clamp(min=1)  # (B, 1)
+    return completion_mask & (scores > mean + tie_tolerance)
 
 
 def random_share_mask(completion_mask: Tensor, *, keep_share: float, generator: torch.Generator) -> Tensor:
@@ -95,13 +150,23 @@ def select_tokens(
     keep_share: float,
     rule: str = "scores",
     generator: torch.Generator | None = None,
+    count_rule: str = "ceil",
 ) -> Tensor:
-    """Keep mask `(B, T)` under a selection rule: by `scores` (highest first), `random`, or `all`.
+    """Keep mask `(B, T)` under a selection rule: by `scores` (highest first), `random`, `all`, or
+    `confidence` (`scores` are then `1 - p` of each token: keep those above the sequence's mean).
 
-    `random` and `all` are the controls that tell whether choosing by score helped.
+    `random` and `all` are the controls that tell whether choosing by score helped. `count_rule`
+    says how many tokens `scores` keeps: `ceil(keep_share * n)` or, with `quantile`, those at or
+    above the `1 - keep_share` quantile.
     """
+    if count_rule not in COUNT_RULES:
+        raise ValueError(f"Unknown count rule {count_rule!r}; expected one of {COUNT_RULES}.")
+    if rule == "scores" and count_rule == "quantile":
+        return quantile_mask(scores, completion_mask, quantile=1.0 - keep_share, tie_tolerance=SCORE_TIE_TOLERANCE)
     if rule == "scores":
         return top_share_mask(scores, completion_mask, keep_share=keep_share, tie_tolerance=SCORE_TIE_TOLERANCE)
+    if rule == "confidence":
+        return above_mean_mask(scores, completion_mask, tie_tolerance=CONFIDENCE_TIE_TOLERANCE)
     if rule == "random":
         if generator is None:
             raise ValueError("rule='random' needs a seeded torch.Generator.")

@@ -35,7 +35,8 @@ from .data import check_preference_dataset
 from .engines import check_engine
 from .logprobs import compact_lm_head
 from .metrics import dpo_metrics, selection_metrics
-from .losses import SelectiveLossOutput, masked_sum, select_sdpo_tokens, selective_dpo_loss, sepo_loss
+from .packing import mask_kind_for, share_prompt_problem, shared_prompt_forward
+from .losses import SelectiveLossOutput, masked_sum, select_sdpo_tokens, selective_dpo_loss, sepo_keep_masks, sepo_loss
 from .models import cache_dir, check_model_folder, check_same_vocabulary, file_digest_memo, resolve_model_path
 from .plots import PlotCurvesCallback
 from .progress import TickingProgressCallback
@@ -128,9 +129,31 @@ class SelectiveDPOTrainer(DPOTrainer):
             )
 
     def create_accelerator_and_postprocess(self) -> None:
-        """transformers' accelerator, refused if it is not the engine or process count the launch asked for."""
+        """transformers' accelerator, refused if it is not the engine or process count the launch asked for.
+
+        Also where `share_prompt` is settled: the model is loaded by now, and nothing has been scored yet.
+        """
         super().create_accelerator_and_postprocess()
         check_engine(self.accelerator)
+        self._shared_prompt_mask = self._resolve_share_prompt()
+
+    def _resolve_share_prompt(self) -> str | None:
+        """The attention-mask form of the shared-prompt forward, or `None` when pairs run as two rows."""
+        if self.args.share_prompt is False or not self.args.uses_selection:
+            return None
+        model = self.model.get_base_model() if is_peft_model(self.model) else self.model
+        prompt_learning = is_peft_model(self.model) and any(
+            getattr(config, "is_prompt_learning", False) for config in self.model.peft_config.values()
+        )  # fmt: skip
+        problem = share_prompt_problem(
+            model_config=model.config, truncation_mode=self.args.truncation_mode, padding_free=self.args.padding_free,
+            extra_inputs=prompt_learning or getattr(self, "_is_vlm", False),
+        )  # fmt: skip
+        if problem is None:
+            return mask_kind_for(model.config)
+        if self.args.share_prompt:
+            raise ValueError(f"share_prompt=True is not exact here: {problem}. Set share_prompt=False (or leave it unset).")
+        return None
 
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
         """TRL's `train`; `resume_from_checkpoint=True` resumes from the last *complete* checkpoint.
@@ -227,11 +250,12 @@ class SelectiveDPOTrainer(DPOTrainer):
     # Selective variants: loss_type -> method computing (loss output, rewards logged under TRL's names).
     _variants = {"sdpo": "_sdpo_step"}
 
-    def _policy_forward(self, model, inputs: dict):
+    def _policy_forward(self, model, inputs: dict, score_mask: torch.Tensor | None = None):
         """The policy's forward with the fused LM head: `(outputs, logps (2B, T-1), mask (2B, T-1), kwargs, labels)`.
 
         Position `t` holds the log-prob of token `t + 1`, so the mask is the collator's completion
-        mask shifted by one.
+        mask shifted by one. `score_mask` `(2B, T-1)` limits the LM head to those completion positions
+        (the others hold 0).
         """
         model_kwargs = {k: v for k, v in inputs.items() if k not in _NON_MODEL_KEYS}
         model_kwargs["use_cache"] = False
@@ -239,8 +263,13 @@ class SelectiveDPOTrainer(DPOTrainer):
             model_kwargs["output_router_logits"] = True
         completion_mask = inputs["completion_mask"]
         labels = inputs["input_ids"].masked_fill(completion_mask == 0, -100)
+        if score_mask is not None:
+            labels[:, 1:] = labels[:, 1:].masked_fill(~score_mask, -100)
         with compact_lm_head():
-            outputs = model(**model_kwargs, labels=labels, fused_lm_head=True)
+            if self._shared_prompt_mask is not None:  # one row per pair: the prompt once
+                outputs = shared_prompt_forward(model, inputs, mask_kind=self._shared_prompt_mask, score_mask=score_mask)
+            else:
+                outputs = model(**model_kwargs, labels=labels, fused_lm_head=True)
         shift_mask = completion_mask[:, 1:].bool()  # (2B, T-1)
         # Prompt-learning PEFT prepends virtual tokens to the outputs; keep the real positions.
         policy_logps = outputs.log_probs[:, -shift_mask.size(1) :]  # (2B, T-1)
@@ -267,9 +296,10 @@ class SelectiveDPOTrainer(DPOTrainer):
             with compact_lm_head():
                 return super()._compute_loss(model, inputs, return_outputs)
         mode = "train" if self.model.training else "eval"
-        outputs, policy_logps, shift_mask, model_kwargs, labels = self._policy_forward(model, inputs)
+        score_mask = self._score_mask(inputs)
+        outputs, policy_logps, shift_mask, model_kwargs, labels = self._policy_forward(model, inputs, score_mask)
         result, chosen_rewards, rejected_rewards = getattr(self, variant)(
-            inputs, policy_logps, shift_mask, model_kwargs, labels
+            inputs, policy_logps, shift_mask, model_kwargs, labels, score_mask
         )
         self._check_finite_scores(result, *shift_mask.chunk(2, dim=0))
         loss = result.losses.mean()
@@ -281,7 +311,8 @@ class SelectiveDPOTrainer(DPOTrainer):
             self._total_train_tokens += self.accelerator.gather_for_metrics(inputs["attention_mask"].sum()).sum().item() // self._tp_size
         self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
         self._log(mode, dpo_metrics(
-            self.accelerator, outputs=outputs, per_token_logps=policy_logps.detach(), shift_mask=shift_mask,
+            self.accelerator, outputs=outputs, per_token_logps=policy_logps.detach(),
+            shift_mask=shift_mask if score_mask is None else score_mask,
             chosen_rewards=chosen_rewards, rejected_rewards=rejected_rewards,
         ))  # fmt: skip
         self._log(mode, selection_metrics(self.accelerator, result, *shift_mask.chunk(2, dim=0)))
@@ -332,7 +363,11 @@ class SelectiveDPOTrainer(DPOTrainer):
         on = f" on process {process}" if self.accelerator.num_processes > 1 else ""
         raise ValueError(f"{message}{on}. Selecting tokens by them would keep arbitrary tokens, so training stops. {self._score_remedy}")
 
-    def _sdpo_step(self, inputs, policy_logps, shift_mask, model_kwargs, labels):
+    def _score_mask(self, inputs: dict) -> torch.Tensor | None:
+        """Completion positions `(2B, T-1)` whose policy log-prob the loss uses, when known before the forward."""
+        return None  # Selective-DPO's selection needs the policy's own log-probs: all of them
+
+    def _sdpo_step(self, inputs, policy_logps, shift_mask, model_kwargs, labels, score_mask):
         """Selective-DPO on one batch; TRL's reward metrics use DPO's full-response rewards."""
         ref_logps = self._reference_per_token_logps(inputs, model_kwargs, labels)[:, -shift_mask.size(1) :]
         # TRL's collator stacks the batch as [chosen; rejected].
@@ -351,6 +386,7 @@ class SelectiveDPOTrainer(DPOTrainer):
             label_smoothing=self.label_smoothing,
             rule=self.args.selection_rule,
             generator=self._selection_generator(),
+            count_rule=self.args.sdpo_count_rule,
         )
         with torch.no_grad():  # sums first, then the difference, in TRL's order
             logratios = masked_sum(policy_logps, shift_mask) - masked_sum(ref_logps, shift_mask)  # (2B,)
@@ -381,22 +417,27 @@ class SelectiveDPOTrainer(DPOTrainer):
                 "trainer with this dataset (train_dataset / eval_dataset) so they are scored, or set "
                 "precompute_ref_log_probs=False to run the reference live."
             )
-        return self._reference_forward(model_kwargs, labels)
+        return self._reference_forward(inputs, model_kwargs, labels)
 
-    def _reference_forward(self, model_kwargs: dict, labels: torch.Tensor, reference=None) -> torch.Tensor:
-        """One reference forward, `(2B, T-1)`: `reference`, else TRL's (ref_model, PEFT base, initial policy)."""
+    def _reference_forward(self, inputs: dict, model_kwargs: dict, labels: torch.Tensor) -> torch.Tensor:
+        """One live reference forward, `(2B, T-1)`: TRL's reference (ref_model, or PEFT's base model)."""
         ref_kwargs = {k: v for k, v in model_kwargs.items() if k != "output_router_logits"}
-        reference = reference if reference is not None else self.ref_model
+
+        def forward(model):
+            if self._shared_prompt_mask is not None:
+                return shared_prompt_forward(model, inputs, mask_kind=self._shared_prompt_mask).log_probs
+            return model(**ref_kwargs, labels=labels, fused_lm_head=True).log_probs
+
         with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs), compact_lm_head():
-            if reference is None and is_peft_model(self.model):
+            if self.ref_model is None and is_peft_model(self.model):
                 # PEFT: the reference is the base model (adapter disabled) or an initial "ref" adapter copy.
                 unwrapped = self.accelerator.unwrap_model(self.model)
                 adapter = "ref" if "ref" in unwrapped.peft_config else None
                 with use_adapter(unwrapped, adapter_name=adapter):
-                    return self.model(**ref_kwargs, labels=labels, fused_lm_head=True).log_probs
-            # No reference kept while precomputing: before training the policy is the reference.
-            reference = reference if reference is not None else self.model
-            return reference(**ref_kwargs, labels=labels, fused_lm_head=True).log_probs
+                    return forward(self.model)
+            if self.ref_model is None:
+                raise ValueError("No reference model to run: precompute_ref_log_probs=False needs TRL's reference.")
+            return forward(self.ref_model)
 
     # ----- stored per-token reference log-probs (precompute_ref_log_probs=True) -----
 
@@ -472,7 +513,8 @@ class SelectiveDPOTrainer(DPOTrainer):
         )
 
     def _token_components(self, dataset) -> dict:
-        return reference_scoring.token_components(dataset, tokenizer=self._tokenizer, args=self.args)
+        components = reference_scoring.token_components(dataset, tokenizer=self._tokenizer, args=self.args)
+        return {**components, "packing": "shared-prompt-v1"} if self._shared_prompt_mask is not None else components
 
     @staticmethod
     def _files_identity(name_or_path: str) -> str:
@@ -562,8 +604,9 @@ class SelectiveDPOTrainer(DPOTrainer):
     def _score_reference_batch(self, reference, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """`(log_probs, completion_mask)`, both `(2B, T-1)`, of one collated batch under the reference."""
         return reference_scoring.batch_logps(
-            reference, batch, prepare_inputs=self._prepare_inputs, context=self.compute_loss_context_manager
-        )
+            reference, batch, prepare_inputs=self._prepare_inputs, context=self.compute_loss_context_manager,
+            shared_prompt_mask=self._shared_prompt_mask,
+        )  # fmt: skip
 
     def _log(self, mode: str, logged: dict[str, float]) -> None:
         for name, value in logged.items():
@@ -651,13 +694,27 @@ class SePOTrainer(SelectiveDPOTrainer):
 
         return reference_cache.collated_scorer(self._policy_collator, token_rewards)
 
-    def _sepo_step(self, inputs, policy_logps, shift_mask, model_kwargs, labels):
-        """SePO on one batch: no reference forward; rewards logged are `u(y_w)` and `u(y_l)`."""
+    def _score_mask(self, inputs: dict) -> torch.Tensor:
+        """SePO's kept tokens `(2B, T-1)`: they follow from the stored oracle rewards alone, so the policy's LM head
+        projects only them."""
         if self._stored_batch_key not in inputs:
             raise ValueError(
                 "The batch carries no oracle token rewards. SePOTrainer scores them when it is built; pass the "
                 "dataset as train_dataset / eval_dataset rather than to a later call."
             )
+        shift_mask = inputs["completion_mask"][:, 1:].bool()
+        token_rewards = inputs[self._stored_batch_key].to(shift_mask.device)[:, -shift_mask.size(1) :]
+        chosen_rewards, rejected_rewards = token_rewards.chunk(2, dim=0)
+        chosen_mask, rejected_mask = shift_mask.chunk(2, dim=0)
+        keep = sepo_keep_masks(
+            chosen_rewards, rejected_rewards, chosen_mask=chosen_mask, rejected_mask=rejected_mask,
+            chosen_share=self.args.sepo_chosen_share, rejected_share=self.args.sepo_rejected_share,
+            rule=self.args.selection_rule, generator=self._selection_generator(),
+        )  # fmt: skip
+        return torch.cat(keep)  # (2B, T-1)
+
+    def _sepo_step(self, inputs, policy_logps, shift_mask, model_kwargs, labels, score_mask):
+        """SePO on one batch: no reference forward; rewards logged are `u(y_w)` and `u(y_l)`."""
         token_rewards = inputs[self._stored_batch_key].to(policy_logps.device)[:, -shift_mask.size(1) :]
         chosen_logps, rejected_logps = policy_logps.chunk(2, dim=0)  # (B, T-1) each
         chosen_rewards, rejected_rewards = token_rewards.chunk(2, dim=0)
@@ -673,8 +730,7 @@ class SePOTrainer(SelectiveDPOTrainer):
             rejected_share=self.args.sepo_rejected_share,
             beta=self.beta,
             gamma=self.args.sepo_gamma,
-            rule=self.args.selection_rule,
-            generator=self._selection_generator(),
+            keep=score_mask.chunk(2, dim=0),
         )
         return result, result.chosen_rewards, result.rejected_rewards
 
