@@ -11,15 +11,18 @@ in one process on the same pairs:
 2. `first`: the first model against a new reference: scoring and storing the reference, then the policy;
 3. `second`: another model against the same reference: the policy alone, the reference read back.
 
-Every call builds its trainer as `selective-po eval` does and times `evaluate_preferences` plus the
-trainer's construction (where the reference is scored). The "second model" is the bundled model with
-a little noise on its weights: what is timed does not depend on what the weights learned.
+Each evaluation runs in a fresh process, as each `selective-po eval` call does, builds its trainer
+as `eval` does, and times the trainer's construction (where the reference is scored or its stored
+values found) plus `evaluate_preferences`. The models evaluated are the bundled model with a little
+noise on its weights: what is timed does not depend on what the weights learned.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -57,28 +60,49 @@ def timed_evaluation(model: str, reference: str, rows, *, stored: bool, cache: s
     return time.perf_counter() - start, summary
 
 
+def evaluate_in_fresh_process(mode: str, model: str, reference: str, cache: str, opts) -> tuple[float, dict]:
+    command = [sys.executable, __file__, "--one", mode, "--model", model, "--reference", reference, "--cache", cache,
+               "--pairs", str(opts.pairs), "--batch_size", str(opts.batch_size)]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"the {mode} evaluation failed:\n{result.stderr[-3000:]}")
+    answer = json.loads(result.stdout.strip().splitlines()[-1])
+    return answer["seconds"], answer["summary"]
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pairs", type=int, default=64)
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--output_json")
+    parser.add_argument("--one", choices=("live", "first", "second"), help=argparse.SUPPRESS)
+    parser.add_argument("--model", help=argparse.SUPPRESS)
+    parser.add_argument("--reference", help=argparse.SUPPRESS)
+    parser.add_argument("--cache", help=argparse.SUPPRESS)
     opts = parser.parse_args()
-    reference = resolve_model_path(DEFAULT_MODEL)
     rows = load_preference_dataset("arithmetic", split="test").select(range(opts.pairs))
+    if opts.one:  # one evaluation, in this fresh process
+        seconds, summary = timed_evaluation(opts.model, opts.reference, rows, stored=opts.one != "live", cache=opts.cache,
+                                            batch_size=opts.batch_size)  # fmt: skip
+        print(json.dumps({"seconds": seconds, "summary": summary}))
+        return
+    reference = resolve_model_path(DEFAULT_MODEL)
     with tempfile.TemporaryDirectory() as tmp:
         first, second = noisy_copy(reference, f"{tmp}/a", 1e-3), noisy_copy(reference, f"{tmp}/b", 2e-3)
         cache = f"{tmp}/cache"
-        figures = {}
-        figures["live"], live = timed_evaluation(second, reference, rows, stored=False, cache=cache, batch_size=opts.batch_size)
-        figures["first"], _ = timed_evaluation(first, reference, rows, stored=True, cache=cache, batch_size=opts.batch_size)
-        figures["second"], now = timed_evaluation(second, reference, rows, stored=True, cache=cache, batch_size=opts.batch_size)
-    print(f"{opts.pairs} held-out pairs, batches of {opts.batch_size}, {torch.get_num_threads()} threads")
+        figures, summaries = {}, {}
+        for mode, model in (("live", second), ("first", first), ("second", second)):
+            figures[mode], summaries[mode] = evaluate_in_fresh_process(mode, model, reference, cache, opts)
+    print(f"{opts.pairs} held-out pairs, batches of {opts.batch_size}, {torch.get_num_threads()} threads, each evaluation in a fresh process")
     for name, seconds in figures.items():
         print(f"  {name:<8}{seconds:8.1f} s")
     print(f"second model now vs live: {figures['live'] / figures['second']:.2f}x faster")
-    print(f"same results: live {live}, now {now}")
+    print(f"same results: live {summaries['live']}, now {summaries['second']}")
     if opts.output_json:
-        Path(opts.output_json).write_text(json.dumps({"pairs": opts.pairs, "seconds": figures, "live": live, "stored": now}, indent=2))
+        Path(opts.output_json).write_text(json.dumps(
+            {"pairs": opts.pairs, "fresh_process_each": True, "seconds": figures, "live": summaries["live"], "stored": summaries["second"]},
+            indent=2,
+        ))  # fmt: skip
 
 
 if __name__ == "__main__":
