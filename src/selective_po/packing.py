@@ -96,12 +96,11 @@ def pack_pairs(input_ids: Tensor, attention_mask: Tensor, completion_mask: Tenso
         # Position t predicts token t + 1 of its own row; the first completion token of each side is predicted
         # by the prompt's end (for chosen: the real one; for rejected: its copy), or by nothing if no prompt.
         first = 0 if p > 0 else 1
-        for k in range(first, c):
-            labels[i, p - 1 + k], chosen_targets[i, p - 1 + k] = chosen[k], True
-        start = p + c  # the rejected segment
-        for k in range(first, len(rejected)):
-            position = start + k if p > 0 else start + k - 1
-            labels[i, position], rejected_targets[i, position] = rejected[k], True
+        chosen_span = slice(p - 1 + first, max(p - 1 + c, p - 1 + first))  # never a negative end
+        labels[i, chosen_span], chosen_targets[i, chosen_span] = chosen[first:], True
+        start = p + c  # the rejected segment; its first position is the prompt end's copy (or, with no prompt, a token)
+        rejected_span = slice(start, start + len(rejected) - first)
+        labels[i, rejected_span], rejected_targets[i, rejected_span] = rejected[first:], True
 
     prompt_len = torch.tensor(prompt_lengths).view(-1, 1, 1)
     split = prompt_len + torch.tensor(chosen_lengths).view(-1, 1, 1)  # where the rejected segment starts
