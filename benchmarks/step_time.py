@@ -3,6 +3,7 @@
     python benchmarks/step_time.py                                  # bundled model and data, 4 pairs per step
     python benchmarks/step_time.py --shape chat --output_json out.json
     python benchmarks/step_time.py --methods sigmoid,sdpo-shared --profile sdpo-shared
+    python benchmarks/step_time.py --model FOLDER --random_init --config_overrides num_hidden_layers=24,hidden_size=2048
 
 Rows (`--methods` picks some):
 
@@ -22,7 +23,13 @@ does per optimizer step: forward and backward through `training_step`, then the 
 `--shape chat` makes the responses about 3x longer (the prompt about 20% of each row instead of
 about 43%), as in chat preference data.
 
-Peak memory: on CUDA, `max_memory_allocated` around each row's steps. On a CPU there is no
+`--random_init` builds the model from the folder's `config.json` (with `--config_overrides`) and random
+weights, and takes the tokenizer from the same folder: a step's time depends on the architecture and
+the shapes, not on the weights' values (each row keeps a fixed share of tokens), so a larger
+architecture can be timed on a machine that has only its config and tokenizer.
+
+Peak memory: on CUDA, each row's own resident tensors (policy, reference, optimizer state) plus
+the most its step allocates above what was resident when the step began (`max_memory_allocated`). On a CPU there is no
 per-allocation counter and one process's resident set mixes all rows, so each row also runs alone
 in a fresh subprocess (3 steps) and its peak resident set (`VmHWM`) is reported.
 
@@ -102,11 +109,40 @@ def chat_shape(dataset):
     return dataset.map(lengthen)
 
 
-def load(opts):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def parse_overrides(text: str | None) -> dict:
+    """`key=value,key=value` -> config fields, values read as int, float or bool where they parse."""
+    overrides = {}
+    for item in filter(None, (text or "").split(",")):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--config_overrides: {item!r} is not key=value")
+        for cast in (int, float):
+            try:
+                value = cast(value)
+                break
+            except ValueError:
+                continue
+        overrides[key.strip()] = {"true": True, "false": False}.get(value, value) if isinstance(value, str) else value
+    return overrides
+
+
+def load(opts, tmpdir: str):
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     path = resolve_model_path(opts.model)
     dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    if opts.random_init:
+        config = AutoConfig.from_pretrained(path)
+        for key, value in parse_overrides(opts.config_overrides).items():
+            if not hasattr(config, key):
+                raise SystemExit(f"--config_overrides: {type(config).__name__} has no field {key!r}")
+            setattr(config, key, value)
+        # Saved as a checkpoint, because TRL loads a live reference from the policy's path.
+        AutoModelForCausalLM.from_config(config, dtype=dtype).save_pretrained(f"{tmpdir}/random_init")
+        AutoTokenizer.from_pretrained(path).save_pretrained(f"{tmpdir}/random_init")
+        path = f"{tmpdir}/random_init"
+    elif opts.config_overrides:
+        raise SystemExit("--config_overrides needs --random_init (a trained checkpoint's shapes are fixed)")
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     tokenizer = AutoTokenizer.from_pretrained(path)
     needed = (opts.warmup + opts.steps) * opts.batch_size
@@ -152,7 +188,7 @@ def timed_step(trainer, optimizer, batch) -> float:
 
 
 def build_all(opts, methods, tmpdir):
-    model, tokenizer, data = load(opts)
+    model, tokenizer, data = load(opts, tmpdir)
     oracle_dirs = oracles(model, tokenizer, tmpdir) if "sepo-stored" in methods else {}
     trainers = {m: build_trainer(m, copy.deepcopy(model), tokenizer, data, opts, f"{tmpdir}/{m}", oracle_dirs) for m in methods}
     optimizers = {}
@@ -162,6 +198,14 @@ def build_all(opts, methods, tmpdir):
     for method, trainer in trainers.items():
         optimizers[method] = trainer.create_optimizer()
     return trainers, optimizers
+
+
+def resident_bytes(trainer, optimizer) -> int:
+    """Bytes a row keeps on the GPU between steps: its policy, its reference (if any) and its optimizer state."""
+    reference = getattr(trainer, "ref_model", None)
+    tensors = list(trainer.model.parameters()) + (list(reference.parameters()) if reference is not None else [])
+    tensors += [t for state in optimizer.state.values() for t in state.values() if torch.is_tensor(t)]
+    return sum(t.numel() * t.element_size() for t in tensors if t.device.type == "cuda")
 
 
 def run(opts, methods, tmpdir):
@@ -176,13 +220,16 @@ def run(opts, methods, tmpdir):
         for method in methods:
             if torch.cuda.is_available():
                 torch.cuda.reset_peak_memory_stats()
+                before = torch.cuda.memory_allocated()
             elapsed = timed_step(trainers[method], optimizers[method], batches[method][i])
             if torch.cuda.is_available():
-                peaks[method] = max(peaks[method], torch.cuda.max_memory_allocated())
+                own = resident_bytes(trainers[method], optimizers[method])
+                peaks[method] = max(peaks[method], own + torch.cuda.max_memory_allocated() - before)
             if i >= opts.warmup:
                 times[method].append(elapsed)
             print(f"step {i:>3} {method:>18}: {elapsed:6.2f} s  ({tokens[i]} tokens)", file=sys.stderr, flush=True)
-    return times, peaks, tokens, share
+    parameters = sum(p.numel() for p in trainers[methods[0]].model.parameters())
+    return times, peaks, tokens, share, parameters
 
 
 def profile(opts, method, tmpdir) -> None:
@@ -217,6 +264,8 @@ def peak_rss_alone(method: str, opts) -> float:
     command = [sys.executable, __file__, "--only", method, "--steps", str(min(opts.steps, 3)), "--warmup", "1"]
     command += ["--model", opts.model, "--dataset", opts.dataset, "--batch_size", str(opts.batch_size), "--shape", opts.shape]
     command += ["--max_length", str(opts.max_length), "--threshold", str(opts.threshold)]
+    if opts.random_init:
+        command += ["--random_init", "--config_overrides", opts.config_overrides or ""]
     result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
     if result.returncode != 0:
         raise RuntimeError(f"memory run of {method} failed:\n{result.stderr[-3000:]}")
@@ -235,6 +284,8 @@ def main():
     parser.add_argument("--max_length", type=int, default=1024)
     parser.add_argument("--threshold", type=float, default=0.6)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--random_init", action="store_true", help="random weights from the model folder's config (timing only)")
+    parser.add_argument("--config_overrides", help="with --random_init: config fields to change, e.g. num_hidden_layers=24,hidden_size=2048")
     parser.add_argument("--profile", help="also print a torch.profiler table of this row")
     parser.add_argument("--output_json", help="write the figures here")
     parser.add_argument("--only", choices=METHODS, help=argparse.SUPPRESS)
@@ -250,7 +301,7 @@ def main():
             run(opts, (opts.only,), tmpdir)
             print(json.dumps({"peak_rss_gib": peak_rss_kib() / 2**20}))
             return
-        times, peaks, tokens, share = run(opts, methods, tmpdir)
+        times, peaks, tokens, share, parameters = run(opts, methods, tmpdir)
         if opts.profile:
             profile(opts, opts.profile, tmpdir)
 
@@ -261,7 +312,8 @@ def main():
         peaks = {m: peak_rss_alone(m, opts) * 2**30 for m in methods}
         memory_label = "peak RSS alone (GiB)"
     median = {m: statistics.median(times[m]) for m in methods}
-    print(f"\n{opts.model} on {device}; shape {opts.shape}: {opts.batch_size} pairs/step, median {statistics.median(tokens)} "
+    weights = f"random weights, {parameters / 1e6:.0f}M parameters" if opts.random_init else f"{parameters / 1e6:.0f}M parameters"
+    print(f"\n{opts.model} ({weights}) on {device}; shape {opts.shape}: {opts.batch_size} pairs/step, median {statistics.median(tokens)} "
           f"tokens/step, prompt {share:.0%} of each row's tokens; {opts.steps} timed steps per row after {opts.warmup} "
           "warm-up, alternating")  # fmt: skip
     print(f"{'row':<20}{'median step (s)':>16}{'min':>8}{'max':>8}{memory_label:>23}   vs sigmoid")
@@ -271,6 +323,9 @@ def main():
     if opts.output_json:
         result = {
             "device": device, "torch": torch.__version__, "model": opts.model, "shape": opts.shape,
+            "weights": "random init (timing only)" if opts.random_init else "pretrained",
+            "config_overrides": parse_overrides(opts.config_overrides),
+            "parameters": parameters,
             "pairs_per_step": opts.batch_size, "median_tokens_per_step": statistics.median(tokens), "prompt_share": share,
             "timed_steps": opts.steps, "warmup_steps": opts.warmup, "memory": memory_label,
             "methods": {m: {"median_step_s": median[m], "min_step_s": min(times[m]), "max_step_s": max(times[m]),

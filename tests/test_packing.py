@@ -23,17 +23,23 @@ def examples(generator, vocab: int) -> list[dict]:
     return [{"prompt_ids": draw(p), "chosen_ids": draw(c), "rejected_ids": draw(r)} for p, c, r in shapes]
 
 
+CUDA = pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"))
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])
 @pytest.mark.parametrize("implementation, mask_kind", [("sdpa", "bool"), ("eager", "additive")])
 @pytest.mark.parametrize("seed", [0, 1])
-def test_packed_pairs_equal_two_rows_in_values_and_gradients(implementation, mask_kind, seed):
+def test_packed_pairs_equal_two_rows_in_values_and_gradients(implementation, mask_kind, seed, device):
+    """On CUDA the two-row path is TRL's own compact kernel, so this also checks the packed row against it."""
     tokenizer = build_tokenizer()
-    model = build_model(tokenizer, seed=seed).float()
+    model = build_model(tokenizer, seed=seed).float().to(device)
     model.config._attn_implementation = implementation
     add_fused_lm_head(model, outputs=OUTPUTS)
     batch = DataCollatorForPreference(pad_token_id=0)(examples(torch.Generator().manual_seed(seed), len(tokenizer)))
+    batch = {k: v.to(device) for k, v in batch.items()}
     labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
     mask = batch["completion_mask"][:, 1:].bool()
-    weights = torch.linspace(0.5, 1.5, mask.numel()).view(mask.shape)
+    weights = torch.linspace(0.5, 1.5, mask.numel(), device=device).view(mask.shape)
 
     results = []
     for shared in (False, True):
