@@ -17,7 +17,7 @@ COMMON = dict(report_to="none", per_device_train_batch_size=4, max_length=64, di
 def one_batch_loss(trainer, n=4):
     """Loss and gradients of one fixed batch, and the metrics it logged."""
     trainer.model.train()
-    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(n)])
+    batch = trainer._prepare_inputs(trainer.data_collator([trainer.train_dataset[i] for i in range(n)]))  # to its device
     trainer.model.zero_grad()
     loss = trainer.compute_loss(trainer.model, batch)
     loss.backward()
