@@ -21,7 +21,8 @@ All trainers are built in one process on the same model and rows, and their step
 (one step of each row in turn), so drift in machine load hits all alike. A step is what `Trainer`
 does per optimizer step: forward and backward through `training_step`, then the optimizer step.
 `--shape chat` makes the responses about 3x longer (the prompt about 20% of each row instead of
-about 43%), as in chat preference data.
+about 43%), as in chat preference data; `--shape long` makes rows of about 900 tokens, the prompt
+about 30% of each, for GPUs, where short rows leave the step bound by kernel launches.
 
 `--random_init` builds the model from the folder's `config.json` (with `--config_overrides`) and random
 weights, and takes the tokenizer from the same folder: a step's time depends on the architecture and
@@ -100,11 +101,22 @@ def build_trainer(method: str, model, tokenizer, dataset, opts, output_dir: str,
     return SelectiveDPOTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
 
 
-def chat_shape(dataset):
-    """Responses three times as long (the explanation repeated), as in chat data where the prompt is a small share."""
+# shape -> (times each prompt message is repeated, times each response message is repeated)
+SHAPES = {"arithmetic": (1, 1), "chat": (1, 3), "long": (20, 12)}
+
+
+def reshape(dataset, shape: str):
+    """Longer rows by repeating each message's text: `chat` makes responses 3x as long (prompt about 20% of
+    a row, as in chat preference data); `long` makes rows of about 900 tokens with the prompt about 30%."""
+    prompt_times, response_times = SHAPES[shape]
+    if (prompt_times, response_times) == (1, 1):
+        return dataset
+
+    def repeat(messages, times):
+        return [{**m, "content": " ".join([m["content"]] * times)} for m in messages]
 
     def lengthen(row):
-        return {side: [{**m, "content": " ".join([m["content"]] * 3)} for m in row[side]] for side in ("chosen", "rejected")}
+        return {"prompt": repeat(row["prompt"], prompt_times), **{side: repeat(row[side], response_times) for side in ("chosen", "rejected")}}
 
     return dataset.map(lengthen)
 
@@ -148,7 +160,7 @@ def load(opts, tmpdir: str):
     needed = (opts.warmup + opts.steps) * opts.batch_size
     data = load_preference_dataset(opts.dataset, split="train")
     data = data.select(range(min(needed, len(data))))
-    return model, tokenizer, chat_shape(data) if opts.shape == "chat" else data
+    return model, tokenizer, reshape(data, opts.shape)
 
 
 def oracles(model, tokenizer, tmpdir: str) -> dict:
@@ -276,7 +288,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--dataset", default="arithmetic")
-    parser.add_argument("--shape", choices=("arithmetic", "chat"), default="arithmetic", help="`chat`: 3x longer responses")
+    parser.add_argument("--shape", choices=tuple(SHAPES), default="arithmetic", help="`chat`: 3x longer responses; `long`: ~900-token rows")
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated rows; sigmoid is always run")
     parser.add_argument("--steps", type=int, default=10, help="timed steps per row")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per row first")
