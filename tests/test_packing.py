@@ -98,6 +98,13 @@ def test_on_by_default_where_exact_and_refused_where_not(tmp_path, tiny_model_di
     args = SelectiveDPOConfig(output_dir=str(tmp_path), share_prompt=True, truncation_mode="keep_end", **COMMON)
     with pytest.raises(ValueError, match="share_prompt=True is not exact here: truncation_mode='keep_end'"):
         SelectiveDPOTrainer(model=tiny_model_dir, args=args, train_dataset=preference_dataset())
+    # On a GPU the default is two rows (measured slower packed); True still packs there.
+    gpu = torch.device("cuda")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(type(default.accelerator), "device", property(lambda self: gpu))
+        assert default._resolve_share_prompt() is None
+        default.args.share_prompt = True
+        assert default._resolve_share_prompt() == "bool"
     config = build_model(build_tokenizer()).config
     config._attn_implementation = "flash_attention_2"
     assert "flash_attention_2" in share_prompt_problem(model_config=config, truncation_mode="keep_start", padding_free=False,

@@ -125,9 +125,10 @@ class SelectiveDPOConfig(DPOConfig):
         metadata={
             "help": "Run each pair as one row [prompt; chosen; rejected] in which the rejected tokens cannot see the "
             "chosen ones, so the prompt is computed once (policy, live reference and scoring) instead of twice; the "
-            "log-probs equal the two-row path up to float rounding. None: on wherever that is exact (sdpa or eager "
-            "attention, truncation_mode keep_start, no sliding-window or mixture-of-experts layers, text only). True: "
-            "required, an error where not exact. Applies to the selective losses; TRL's losses run as in TRL."
+            "log-probs equal the two-row path up to float rounding. None: on for CPU processes wherever that is exact "
+            "(sdpa or eager attention, truncation_mode keep_start, no sliding-window or mixture-of-experts layers, "
+            "text only), off on GPUs, where it was measured slower (docs/performance.md). True: required, an error "
+            "where not exact. Applies to the selective losses; TRL's losses run as in TRL."
         },
     )
     plot_curves: bool = field(

@@ -141,6 +141,10 @@ class SelectiveDPOTrainer(DPOTrainer):
         """The attention-mask form of the shared-prompt forward, or `None` when pairs run as two rows."""
         if self.args.share_prompt is False or not self.args.uses_selection:
             return None
+        if self.args.share_prompt is None and self.accelerator.device.type != "cpu":
+            # Measured on an H200 (docs/performance.md): packed steps saved memory but were 0-8% slower than
+            # two rows, so the default is two rows there; True still packs.
+            return None
         model = self.model.get_base_model() if is_peft_model(self.model) else self.model
         prompt_learning = is_peft_model(self.model) and any(
             getattr(config, "is_prompt_learning", False) for config in self.model.peft_config.values()
