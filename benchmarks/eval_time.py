@@ -13,7 +13,9 @@ in one process on the same pairs:
 
 Each evaluation runs in a fresh process, as each `selective-po eval` call does, builds its trainer
 as `eval` does, and times the trainer's construction (where the reference is scored or its stored
-values found) plus `evaluate_preferences`. The models evaluated are the bundled model with a little
+values found) plus `evaluate_preferences`. `first` runs once (it stores the reference); `live` and
+`second` then alternate `--repeats` times and their medians are compared, because one evaluation's
+time on this machine moves by 10-20% from run to run. The models evaluated are the bundled model with a little
 noise on its weights: what is timed does not depend on what the weights learned.
 """
 
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -74,6 +77,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pairs", type=int, default=64)
     parser.add_argument("--batch_size", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=3, help="live and second evaluations, alternating")
     parser.add_argument("--output_json")
     parser.add_argument("--one", choices=("live", "first", "second"), help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
@@ -90,17 +94,22 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         first, second = noisy_copy(reference, f"{tmp}/a", 1e-3), noisy_copy(reference, f"{tmp}/b", 2e-3)
         cache = f"{tmp}/cache"
-        figures, summaries = {}, {}
-        for mode, model in (("live", second), ("first", first), ("second", second)):
-            figures[mode], summaries[mode] = evaluate_in_fresh_process(mode, model, reference, cache, opts)
+        runs, summaries = {"first": [], "live": [], "second": []}, {}
+        schedule = [("first", first)] + [(mode, second) for _ in range(opts.repeats) for mode in ("live", "second")]
+        for mode, model in schedule:
+            seconds, summaries[mode] = evaluate_in_fresh_process(mode, model, reference, cache, opts)
+            runs[mode].append(seconds)
+            print(f"  {mode:<8}{seconds:8.1f} s", file=sys.stderr, flush=True)
+    figures = {mode: statistics.median(times) for mode, times in runs.items()}
     print(f"{opts.pairs} held-out pairs, batches of {opts.batch_size}, {torch.get_num_threads()} threads, each evaluation in a fresh process")
     for name, seconds in figures.items():
-        print(f"  {name:<8}{seconds:8.1f} s")
-    print(f"second model now vs live: {figures['live'] / figures['second']:.2f}x faster")
+        print(f"  {name:<8}{seconds:8.1f} s   (median of {', '.join(f'{t:.1f}' for t in runs[name])})")
+    print(f"second model now vs live: {figures['live'] / figures['second']:.2f}x faster (medians)")
     print(f"same results: live {summaries['live']}, now {summaries['second']}")
     if opts.output_json:
         Path(opts.output_json).write_text(json.dumps(
-            {"pairs": opts.pairs, "fresh_process_each": True, "seconds": figures, "live": summaries["live"], "stored": summaries["second"]},
+            {"pairs": opts.pairs, "fresh_process_each": True, "seconds": figures, "runs": runs,
+             "live": summaries["live"], "stored": summaries["second"]},
             indent=2,
         ))  # fmt: skip
 

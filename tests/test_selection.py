@@ -149,3 +149,15 @@ def test_confidence_keeps_tokens_below_the_mean_probability():
     assert keep.tolist() == [[False, True, True, False, False], [False, False, False, False, False]]
     reference = mask & (probs < (probs * mask).sum(-1, keepdim=True) / mask.sum(-1, keepdim=True))
     assert torch.equal(keep[0], reference[0])
+
+
+def test_spans_keep_the_given_tokens_inside_the_response_only():
+    from selective_po.selection import select_tokens
+
+    mask = torch.tensor([[False, True, True, True], [True, True, False, False]])
+    given = torch.tensor([[True, True, False, True], [False, False, True, False]])  # some outside the response
+    scores = torch.randn(mask.shape)
+    keep = select_tokens(scores, mask, keep_share=0.4, rule="spans", given=given)
+    assert keep.tolist() == [[False, True, False, True], [False, False, False, False]]  # an empty row keeps nothing
+    with pytest.raises(ValueError, match="rule='spans' needs the tokens the data names"):
+        select_tokens(scores, mask, keep_share=0.4, rule="spans")

@@ -116,6 +116,7 @@ def test_oracle_with_another_vocabulary_is_an_error(tmp_path, tiny_model_dir, or
         ({"loss_type": "sdpo"}, r"Unknown loss_type \['sdpo'\]. Allowed: sepo"),
         ({"selection_rule": "best"}, "selection_rule='best' is unknown"),
         ({"selection_rule": "confidence"}, "selection_rule='confidence' is not implemented for SePO yet"),
+        ({"selection_rule": "spans"}, "selection_rule='spans' is not implemented for SePO yet"),
         ({"sdpo_count_rule": "quantile"}, "sdpo_count_rule applies to Selective-DPO"),
         ({"sdpo_count_rule": "floor"}, "sdpo_count_rule='floor' is unknown"),
     ],

@@ -169,3 +169,20 @@ def map_completion_values(
         receivers = receivers if len(receivers) else (fallback if len(fallback) else np.arange(len(out))[:1])
         out[receivers] += source_values[s_idx].sum() / len(receivers)
     return out
+
+
+def span_token_mask(tokenizer, completion_ids: Sequence[int], content: str, *spans: tuple[int, int]) -> np.ndarray:
+    """Which completion tokens overlap any of the character `spans` of the message `content`.
+
+    Returns:
+        bool array, one entry per completion token.
+    """
+    text, offsets = completion_offsets(tokenizer, completion_ids)
+    begin = text.find(content)
+    if begin < 0:
+        raise ValueError(f"The response text is not found in its rendering {text!r}.")
+    keep = np.zeros(len(offsets), dtype=bool)
+    for lo, hi in spans:
+        lo, hi = begin + lo, begin + hi
+        keep |= np.array([start < hi and end > lo and end > start for start, end in offsets], dtype=bool)
+    return keep

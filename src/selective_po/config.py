@@ -100,7 +100,10 @@ class SelectiveDPOConfig(DPOConfig):
             "help": "How tokens are selected: `scores` (the method), a control: `random` (the same number of "
             "tokens per response, drawn uniformly with a seed derived from `seed`) or `all` (every response token), or "
             "`confidence` (ConfPO, arXiv 2506.08712: the tokens whose policy probability is below their response's mean "
-            "token probability; no second model scores them, and sdpo_threshold is unused)."
+            "token probability; no second model scores them, and sdpo_threshold is unused), or `spans`: the tokens the "
+            "data names, kept exactly (columns chosen_spans/rejected_spans: lists of [start, end) character spans of the "
+            "response text; chosen_span/rejected_span: one span; or chosen_token_mask/rejected_token_mask: 0/1 per "
+            "response token; sdpo_threshold is unused)."
         },
     )
     sdpo_count_rule: str = field(
@@ -280,9 +283,9 @@ class SePOConfig(SelectiveDPOConfig):
                 f"SePO needs {' and '.join(missing)}: the oracle (a model DPO-trained on the target data) and the model "
                 "it was trained from. Train one with `selective-po train --loss_type sigmoid ...` first."
             )
-        if self.selection_rule == "confidence":
+        if self.selection_rule in ("confidence", "spans"):
             raise ValueError(
-                "selection_rule='confidence' is not implemented for SePO yet (its kept tokens come from the oracle's "
+                f"selection_rule={self.selection_rule!r} is not implemented for SePO yet (its kept tokens come from the oracle's "
                 "rewards); use it with SelectiveDPOConfig (loss_type='sdpo'), or selection_rule='scores' here."
             )
         if self.sdpo_count_rule != "ceil":

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .alignment import completion_offsets
+from .alignment import span_token_mask
 from .intervals import bootstrap_interval  # noqa: F401  (re-exported: part of this module's API)
 from .losses import masked_sum, select_sdpo_tokens
 from .models import generate_completions
@@ -124,20 +124,6 @@ def _mark_tokens(tokenizer, ids: list[int], keep: list[bool], *, color: bool) ->
             piece = f"\033[7m{piece}\033[0m" if color else f"⟦{piece}⟧"
         pieces.append(piece)
     return "".join(pieces).replace("\n", "\\n")
-
-
-def span_token_mask(tokenizer, completion_ids: list[int], content: str, span: tuple[int, int]) -> np.ndarray:
-    """Which completion tokens overlap the characters `span` of the message `content`.
-
-    Returns:
-        bool array, one entry per completion token.
-    """
-    text, spans = completion_offsets(tokenizer, completion_ids)
-    begin = text.find(content)
-    if begin < 0:
-        raise ValueError(f"The response text is not found in its rendering {text!r}.")
-    lo, hi = begin + span[0], begin + span[1]
-    return np.array([start < hi and end > lo and end > start for start, end in spans], dtype=bool)
 
 
 @torch.no_grad()

@@ -86,6 +86,8 @@ def select_sdpo_tokens(
     rule: str = "scores",
     generator: torch.Generator | None = None,
     count_rule: str = "ceil",
+    chosen_given: Tensor | None = None,
+    rejected_given: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Score every response token and keep the top `1 - threshold` share of each response.
 
@@ -97,6 +99,8 @@ def select_sdpo_tokens(
             (ConfPO's `1 - p` policy scores, kept above their response's mean; `threshold` unused).
         count_rule: How many tokens `scores` keeps: `ceil` (`ceil((1 - q) n)`) or `quantile` (at or
             above the `q` quantile, as the official code).
+        chosen_given, rejected_given: Shape `(B, T)`, bool. With `rule="spans"`, the tokens the data
+            names; they are kept exactly (`threshold` unused), and the scores are only reported.
 
     Returns:
         `(chosen_scores, rejected_scores, chosen_keep, rejected_keep)`, each `(B, T)`; scores float32
@@ -111,8 +115,8 @@ def select_sdpo_tokens(
             policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps
         )
     select = dict(keep_share=1.0 - threshold, rule=rule, generator=generator, count_rule=count_rule)
-    chosen_keep = select_tokens(chosen_scores, chosen_mask, **select)  # (B, T)
-    rejected_keep = select_tokens(rejected_scores, rejected_mask, **select)  # (B, T)
+    chosen_keep = select_tokens(chosen_scores, chosen_mask, given=chosen_given, **select)  # (B, T)
+    rejected_keep = select_tokens(rejected_scores, rejected_mask, given=rejected_given, **select)  # (B, T)
     return chosen_scores, rejected_scores, chosen_keep, rejected_keep
 
 
@@ -166,6 +170,8 @@ def selective_dpo_loss(
     rule: str = "scores",
     generator: torch.Generator | None = None,
     count_rule: str = "ceil",
+    chosen_given: Tensor | None = None,
+    rejected_given: Tensor | None = None,
 ) -> SelectiveDPOOutput:
     """Selective-DPO loss: DPO on the top `1 - threshold` share of tokens of each response.
 
@@ -179,8 +185,9 @@ def selective_dpo_loss(
         threshold: `sdpo_threshold` `q` in `[0, 1)`; the top `1 - q` share of tokens is kept.
         beta: DPO's inverse temperature.
         label_smoothing: cDPO's label-flip probability.
-        rule: `scores`, a control (`random`, seeded by `generator`, or `all`), or `confidence`.
+        rule: `scores`, a control (`random`, seeded by `generator`, or `all`), `confidence`, or `spans`.
         count_rule: `ceil` or `quantile` (see `select_sdpo_tokens`).
+        chosen_given, rejected_given: Shape `(B, T)`, bool: with `rule="spans"`, the tokens kept.
 
     Returns:
         A `SelectiveDPOOutput`; `losses` has shape `(B,)`.
@@ -196,6 +203,8 @@ def selective_dpo_loss(
         rule=rule,
         generator=generator,
         count_rule=count_rule,
+        chosen_given=chosen_given,
+        rejected_given=rejected_given,
     )
     chosen_logps = masked_sum(policy_chosen_logps, chosen_keep)
     rejected_logps = masked_sum(policy_rejected_logps, rejected_keep)

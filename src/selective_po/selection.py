@@ -70,7 +70,7 @@ def top_share_mask(scores: Tensor, completion_mask: Tensor, *, keep_share: float
 
 
 
-SELECTION_RULES = ("scores", "random", "all", "confidence")
+SELECTION_RULES = ("scores", "random", "all", "confidence", "spans")
 # How many tokens `scores` keeps: `ceil` (the module docstring) or `quantile` (the official Selective-DPO code).
 COUNT_RULES = ("ceil", "quantile")
 
@@ -151,9 +151,11 @@ def select_tokens(
     rule: str = "scores",
     generator: torch.Generator | None = None,
     count_rule: str = "ceil",
+    given: Tensor | None = None,
 ) -> Tensor:
-    """Keep mask `(B, T)` under a selection rule: by `scores` (highest first), `random`, `all`, or
-    `confidence` (`scores` are then `1 - p` of each token: keep those above the sequence's mean).
+    """Keep mask `(B, T)` under a selection rule: by `scores` (highest first), `random`, `all`,
+    `confidence` (`scores` are then `1 - p` of each token: keep those above the sequence's mean), or
+    `spans` (the tokens the data names, `given`: `(B, T)` bool).
 
     `random` and `all` are the controls that tell whether choosing by score helped. `count_rule`
     says how many tokens `scores` keeps: `ceil(keep_share * n)` or, with `quantile`, those at or
@@ -173,4 +175,8 @@ def select_tokens(
         return random_share_mask(completion_mask, keep_share=keep_share, generator=generator)
     if rule == "all":
         return completion_mask.bool().clone()
+    if rule == "spans":
+        if given is None:
+            raise ValueError("rule='spans' needs the tokens the data names (`given`, (B, T) bool).")
+        return given.bool() & completion_mask.bool()
     raise ValueError(f"Unknown selection rule {rule!r}; expected one of {SELECTION_RULES}.")

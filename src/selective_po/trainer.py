@@ -29,7 +29,7 @@ from trl import DPOTrainer
 from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import create_model_from_path, get_config_model_id, use_adapter
 
-from . import reference_cache, reference_scoring
+from . import reference_cache, reference_scoring, spans
 from .config import SelectiveDPOConfig, SePOConfig
 from .data import check_preference_dataset
 from .engines import check_engine
@@ -123,6 +123,8 @@ class SelectiveDPOTrainer(DPOTrainer):
             self.add_callback(TickingProgressCallback)
         if args.plot_curves:
             self.add_callback(PlotCurvesCallback())
+        if args.uses_selection and args.selection_rule == "spans":
+            self.data_collator = spans.SelectionMaskCollator(self.data_collator, truncation_mode=args.truncation_mode)
         if self.precompute_ref_logps and args.uses_selection:
             self.data_collator = reference_cache.PerTokenReferenceCollator(
                 self.data_collator, columns=self._stored_columns, output_key=self._stored_batch_key
@@ -188,6 +190,9 @@ class SelectiveDPOTrainer(DPOTrainer):
                 f"prompts of max_length={args.max_length} tokens or more, so none of their response tokens would be "
                 "trained on. Raise max_length, or shorten or remove those prompts."
             )
+        if args.uses_selection and args.selection_rule == "spans":
+            tokenizer = processing_class.tokenizer if isinstance(processing_class, ProcessorMixin) else processing_class
+            prepared = spans.add_selection_masks(prepared, tokenizer)
         return prepared
 
     @staticmethod
@@ -378,6 +383,9 @@ class SelectiveDPOTrainer(DPOTrainer):
         chosen_logps, rejected_logps = policy_logps.chunk(2, dim=0)  # (B, T-1) each
         ref_chosen_logps, ref_rejected_logps = ref_logps.chunk(2, dim=0)
         chosen_mask, rejected_mask = shift_mask.chunk(2, dim=0)
+        given = (None, None)
+        if self.args.selection_rule == "spans":
+            given = inputs[spans.BATCH_KEY].to(shift_mask.device)[:, -shift_mask.size(1) :].chunk(2, dim=0)
         result = selective_dpo_loss(
             chosen_logps,
             rejected_logps,
@@ -391,6 +399,8 @@ class SelectiveDPOTrainer(DPOTrainer):
             rule=self.args.selection_rule,
             generator=self._selection_generator(),
             count_rule=self.args.sdpo_count_rule,
+            chosen_given=given[0],
+            rejected_given=given[1],
         )
         with torch.no_grad():  # sums first, then the difference, in TRL's order
             logratios = masked_sum(policy_logps, shift_mask) - masked_sum(ref_logps, shift_mask)  # (2B,)
@@ -447,7 +457,8 @@ class SelectiveDPOTrainer(DPOTrainer):
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
-        self._signature_columns = list(dict.fromkeys(self._signature_columns + list(self._stored_columns)))
+        given = list(spans.MASK_COLUMNS) if self.args.selection_rule == "spans" else []
+        self._signature_columns = list(dict.fromkeys(self._signature_columns + list(self._stored_columns) + given))
 
     def _precompute_ref_logps(self, dataset, name: str, batch_size: int):
         """Attach per-token reference log-probs to a tokenized dataset, scoring only what is not cached.
@@ -526,8 +537,11 @@ class SelectiveDPOTrainer(DPOTrainer):
 
     @property
     def _policy_collator(self):
-        """TRL's collator, without the wrapper that adds stored values."""
-        return getattr(self.data_collator, "inner", self.data_collator)
+        """TRL's collator, without the wrappers that add stored values and selection masks."""
+        collator = self.data_collator
+        while hasattr(collator, "inner"):
+            collator = collator.inner
+        return collator
 
     def _load_scorer(self) -> reference_cache.RowScorer:
         """`rows -> per-token reference log-probs`, with the reference loaded (and engine-prepared) for scoring only."""
