@@ -1,0 +1,389 @@
+"""`selective-po compare`: train several methods for several seeds from one start, measure each on the
+same held-out pairs (and prompts) against one reference, and report every metric with paired bootstrap
+95% intervals of its difference to a baseline method.
+
+One YAML file describes the grid (see `example_config` and the README):
+
+    model: smollm2-135m-instruct      # every run starts from it; also the default evaluation reference
+    dataset: arithmetic               # `train_split` trains, `eval_split` is held out
+    seeds: [0, 1, 2]
+    baseline: dpo
+    training: {max_steps: 20, per_device_train_batch_size: 4, learning_rate: 1.0e-5, beta: 0.1}
+    methods:
+      dpo: {loss_type: sigmoid}
+      sdpo: {sdpo_threshold: 0.6}
+      sdpo-dpo-ref: {ref_model_name_or_path: "@dpo"}    # the dpo run of the same seed
+      random: {selection_rule: random, seeds: [0]}       # a control on fewer seeds
+
+`@name` in a method's fields is the model that method trained with the same seed (`@base`: the
+start model), so a DPO-trained reference or a SePO oracle is trained first, within the grid.
+
+Runs with the same seed see the same data order (TRL shuffles with `seed`). Every run is measured
+with the same evaluation reference and `eval_beta`, its per-token values stored once for all. A run
+leaves `trained.json` when its model is saved and `result.json` when it is measured (each written
+whole or not at all); training saves checkpoints and resumes from the last complete one, so the grid
+can be killed at any point and run again. Outputs in `output_dir`: `compare.md`, `compare.json`,
+`compare.png`.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from .files import atomic_write
+from .intervals import paired_bootstrap_interval
+from .progress import bar
+
+TOP_LEVEL = {
+    "model", "dataset", "train_split", "eval_split", "train_pairs", "eval_pairs", "prompts", "max_new_tokens", "seeds",
+    "baseline", "output_dir", "reference", "eval_beta", "training", "methods",
+}  # fmt: skip
+PAIR_METRICS = ("likelihood_accuracy", "reward_accuracy", "mean_margin")
+PROMPT_METRICS = {"arithmetic": "greedy_accuracy_arithmetic", "ifeval": "ifeval_pass_rate"}
+PERCENT = {"likelihood_accuracy", "reward_accuracy", *PROMPT_METRICS.values()}
+
+
+@dataclass
+class Method:
+    name: str
+    fields: dict
+    seeds: list[int]
+
+    def depends_on(self) -> set[str]:
+        return {v[1:] for v in self.fields.values() if isinstance(v, str) and v.startswith("@") and v != "@base"}
+
+
+@dataclass
+class CompareConfig:
+    model: str
+    dataset: str
+    methods: list[Method]
+    seeds: list[int]
+    baseline: str
+    output_dir: str = "outputs/compare"
+    train_split: str = "train"
+    eval_split: str = "test"
+    train_pairs: int = 0
+    eval_pairs: int = 0
+    prompts: int = 0
+    max_new_tokens: int = 96
+    reference: str | None = None
+    eval_beta: float = 0.1
+    training: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, **overrides) -> CompareConfig:
+        try:
+            raw = yaml.safe_load(Path(path).read_text()) or {}
+        except (OSError, yaml.YAMLError) as error:
+            raise ValueError(f"{path}: cannot read the compare config: {error}") from error
+        raw.update({k: v for k, v in overrides.items() if v is not None})
+        return cls.from_dict(raw, source=str(path))
+
+    @classmethod
+    def from_dict(cls, raw: dict, *, source: str = "compare config") -> CompareConfig:
+        unknown = sorted(set(raw) - TOP_LEVEL)
+        if unknown:
+            raise ValueError(f"{source}: unknown keys {unknown}; allowed: {sorted(TOP_LEVEL)}.")
+        for key in ("model", "dataset", "methods", "seeds", "baseline"):
+            if key not in raw:
+                raise ValueError(f"{source}: {key!r} is missing.")
+        seeds = raw["seeds"]
+        if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) for s in seeds):
+            raise ValueError(f"{source}: 'seeds' must be a non-empty list of integers, got {seeds!r}.")
+        if not isinstance(raw["methods"], dict) or not raw["methods"]:
+            raise ValueError(f"{source}: 'methods' must map method names to their config fields.")
+        methods = []
+        for name, spec in raw["methods"].items():
+            spec = dict(spec or {})
+            if name == "base" or not str(name).replace("-", "").replace("_", "").isalnum():
+                raise ValueError(f"{source}: method name {name!r}: use letters, digits, '-' and '_' (and not 'base').")
+            method_seeds = spec.pop("seeds", seeds)
+            if not set(method_seeds) <= set(seeds):
+                raise ValueError(f"{source}: method {name!r} uses seeds {method_seeds} that are not in 'seeds' {seeds}.")
+            methods.append(Method(str(name), spec, list(method_seeds)))
+        config = cls(
+            **{k: v for k, v in raw.items() if k not in ("methods", "seeds")}, methods=order_methods(methods, source=source),
+            seeds=seeds,
+        )  # fmt: skip
+        names = [m.name for m in config.methods]
+        if config.baseline not in names:
+            raise ValueError(f"{source}: baseline {config.baseline!r} is not one of the methods {names}.")
+        return config
+
+    def runs(self) -> list[tuple[str, int]]:
+        """Every (method, seed), dependencies first; `base` (the start model, untrained) first of all."""
+        return [("base", self.seeds[0])] + [(m.name, s) for m in self.methods for s in m.seeds]
+
+
+def order_methods(methods: list[Method], *, source: str) -> list[Method]:
+    """Methods ordered so that each comes after the methods its `@name` fields refer to."""
+    by_name = {m.name: m for m in methods}
+    ordered: list[Method] = []
+    visiting: set[str] = set()
+
+    def visit(method: Method) -> None:
+        if method in ordered:
+            return
+        if method.name in visiting:
+            raise ValueError(f"{source}: methods refer to each other in a cycle through {method.name!r}.")
+        visiting.add(method.name)
+        for name in sorted(method.depends_on()):
+            if name not in by_name:
+                raise ValueError(f"{source}: method {method.name!r} refers to @{name}, which is not a method.")
+            missing = set(method.seeds) - set(by_name[name].seeds)
+            if missing:
+                raise ValueError(f"{source}: method {method.name!r} needs @{name} for seeds {sorted(missing)}, which it does not train.")
+            visit(by_name[name])
+        visiting.discard(method.name)
+        ordered.append(method)
+
+    for method in methods:
+        visit(method)
+    return ordered
+
+
+# ----- running the grid -----
+
+
+def run_dir(config: CompareConfig, method: str, seed: int) -> Path:
+    return Path(config.output_dir) / method / f"seed{seed}"
+
+
+def model_of(config: CompareConfig, base: str, method: str, seed: int) -> str:
+    return base if method == "base" else str(run_dir(config, method, seed) / "model")
+
+
+def training_args(config: CompareConfig, method: Method, seed: int, base: str):
+    """The method's config object for one seed, with `@name` fields resolved."""
+    from .config import SelectiveDPOConfig, SePOConfig
+
+    resolved = {
+        key: model_of(config, base, value[1:], seed) if isinstance(value, str) and value.startswith("@") else value
+        for key, value in {**config.training, **method.fields}.items()
+    }  # fmt: skip
+    out = run_dir(config, method.name, seed)
+    defaults = dict(
+        output_dir=str(out / "checkpoints"), save_strategy="steps", save_steps=max(1, resolved.get("max_steps", 100) // 4),
+        save_total_limit=1, logging_steps=1, report_to="none", ref_logps_cache_dir=str(Path(config.output_dir) / "cache"),
+    )  # fmt: skip
+    loss_type = resolved.get("loss_type", "sdpo")
+    config_class = SePOConfig if loss_type == "sepo" or loss_type == ["sepo"] else SelectiveDPOConfig
+    try:
+        return config_class(**{**defaults, **resolved, "seed": seed})
+    except TypeError as error:
+        raise ValueError(f"method {method.name!r}: {error} (fields come from {config_class.__name__})") from error
+
+
+def train_one(config: CompareConfig, method: Method, seed: int, base: str, train_pairs) -> dict:
+    from .trainer import SelectiveDPOTrainer, SePOTrainer, last_complete_checkpoint
+
+    args = training_args(config, method, seed, base)
+    trainer_class = SePOTrainer if "sepo" in args.loss_type else SelectiveDPOTrainer
+    start = time.perf_counter()
+    trainer = trainer_class(model=base, args=args, train_dataset=train_pairs)
+    resume = None
+    if Path(args.output_dir).is_dir():  # a run stopped part-way: go on from its last complete checkpoint
+        try:
+            resume = last_complete_checkpoint(args.output_dir)
+        except ValueError:
+            resume = None  # stopped before its first checkpoint was whole: start again
+    trainer.train(resume_from_checkpoint=resume)
+    trainer.save_model(str(run_dir(config, method.name, seed) / "model"))
+    curves = [row for row in trainer.state.log_history if "loss" in row]
+    del trainer
+    gc.collect()
+    return {"train_s": time.perf_counter() - start, "resumed_from": resume, "curves": curves}
+
+
+def measure_one(config: CompareConfig, model_path: str, reference: str, eval_pairs, prompts: list[dict]) -> dict:
+    """Per-pair (and per-prompt) outcomes of one model against the evaluation reference."""
+    from .config import SelectiveDPOConfig
+    from .evaluation import evaluate_preferences, greedy_generations
+    from .trainer import SelectiveDPOTrainer
+    from .verifiers import task_of, verify
+
+    args = SelectiveDPOConfig(
+        output_dir=str(Path(config.output_dir) / "eval"), ref_model_name_or_path=reference, beta=config.eval_beta,
+        per_device_eval_batch_size=16, precompute_ref_log_probs=True, precompute_ref_batch_size=16,
+        ref_logps_cache_dir=str(Path(config.output_dir) / "cache"), report_to="none", plot_curves=False,
+    )  # fmt: skip
+    start = time.perf_counter()
+    trainer = SelectiveDPOTrainer(model=model_path, args=args, train_dataset=eval_pairs, eval_dataset=eval_pairs)
+    evaluation = evaluate_preferences(trainer, desc=f"Held-out pairs: {model_path}")
+    per_item = {
+        "likelihood_accuracy": evaluation.likelihood_correct.float().tolist(),
+        "reward_accuracy": (evaluation.margins > 0).float().tolist(),
+        "mean_margin": evaluation.margins.tolist(),
+    }
+    if prompts:
+        texts = greedy_generations(trainer.model, trainer._tokenizer, prompts, batch_size=16, max_new_tokens=config.max_new_tokens)
+        for task, metric in PROMPT_METRICS.items():
+            outcomes = [float(verify(text, row)) for text, row in zip(texts, prompts) if task_of(row) == task]
+            if outcomes:
+                per_item[metric] = outcomes
+    del trainer
+    gc.collect()
+    return {"per_item": per_item, "eval_s": time.perf_counter() - start}
+
+
+def run_grid(config: CompareConfig) -> dict[str, dict]:
+    """Train and measure every run not yet done; return every run's result, keyed `method/seedN`."""
+    from .data import load_preference_dataset, load_task_prompts
+    from .evaluation import balanced_task_rows
+    from .models import resolve_model_path
+
+    base = resolve_model_path(config.model)
+    reference = resolve_model_path(config.reference) if config.reference else base
+    splits = load_preference_dataset(config.dataset)
+    for split in (config.train_split, config.eval_split):
+        if split not in splits:
+            raise ValueError(f"Dataset {config.dataset!r} has no split {split!r}; it has {sorted(splits)}.")
+    train_pairs, eval_pairs = splits[config.train_split], splits[config.eval_split]
+    if config.train_pairs:
+        train_pairs = train_pairs.select(range(min(config.train_pairs, len(train_pairs))))
+    if config.eval_pairs:
+        eval_pairs = eval_pairs.select(range(min(config.eval_pairs, len(eval_pairs))))
+    prompts = []
+    if config.prompts:
+        prompts = balanced_task_rows(load_task_prompts(config.dataset, split=config.eval_split, fallback=eval_pairs), config.prompts)
+    methods = {m.name: m for m in config.methods}
+    runs = config.runs()
+    results: dict[str, dict] = {}
+    done = [r for r in runs if (run_dir(config, *r) / "result.json").is_file()]
+    with bar(total=len(runs), desc="Compare grid", unit="run", initial=len(done)) as progress:
+        for method, seed in runs:
+            folder = run_dir(config, method, seed)
+            key = f"{method}/seed{seed}"
+            if (folder / "result.json").is_file():
+                results[key] = json.loads((folder / "result.json").read_text())
+                continue
+            progress.set_postfix_str(key)
+            trained = {"curves": []}
+            if method != "base":
+                if (folder / "trained.json").is_file():
+                    trained = json.loads((folder / "trained.json").read_text())
+                else:
+                    trained = train_one(config, methods[method], seed, base, train_pairs)
+                    atomic_write(folder / "trained.json", json.dumps(trained, indent=1).encode())
+            measured = measure_one(config, model_of(config, base, method, seed), reference, eval_pairs, prompts)
+            results[key] = {"method": method, "seed": seed, **trained, **measured}
+            atomic_write(folder / "result.json", json.dumps(results[key]).encode())
+            progress.update(1)
+    return results
+
+
+# ----- the report -----
+
+
+def summarize(config: CompareConfig, results: dict[str, dict], *, resamples: int = 4000) -> dict:
+    """Per method and metric: mean over seeds and items with a bootstrap interval, and the paired
+    difference to the baseline (seeds both ran, the same items) with its interval."""
+    by_method: dict[str, dict[int, dict]] = {}
+    for result in results.values():
+        by_method.setdefault(result["method"], {})[result["seed"]] = result["per_item"]
+    metrics = [m for m in (*PAIR_METRICS, *PROMPT_METRICS.values()) if any(m in r["per_item"] for r in results.values())]
+    baseline = by_method[config.baseline]
+    summary = {}
+    for method, seeds in by_method.items():
+        row = {"seeds": sorted(seeds)}
+        for metric in metrics:
+            if not all(metric in per_item for per_item in seeds.values()):
+                continue
+            values = np.array([seeds[s][metric] for s in sorted(seeds)], dtype=np.float64)  # (S, N)
+            cell = {"mean": float(values.mean()), "interval": paired_bootstrap_interval(values, resamples=resamples)}
+            if method != config.baseline:
+                # The untrained start model is the same for every seed: pair it with each baseline seed.
+                shared = sorted(baseline) if method == "base" else sorted(set(seeds) & set(baseline))
+                mine = np.array([seeds[s if method != "base" else min(seeds)][metric] for s in shared], dtype=np.float64)
+                theirs = np.array([baseline[s][metric] for s in shared], dtype=np.float64)
+                if shared and mine.shape == theirs.shape:
+                    difference = mine - theirs
+                    cell["difference"] = float(difference.mean())
+                    cell["difference_interval"] = paired_bootstrap_interval(difference, resamples=resamples)
+            row[metric] = cell
+        summary[method] = row
+    return {"metrics": metrics, "methods": summary}
+
+
+def markdown_report(config: CompareConfig, summary: dict, *, caption: str) -> str:
+    def fmt(metric: str, value: float, signed: bool = False) -> str:
+        if math.isnan(value):
+            return "n/a"
+        if metric in PERCENT:
+            return f"{value * 100:+.1f}" if signed else f"{value:.1%}"
+        return f"{value:+.3f}"
+
+    lines = [caption, ""]
+    for metric in summary["metrics"]:
+        unit = " (points)" if metric in PERCENT else ""
+        lines += [f"### {metric}", "", f"| method | seeds | mean | 95% interval | vs {config.baseline}{unit} | 95% interval |",
+                  "| --- | --- | ---: | --- | ---: | --- |"]  # fmt: skip
+        for method, row in summary["methods"].items():
+            cell = row.get(metric)
+            if cell is None:
+                continue
+            low, high = cell["interval"]
+            line = f"| {method} | {','.join(map(str, row['seeds']))} | {fmt(metric, cell['mean'])} | [{fmt(metric, low)}, {fmt(metric, high)}] |"
+            if "difference" in cell:
+                d_low, d_high = cell["difference_interval"]
+                verdict = " (excludes 0)" if d_low > 0 or d_high < 0 else ""
+                line += f" {fmt(metric, cell['difference'], True)} | [{fmt(metric, d_low, True)}, {fmt(metric, d_high, True)}]{verdict} |"
+            else:
+                line += " | |"
+            lines.append(line)
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot_differences(config: CompareConfig, summary: dict, path: Path) -> None:
+    """One panel per metric: each method's difference to the baseline with its 95% interval."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = summary["metrics"]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 0.5 + 0.45 * len(summary["methods"])), squeeze=False)
+    for ax, metric in zip(axes[0], metrics):
+        names, centers, lows, highs = [], [], [], []
+        for method, row in summary["methods"].items():
+            cell = row.get(metric, {})
+            if "difference" in cell:
+                scale = 100 if metric in PERCENT else 1
+                names.append(method)
+                centers.append(cell["difference"] * scale)
+                lows.append((cell["difference"] - cell["difference_interval"][0]) * scale)
+                highs.append((cell["difference_interval"][1] - cell["difference"]) * scale)
+        ax.errorbar(centers, range(len(names)), xerr=[lows, highs], fmt="o", capsize=3)
+        ax.axvline(0, color="gray", ls="--")
+        ax.set_yticks(range(len(names)), names)
+        ax.set_xlabel(f"{metric} vs {config.baseline}" + (" (points)" if metric in PERCENT else ""))
+    fig.suptitle("Difference to the baseline, paired bootstrap 95% intervals")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def compare(config: CompareConfig, *, resamples: int = 4000) -> dict:
+    """Run the grid (resuming), then write `compare.json`, `compare.md` and `compare.png`."""
+    results = run_grid(config)
+    summary = summarize(config, results, resamples=resamples)
+    caption = (
+        f"{config.model} on `{config.dataset}` ({config.train_split} trains, {config.eval_split} is held out); every "
+        f"model measured against {config.reference or config.model} with beta {config.eval_beta}. Means over seeds and "
+        f"items; intervals: bootstrap over seeds and items, paired with {config.baseline} on the same seeds and items."
+    )
+    out = Path(config.output_dir)
+    atomic_write(out / "compare.json", json.dumps({"summary": summary, "runs": results}, indent=1).encode())
+    atomic_write(out / "compare.md", markdown_report(config, summary, caption=caption).encode())
+    plot_differences(config, summary, out / "compare.png")
+    return summary

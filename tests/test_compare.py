@@ -1,0 +1,120 @@
+"""`selective-po compare`: the grid's config, its order, paired intervals, the report, and resuming."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from conftest import preference_dataset
+from selective_po.cli import main
+from selective_po.compare import CompareConfig, run_dir
+from selective_po.intervals import paired_bootstrap_interval
+
+GRID = {
+    "seeds": [0, 1],
+    "baseline": "dpo",
+    "training": {"max_steps": 2, "per_device_train_batch_size": 2, "learning_rate": 1e-3, "beta": 0.1, "max_length": 64,
+                 "bf16": False, "plot_curves": False},
+    "methods": {
+        "sdpo-dpo-ref": {"ref_model_name_or_path": "@dpo", "sdpo_threshold": 0.6},  # listed before what it needs
+        "dpo": {"loss_type": "sigmoid"},
+        "random": {"selection_rule": "random", "seeds": [0]},
+    },
+}  # fmt: skip
+
+
+def grid_files(tmp_path, model_dir: str, **changes) -> Path:
+    data = tmp_path / "pairs"
+    data.mkdir(exist_ok=True)
+    rows = preference_dataset().to_list()
+    for split, part in (("train", rows), ("test", rows[:6])):
+        (data / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in part))
+    config = {**GRID, "model": model_dir, "dataset": str(data), "output_dir": str(tmp_path / "out"), **changes}
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_methods_run_after_the_methods_they_refer_to(tmp_path, tiny_model_dir):
+    config = CompareConfig.from_yaml(grid_files(tmp_path, tiny_model_dir))
+    runs = config.runs()
+    assert runs[0] == ("base", 0)
+    assert runs.index(("dpo", 0)) < runs.index(("sdpo-dpo-ref", 0)) and runs.index(("dpo", 1)) < runs.index(("sdpo-dpo-ref", 1))
+    assert ("random", 0) in runs and ("random", 1) not in runs
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"colour": 1}, r"unknown keys \['colour'\]"),
+        ({"baseline": "ipo"}, "baseline 'ipo' is not one of the methods"),
+        ({"methods": {"a": {"ref_model_name_or_path": "@b"}}, "baseline": "a"}, "method 'a' refers to @b, which is not a method"),
+        ({"methods": {"a": {"x": "@b"}, "b": {"x": "@a"}}, "baseline": "a"}, "in a cycle"),
+        ({"methods": {"a": {"seeds": [7]}}, "baseline": "a"}, r"uses seeds \[7\] that are not in 'seeds'"),
+        ({"methods": {"a": {}, "b": {"x": "@a", "seeds": [0, 1]}}, "baseline": "a"}, None),
+        ({"methods": {"a": {"seeds": [0]}, "b": {"x": "@a"}}, "baseline": "a"}, r"needs @a for seeds \[1\]"),
+        ({"seeds": []}, "'seeds' must be a non-empty list"),
+    ],
+)
+def test_bad_grids_are_named(tmp_path, change, message):
+    raw = {**GRID, "model": "m", "dataset": "d", **change}
+    if message is None:
+        CompareConfig.from_dict(raw)
+        return
+    with pytest.raises(ValueError, match=message):
+        CompareConfig.from_dict(raw)
+
+
+def test_paired_interval_resamples_seeds_and_items():
+    assert paired_bootstrap_interval(np.full((3, 40), 0.25)) == (0.25, 0.25)
+    generator = np.random.default_rng(0)
+    items = generator.normal(size=(1, 200))
+    low, high = paired_bootstrap_interval(items)
+    assert low < items.mean() < high and 0.15 < high - low < 0.4  # about 2 * 1.96 / sqrt(200) = 0.28
+    # Seeds that disagree widen the interval beyond what the items alone give.
+    spread = items + np.array([[-1.0], [0.0], [1.0]])
+    assert np.subtract(*paired_bootstrap_interval(spread)[::-1]) > 2 * (high - low)
+    with pytest.raises(ValueError, match="seeds, items"):
+        paired_bootstrap_interval(np.zeros(5))
+
+
+def test_the_grid_runs_reports_and_resumes_from_what_a_kill_leaves(tmp_path, tiny_model_dir, capsys):
+    grid = grid_files(tmp_path, tiny_model_dir)
+    assert main(["compare", "--config", str(grid), "--resamples", "200"]) == 0
+    out = tmp_path / "out"
+    report = (out / "compare.md").read_text()
+    assert "### likelihood_accuracy" in report and "| sdpo-dpo-ref | 0,1 |" in report and "| random | 0 |" in report
+    summary = json.loads((out / "compare.json").read_text())["summary"]
+    cell = summary["methods"]["sdpo-dpo-ref"]["reward_accuracy"]
+    low, high = cell["difference_interval"]
+    assert low <= cell["difference"] <= high
+    assert "difference" not in summary["methods"]["dpo"]["reward_accuracy"]  # the baseline itself
+    assert (out / "compare.png").stat().st_size > 0
+    config = CompareConfig.from_yaml(grid)
+    results = {(m, s): (run_dir(config, m, s) / "result.json").read_text() for m, s in config.runs()}
+
+    # What a kill -9 can leave: a run trained but not measured; a run whose last checkpoint was cut short
+    # (no trainer_state.json) after a complete one; a run that had not started.
+    (run_dir(config, "dpo", 1) / "result.json").unlink()
+    stopped = run_dir(config, "sdpo-dpo-ref", 1)
+    for name in ("result.json", "trained.json"):
+        (stopped / name).unlink()
+    checkpoints = stopped / "checkpoints"
+    shutil.copytree(checkpoints / "checkpoint-2", checkpoints / "checkpoint-3")
+    (checkpoints / "checkpoint-3" / "trainer_state.json").unlink()
+    shutil.rmtree(run_dir(config, "random", 0))
+    capsys.readouterr()
+    assert main(["compare", "--config", str(grid), "--dry_run"]) == 0
+    assert "dpo/seed0: done" in capsys.readouterr().out
+    assert main(["compare", "--config", str(grid), "--resamples", "200"]) == 0
+
+    again = {(m, s): (run_dir(config, m, s) / "result.json").read_text() for m, s in config.runs()}
+    untouched = [r for r in results if r not in (("dpo", 1), ("sdpo-dpo-ref", 1), ("random", 0))]
+    assert all(again[r] == results[r] for r in untouched)  # finished runs were not redone
+    assert json.loads(again[("dpo", 1)])["per_item"] == json.loads(results[("dpo", 1)])["per_item"]  # measured again alike
+    assert json.loads(again[("sdpo-dpo-ref", 1)])["resumed_from"].endswith("checkpoint-2")
