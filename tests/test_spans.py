@@ -90,3 +90,17 @@ def test_bad_span_columns_are_named(tmp_path, tiny_model_dir):
     short = dataset.map(lambda row: {"chosen_token_mask": [1, 0], "rejected_token_mask": [1]})
     with pytest.raises(ValueError, match="Row 0: 'chosen_token_mask' has 2 entries for the .* tokens the chosen response has"):
         spans_trainer(tmp_path, tiny_model_dir, short)
+
+
+def test_the_inspector_marks_exactly_the_given_tokens(tmp_path, tiny_model_dir):
+    from selective_po.cli import main
+    from selective_po.evaluation import selected_tokens
+
+    trainer = spans_trainer(tmp_path, tiny_model_dir, with_answer_spans(preference_dataset(3)))
+    for row, sides in selected_tokens(trainer, threshold=0.6, rows=trainer.train_dataset, rule="spans"):
+        for (side, (ids, _, keep)), column in zip(sides.items(), MASK_COLUMNS):
+            assert ids == row[f"{side}_ids"] and keep.astype(int).tolist() == row[column]
+    page = tmp_path / "spans.html"  # the bundled arithmetic pairs carry chosen_span / rejected_span
+    argv = ["inspect", "--model", tiny_model_dir, "--ref_model", tiny_model_dir, "--pairs", "2", "--selection_rule", "spans"]
+    assert main([*argv, "--output", str(page)]) == 0
+    assert "kept tokens: spans" in page.read_text()

@@ -363,7 +363,9 @@ def inspect_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="selective-po inspect",
         description="Write a self-contained HTML page showing, for some pairs, every response token shaded by its "
-        "Selective-DPO score under --model and --ref_model, with the tokens kept at --sdpo_threshold outlined.",
+        "Selective-DPO score under --model and --ref_model (ConfPO's 1 - p with --selection_rule confidence), with "
+        "the tokens kept outlined: at --sdpo_threshold, below the mean probability (confidence), or the data's own "
+        "spans (spans: chosen_spans/rejected_spans, chosen_span/rejected_span or *_token_mask columns).",
     )
     parser.add_argument("--model", required=True, help="the policy (folder, hub id or embedded name)")
     parser.add_argument("--ref_model", default=DEFAULT_MODEL, help="the reference")
@@ -371,6 +373,7 @@ def inspect_parser() -> argparse.ArgumentParser:
     parser.add_argument("--split", help=SPLIT_HELP)
     parser.add_argument("--pairs", type=COUNT_OR_ALL, default=8, help="how many pairs of the split to show (0: all)")
     parser.add_argument("--sdpo_threshold", type=THRESHOLD, default=0.6, help="tokens kept at this threshold are outlined")
+    parser.add_argument("--selection_rule", choices=("scores", "confidence", "spans"), default="scores", help="which tokens are outlined")
     parser.add_argument("--output", default="inspect.html", help="the HTML file to write")
     return parser
 
@@ -391,13 +394,13 @@ def inspect_pairs(argv: list[str]) -> Path:
     with tempfile.TemporaryDirectory() as tmp:
         args = SelectiveDPOConfig(
             output_dir=tmp, ref_model_name_or_path=opts.ref_model, sdpo_threshold=opts.sdpo_threshold,
-            precompute_ref_log_probs=True, report_to="none",
+            precompute_ref_log_probs=True, report_to="none", selection_rule=opts.selection_rule,
         )  # fmt: skip
         trainer = SelectiveDPOTrainer(model=resolve_model_path(opts.model), args=args, train_dataset=rows, eval_dataset=rows)
-        views = collect_pair_views(trainer, threshold=opts.sdpo_threshold)
+        views = collect_pair_views(trainer, threshold=opts.sdpo_threshold, rule=opts.selection_rule)
     page = render_html(
         views, title=f"Selected tokens: {opts.model} vs {opts.ref_model}", threshold=opts.sdpo_threshold,
-        description=f"Data: {opts.dataset}, split {split!r}, first {len(views)} pairs.",
+        description=f"Data: {opts.dataset}, split {split!r}, first {len(views)} pairs; kept tokens: {opts.selection_rule}.",
     )  # fmt: skip
     output = Path(opts.output)
     atomic_write(output, page.encode("utf-8"))  # never a half-written page

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from .alignment import span_token_mask
+from .spans import BATCH_KEY as SPANS_BATCH_KEY
 from .intervals import bootstrap_interval  # noqa: F401  (re-exported: part of this module's API)
 from .losses import masked_sum, select_sdpo_tokens
 from .models import generate_completions
@@ -133,10 +134,11 @@ def selected_tokens(
     """Per pair of `rows` (default: `trainer.eval_dataset`, tokenized by the trainer): the row, and
     for each side its completion tokens' ids, scores and keep flags (numpy, one entry per scored
     token), from the trainer's own batches and selection code. `rule`: `scores` (Selective-DPO's
-    reference gap) or `confidence` (ConfPO). `desc` shows a progress bar.
+    reference gap), `confidence` (ConfPO), or `spans` (the tokens the data names, beside Selective-DPO's
+    scores; the trainer must be built with `selection_rule="spans"`). `desc` shows a progress bar.
     """
-    if rule not in ("scores", "confidence"):
-        raise ValueError(f"rule={rule!r}: token scores exist for 'scores' and 'confidence' only.")
+    if rule not in ("scores", "confidence", "spans"):
+        raise ValueError(f"rule={rule!r}: tokens are selected by 'scores', 'confidence' or 'spans'.")
     dataset = trainer.eval_dataset if rows is None else rows
     was_training = trainer.model.training
     trainer.model.eval()
@@ -147,9 +149,14 @@ def selected_tokens(
             batch = trainer._prepare_inputs(trainer.data_collator(rows))
             _, policy, ref, mask = trainer.per_token_logps(trainer.inference_model(), batch)
             chosen_mask, rejected_mask = mask.chunk(2)
+            given = (None, None)
+            if rule == "spans":
+                if SPANS_BATCH_KEY not in batch:
+                    raise ValueError("rule='spans' needs a trainer built with selection_rule='spans' (its batches carry the masks).")
+                given = batch[SPANS_BATCH_KEY][:, -mask.size(1) :].to(mask.device).chunk(2)
             chosen_scores, rejected_scores, chosen_keep, rejected_keep = select_sdpo_tokens(
                 *policy.chunk(2), *ref.chunk(2), chosen_mask=chosen_mask, rejected_mask=rejected_mask, threshold=threshold,
-                rule=rule, count_rule=trainer.args.sdpo_count_rule,
+                rule=rule, count_rule=trainer.args.sdpo_count_rule, chosen_given=given[0], rejected_given=given[1],
             )  # fmt: skip
             chosen_ids, rejected_ids = batch["input_ids"][:, 1:].chunk(2)  # position t scores token t + 1
             sides = {

@@ -30,10 +30,10 @@ class PairView:
     rejected: list[TokenView]
 
 
-def collect_pair_views(trainer: SelectiveDPOTrainer, *, threshold: float, batch_size: int = 8) -> list[PairView]:
-    """Scores and keep flags of every pair of the trainer's `eval_dataset`."""
+def collect_pair_views(trainer: SelectiveDPOTrainer, *, threshold: float, batch_size: int = 8, rule: str = "scores") -> list[PairView]:
+    """Scores and keep flags (under selection `rule`) of every pair of the trainer's `eval_dataset`."""
     views = []
-    for row, sides in selected_tokens(trainer, threshold=threshold, batch_size=batch_size, desc="Scoring pairs"):
+    for row, sides in selected_tokens(trainer, threshold=threshold, batch_size=batch_size, desc="Scoring pairs", rule=rule):
         tokens = {
             side: [TokenView(trainer._tokenizer.decode([t]), float(s), bool(k)) for t, s, k in zip(ids, scores, keep)]
             for side, (ids, scores, keep) in sides.items()
