@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +35,7 @@ def grid_files(tmp_path, model_dir: str, **changes) -> Path:
         (data / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in part))
     config = {**GRID, "model": model_dir, "dataset": str(data), "output_dir": str(tmp_path / "out"), **changes}
     path = tmp_path / "grid.yaml"
-    path.write_text(yaml.safe_dump(config))
+    path.write_text(yaml.safe_dump(config, sort_keys=False))  # methods in the order written
     return path
 
 
@@ -83,10 +82,40 @@ def test_paired_interval_resamples_seeds_and_items():
         paired_bootstrap_interval(np.zeros(5))
 
 
-def test_the_grid_runs_reports_and_resumes_from_what_a_kill_leaves(tmp_path, tiny_model_dir, capsys):
+def test_the_grid_runs_reports_and_resumes_from_what_a_kill_leaves(tmp_path, tiny_model_dir, capsys, monkeypatch):
+    from transformers import Trainer
+
     grid = grid_files(tmp_path, tiny_model_dir)
+    config = CompareConfig.from_yaml(grid)
+    stopped = run_dir(config, "sdpo-dpo-ref", 1)
+    save_rng_state = Trainer._save_rng_state
+
+    def die_while_saving(self, output_dir):  # as a kill -9 would: checkpoint-2 has its weights, not its state
+        if self.state.global_step == 2 and str(stopped) in self.args.output_dir:
+            raise RuntimeError("killed")
+        save_rng_state(self, output_dir)
+
+    monkeypatch.setattr(Trainer, "_save_rng_state", die_while_saving)
+    assert main(["compare", "--config", str(grid), "--resamples", "200"]) == 1  # stopped in sdpo-dpo-ref/seed1
+    assert (stopped / "checkpoints" / "checkpoint-1" / "trainer_state.json").is_file()
+    assert not (stopped / "checkpoints" / "checkpoint-2" / "trainer_state.json").exists()
+    assert not (run_dir(config, "random", 0)).exists()  # never started
+    monkeypatch.setattr(Trainer, "_save_rng_state", save_rng_state)
+    finished = {r: (run_dir(config, *r) / "result.json").read_text() for r in [("base", 0), ("dpo", 0), ("dpo", 1), ("sdpo-dpo-ref", 0)]}
+    (run_dir(config, "dpo", 1) / "result.json").unlink()  # trained, not yet measured
+    capsys.readouterr()
+    assert main(["compare", "--config", str(grid), "--dry_run"]) == 0
+    listing = capsys.readouterr().out
+    assert "dpo/seed0: done" in listing and "dpo/seed1: to run" in listing
+
     assert main(["compare", "--config", str(grid), "--resamples", "200"]) == 0
-    out = tmp_path / "out"
+    again = {r: (run_dir(config, *r) / "result.json").read_text() for r in finished}
+    assert all(again[r] == finished[r] for r in finished if r != ("dpo", 1))  # finished runs were not redone
+    assert json.loads(again[("dpo", 1)])["per_item"] == json.loads(finished[("dpo", 1)])["per_item"]  # measured again alike
+    assert json.loads((stopped / "result.json").read_text())["resumed_from"].endswith("checkpoint-1")
+    assert not any(Path(config.output_dir).glob("*/seed*/checkpoints"))  # deleted once each model was saved
+
+    out = Path(config.output_dir)
     report = (out / "compare.md").read_text()
     assert "### likelihood_accuracy" in report and "| sdpo-dpo-ref | 0,1 |" in report and "| random | 0 |" in report
     summary = json.loads((out / "compare.json").read_text())["summary"]
@@ -95,26 +124,3 @@ def test_the_grid_runs_reports_and_resumes_from_what_a_kill_leaves(tmp_path, tin
     assert low <= cell["difference"] <= high
     assert "difference" not in summary["methods"]["dpo"]["reward_accuracy"]  # the baseline itself
     assert (out / "compare.png").stat().st_size > 0
-    config = CompareConfig.from_yaml(grid)
-    results = {(m, s): (run_dir(config, m, s) / "result.json").read_text() for m, s in config.runs()}
-
-    # What a kill -9 can leave: a run trained but not measured; a run whose last checkpoint was cut short
-    # (no trainer_state.json) after a complete one; a run that had not started.
-    (run_dir(config, "dpo", 1) / "result.json").unlink()
-    stopped = run_dir(config, "sdpo-dpo-ref", 1)
-    for name in ("result.json", "trained.json"):
-        (stopped / name).unlink()
-    checkpoints = stopped / "checkpoints"
-    shutil.copytree(checkpoints / "checkpoint-2", checkpoints / "checkpoint-3")
-    (checkpoints / "checkpoint-3" / "trainer_state.json").unlink()
-    shutil.rmtree(run_dir(config, "random", 0))
-    capsys.readouterr()
-    assert main(["compare", "--config", str(grid), "--dry_run"]) == 0
-    assert "dpo/seed0: done" in capsys.readouterr().out
-    assert main(["compare", "--config", str(grid), "--resamples", "200"]) == 0
-
-    again = {(m, s): (run_dir(config, m, s) / "result.json").read_text() for m, s in config.runs()}
-    untouched = [r for r in results if r not in (("dpo", 1), ("sdpo-dpo-ref", 1), ("random", 0))]
-    assert all(again[r] == results[r] for r in untouched)  # finished runs were not redone
-    assert json.loads(again[("dpo", 1)])["per_item"] == json.loads(results[("dpo", 1)])["per_item"]  # measured again alike
-    assert json.loads(again[("sdpo-dpo-ref", 1)])["resumed_from"].endswith("checkpoint-2")

@@ -21,8 +21,8 @@ start model), so a DPO-trained reference or a SePO oracle is trained first, with
 Runs with the same seed see the same data order (TRL shuffles with `seed`). Every run is measured
 with the same evaluation reference and `eval_beta`, its per-token values stored once for all. A run
 leaves `trained.json` when its model is saved and `result.json` when it is measured (each written
-whole or not at all); training saves checkpoints and resumes from the last complete one, so the grid
-can be killed at any point and run again. Outputs in `output_dir`: `compare.md`, `compare.json`,
+whole or not at all); training saves checkpoints and resumes from the last complete one (they are
+deleted once the run's model is saved), so the grid can be killed at any point and run again. Outputs in `output_dir`: `compare.md`, `compare.json`,
 `compare.png`.
 """
 
@@ -31,6 +31,7 @@ from __future__ import annotations
 import gc
 import json
 import math
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -274,6 +275,8 @@ def run_grid(config: CompareConfig) -> dict[str, dict]:
                 else:
                     trained = train_one(config, methods[method], seed, base, train_pairs)
                     atomic_write(folder / "trained.json", json.dumps(trained, indent=1).encode())
+                    # The model is saved: its checkpoints (weights and optimizer state) are only for resuming.
+                    shutil.rmtree(folder / "checkpoints", ignore_errors=True)
             measured = measure_one(config, model_of(config, base, method, seed), reference, eval_pairs, prompts)
             results[key] = {"method": method, "seed": seed, **trained, **measured}
             atomic_write(folder / "result.json", json.dumps(results[key]).encode())
