@@ -58,6 +58,7 @@ def test_methods_run_after_the_methods_they_refer_to(tmp_path, tiny_model_dir):
         ({"methods": {"a": {}, "b": {"x": "@a", "seeds": [0, 1]}}, "baseline": "a"}, None),
         ({"methods": {"a": {"seeds": [0]}, "b": {"x": "@a"}}, "baseline": "a"}, r"needs @a for seeds \[1\]"),
         ({"seeds": []}, "'seeds' must be a non-empty list"),
+        ({"training": {"seed": 3}}, r"\['seed'\] are set by the grid"),
     ],
 )
 def test_bad_grids_are_named(tmp_path, change, message):

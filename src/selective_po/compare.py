@@ -108,6 +108,9 @@ class CompareConfig:
             if name == "base" or not str(name).replace("-", "").replace("_", "").isalnum():
                 raise ValueError(f"{source}: method name {name!r}: use letters, digits, '-' and '_' (and not 'base').")
             method_seeds = spec.pop("seeds", seeds)
+            fixed = sorted({"output_dir", "seed"} & (set(spec) | set(raw.get("training") or {})))
+            if fixed:
+                raise ValueError(f"{source}: {fixed} are set by the grid for each run (output_dir/method/seedN, the run's seed).")
             if not set(method_seeds) <= set(seeds):
                 raise ValueError(f"{source}: method {name!r} uses seeds {method_seeds} that are not in 'seeds' {seeds}.")
             methods.append(Method(str(name), spec, list(method_seeds)))
