@@ -48,6 +48,14 @@ def test_examples_parse_and_open_with_their_command(example, tmp_path):
     first_line = example.read_text().splitlines()[0]
     assert first_line.startswith("# selective-po ") or first_line.startswith("# accelerate launch "), first_line
     assert f"--config examples/{example.name}" in first_line, first_line
+    if first_line.startswith("# selective-po compare "):  # a grid: every method's fields make a valid config
+        from selective_po.compare import CompareConfig, training_args
+
+        grid = CompareConfig.from_yaml(example, output_dir=str(tmp_path))
+        for method in grid.methods:
+            for seed in method.seeds:
+                assert training_args(grid, method, seed, base="start-model").seed == seed
+        return
     # bf16 is overridden so the GPU example parses on this CPU-only machine too.
     _, training, _ = parse_train_args(["--config", str(example), "--output_dir", str(tmp_path), "--bf16", "false"])
     assert training.loss_type in (["sdpo"], ["sigmoid"], ["sepo"])
