@@ -39,6 +39,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from .evaluation import TASK_METRICS
 from .files import atomic_write
 from .intervals import paired_bootstrap_interval
 from .progress import bar
@@ -48,8 +49,7 @@ TOP_LEVEL = {
     "baseline", "output_dir", "reference", "eval_beta", "training", "methods",
 }  # fmt: skip
 PAIR_METRICS = ("likelihood_accuracy", "reward_accuracy", "mean_margin")
-PROMPT_METRICS = {"arithmetic": "greedy_accuracy_arithmetic", "ifeval": "ifeval_pass_rate"}
-PERCENT = {"likelihood_accuracy", "reward_accuracy", *PROMPT_METRICS.values()}
+PERCENT = {"likelihood_accuracy", "reward_accuracy", *TASK_METRICS.values()}
 
 
 @dataclass
@@ -211,9 +211,8 @@ def train_one(config: CompareConfig, method: Method, seed: int, base: str, train
 def measure_one(config: CompareConfig, model_path: str, reference: str, eval_pairs, prompts: list[dict]) -> dict:
     """Per-pair (and per-prompt) outcomes of one model against the evaluation reference."""
     from .config import SelectiveDPOConfig
-    from .evaluation import evaluate_preferences, greedy_generations
+    from .evaluation import evaluate_preferences, greedy_task_outcomes
     from .trainer import SelectiveDPOTrainer
-    from .verifiers import task_of, verify
 
     args = SelectiveDPOConfig(
         output_dir=str(Path(config.output_dir) / "eval"), ref_model_name_or_path=reference, beta=config.eval_beta,
@@ -229,11 +228,8 @@ def measure_one(config: CompareConfig, model_path: str, reference: str, eval_pai
         "mean_margin": evaluation.margins.tolist(),
     }
     if prompts:
-        texts = greedy_generations(trainer.model, trainer._tokenizer, prompts, batch_size=16, max_new_tokens=config.max_new_tokens)
-        for task, metric in PROMPT_METRICS.items():
-            outcomes = [float(verify(text, row)) for text, row in zip(texts, prompts) if task_of(row) == task]
-            if outcomes:
-                per_item[metric] = outcomes
+        outcomes = greedy_task_outcomes(trainer.model, trainer._tokenizer, prompts, batch_size=16, max_new_tokens=config.max_new_tokens)
+        per_item.update({metric: [float(passed) for passed in results] for metric, results in outcomes.items()})
     del trainer
     gc.collect()
     return {"per_item": per_item, "eval_s": time.perf_counter() - start}
@@ -296,7 +292,7 @@ def summarize(config: CompareConfig, results: dict[str, dict], *, resamples: int
     by_method: dict[str, dict[int, dict]] = {}
     for result in results.values():
         by_method.setdefault(result["method"], {})[result["seed"]] = result["per_item"]
-    metrics = [m for m in (*PAIR_METRICS, *PROMPT_METRICS.values()) if any(m in r["per_item"] for r in results.values())]
+    metrics = [m for m in (*PAIR_METRICS, *TASK_METRICS.values()) if any(m in r["per_item"] for r in results.values())]
     baseline = by_method[config.baseline]
     summary = {}
     for method, seeds in by_method.items():
@@ -311,7 +307,7 @@ def summarize(config: CompareConfig, results: dict[str, dict], *, resamples: int
                 shared = sorted(baseline) if method == "base" else sorted(set(seeds) & set(baseline))
                 mine = np.array([seeds[s if method != "base" else min(seeds)][metric] for s in shared], dtype=np.float64)
                 theirs = np.array([baseline[s][metric] for s in shared], dtype=np.float64)
-                if shared and mine.shape == theirs.shape:
+                if shared:
                     difference = mine - theirs
                     cell["difference"] = float(difference.mean())
                     cell["difference_interval"] = paired_bootstrap_interval(difference, resamples=resamples)

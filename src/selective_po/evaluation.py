@@ -25,7 +25,6 @@ import numpy as np
 import torch
 
 from .alignment import span_token_mask
-from .spans import BATCH_KEY as SPANS_BATCH_KEY
 from .intervals import bootstrap_interval  # noqa: F401  (re-exported: part of this module's API)
 from .losses import masked_sum, select_sdpo_tokens
 from .models import generate_completions
@@ -149,11 +148,7 @@ def selected_tokens(
             batch = trainer._prepare_inputs(trainer.data_collator(rows))
             _, policy, ref, mask = trainer.per_token_logps(trainer.inference_model(), batch)
             chosen_mask, rejected_mask = mask.chunk(2)
-            given = (None, None)
-            if rule == "spans":
-                if SPANS_BATCH_KEY not in batch:
-                    raise ValueError("rule='spans' needs a trainer built with selection_rule='spans' (its batches carry the masks).")
-                given = batch[SPANS_BATCH_KEY][:, -mask.size(1) :].to(mask.device).chunk(2)
+            given = trainer._given_keep(batch, mask) if rule == "spans" else (None, None)
             chosen_scores, rejected_scores, chosen_keep, rejected_keep = select_sdpo_tokens(
                 *policy.chunk(2), *ref.chunk(2), chosen_mask=chosen_mask, rejected_mask=rejected_mask, threshold=threshold,
                 rule=rule, count_rule=trainer.args.sdpo_count_rule, chosen_given=given[0], rejected_given=given[1],
@@ -221,15 +216,23 @@ def balanced_task_rows(rows: list[dict], n: int) -> list[dict]:
     return [row for task_rows in by_task.values() for row in task_rows[: n // len(by_task)]]
 
 
+TASK_METRICS = {"arithmetic": "greedy_accuracy_arithmetic", "ifeval": "ifeval_pass_rate"}
+
+
+def greedy_task_outcomes(model, tokenizer, rows: list[dict], *, batch_size: int = 16, max_new_tokens: int = 96) -> dict[str, list[bool]]:
+    """Per task metric (`TASK_METRICS`), whether each of its prompts' greedy completion passes the task's verifier."""
+    texts = greedy_generations(model, tokenizer, rows, batch_size=batch_size, max_new_tokens=max_new_tokens)
+    outcomes: dict[str, list[bool]] = {}
+    for text, row in zip(texts, rows):
+        outcomes.setdefault(TASK_METRICS[task_of(row)], []).append(verify(text, row))
+    return dict(sorted(outcomes.items()))
+
+
 def greedy_task_accuracy(model, tokenizer, rows: list[dict], *, batch_size: int = 16, max_new_tokens: int = 96) -> dict[str, float]:
     """Share of prompts whose greedy completion passes the verifier of its task, per task.
 
     Keys: `greedy_accuracy_arithmetic` (exact answer) and `ifeval_pass_rate` (every instruction of the
     prompt passes, IFEval's strict prompt-level rate), for the tasks present in `rows`.
     """
-    texts = greedy_generations(model, tokenizer, rows, batch_size=batch_size, max_new_tokens=max_new_tokens)
-    outcomes: dict[str, list[bool]] = {}
-    for text, row in zip(texts, rows):
-        outcomes.setdefault(task_of(row), []).append(verify(text, row))
-    names = {"arithmetic": "greedy_accuracy_arithmetic", "ifeval": "ifeval_pass_rate"}
-    return {names[task]: sum(passed) / len(passed) for task, passed in sorted(outcomes.items())}
+    outcomes = greedy_task_outcomes(model, tokenizer, rows, batch_size=batch_size, max_new_tokens=max_new_tokens)
+    return {metric: sum(passed) / len(passed) for metric, passed in outcomes.items()}

@@ -383,9 +383,7 @@ class SelectiveDPOTrainer(DPOTrainer):
         chosen_logps, rejected_logps = policy_logps.chunk(2, dim=0)  # (B, T-1) each
         ref_chosen_logps, ref_rejected_logps = ref_logps.chunk(2, dim=0)
         chosen_mask, rejected_mask = shift_mask.chunk(2, dim=0)
-        given = (None, None)
-        if self.args.selection_rule == "spans":
-            given = inputs[spans.BATCH_KEY].to(shift_mask.device)[:, -shift_mask.size(1) :].chunk(2, dim=0)
+        given = self._given_keep(inputs, shift_mask) if self.args.selection_rule == "spans" else (None, None)
         result = selective_dpo_loss(
             chosen_logps,
             rejected_logps,
@@ -406,6 +404,13 @@ class SelectiveDPOTrainer(DPOTrainer):
             logratios = masked_sum(policy_logps, shift_mask) - masked_sum(ref_logps, shift_mask)  # (2B,)
         chosen_rewards, rejected_rewards = (self.beta * logratios).chunk(2, dim=0)
         return result, chosen_rewards, rejected_rewards
+
+    @staticmethod
+    def _given_keep(inputs: dict, shift_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The tokens the data names (`selection_rule="spans"`): `(chosen, rejected)`, each `(B, T-1)` bool."""
+        if spans.BATCH_KEY not in inputs:
+            raise ValueError("selection_rule='spans' needs batches from a trainer built with it (they carry the masks).")
+        return inputs[spans.BATCH_KEY].to(shift_mask.device)[:, -shift_mask.size(1) :].chunk(2, dim=0)
 
     def _selection_generator(self) -> torch.Generator | None:
         """A generator for the `random` control, seeded by (seed, step, call within step, process).
