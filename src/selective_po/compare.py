@@ -199,7 +199,7 @@ def train_one(config: CompareConfig, method: Method, seed: int, base: str, train
         try:
             resume = last_complete_checkpoint(args.output_dir)
         except ValueError:
-            resume = None  # stopped before its first checkpoint was whole: start again
+            pass  # stopped before its first checkpoint was whole: start again
     trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(str(run_dir(config, method.name, seed) / "model"))
     curves = [row for row in trainer.state.log_history if "loss" in row]
@@ -243,11 +243,7 @@ def run_grid(config: CompareConfig) -> dict[str, dict]:
 
     base = resolve_model_path(config.model)
     reference = resolve_model_path(config.reference) if config.reference else base
-    splits = load_preference_dataset(config.dataset)
-    for split in (config.train_split, config.eval_split):
-        if split not in splits:
-            raise ValueError(f"Dataset {config.dataset!r} has no split {split!r}; it has {sorted(splits)}.")
-    train_pairs, eval_pairs = splits[config.train_split], splits[config.eval_split]
+    train_pairs, eval_pairs = (load_preference_dataset(config.dataset, split=split) for split in (config.train_split, config.eval_split))
     if config.train_pairs:
         train_pairs = train_pairs.select(range(min(config.train_pairs, len(train_pairs))))
     if config.eval_pairs:
