@@ -1,264 +1,300 @@
-"""The papers' main comparisons at small scale, on on-policy pairs with verifiable answers.
+"""The papers' claims at small scale, on on-policy pairs with verifiable answers, as `selective-po compare` grids.
 
-    python benchmarks/onpolicy_experiment.py                # CPU preset, about 75 minutes on 2 cores
-    python benchmarks/onpolicy_experiment.py --preset cuda  # longer runs, every row with 3 seeds
+    python benchmarks/onpolicy_experiment.py                           # CPU preset, one run at a time
+    python benchmarks/onpolicy_experiment.py --preset cuda --build_data --workers 8   # on a GPU
 
-Data: the bundled `onpolicy-smollm2` pairs (sampled from the bundled model itself, checked by the
-arithmetic and IFEval verifiers; see its README). Every run starts from the bundled model and gets
-the same pairs, steps, batch size and learning rate; only the loss and its token selection differ.
+Data: pairs sampled from the bundled model itself and checked by the arithmetic and IFEval verifiers
+(`selective-po build-pairs`; `--build_data` builds them with the preset's settings, resumably, else
+`--dataset` names them). Every run starts from the bundled model with the same data order per seed;
+only the loss and its token selection differ. Three grids share one output folder:
 
-Rows (seeds: `--seeds` for the main rows, the first seed for controls and the sweep):
-- base model (no training);
-- DPO (TRL's `sigmoid`), which also serves as the strong reference and the oracle, seed for seed;
-- Selective-DPO, initial model as reference, keeping k = 40% (`sdpo_threshold` 0.6);
-- Selective-DPO, DPO-trained reference, k = 40%;
-- SePO, DPO-trained oracle, 30% of chosen and rejected tokens;
-- random-selection controls at the same shares (Selective-DPO with the DPO reference; SePO);
-- Selective-DPO with the DPO reference at k in {20, 40, 60, 80}%.
+1. `main.yaml`, held out on `test`: DPO, Selective-DPO with the start model and with the DPO model
+   of the same seed as reference (k = 40%), SePO with that DPO model as oracle (30%), and ConfPO's
+   confidence rule, on the main seeds; on the control seeds, random selection at the same shares,
+   every token (SePO), and the k sweep of Selective-DPO with the DPO reference.
+2. `tune.yaml`, held out on `validation`: SePO's beta, chosen before the main SePO rows run, by
+   reward accuracy on the validation pairs (the seed-0 DPO model as oracle).
+3. Each is measured by `compare` against the start model: likelihood and reward accuracy and margin on
+   the held-out pairs, greedy arithmetic accuracy and IFEval pass rate on the held-out prompts, with
+   paired bootstrap intervals of each difference to DPO.
 
-Every trained model is measured on the held-out split with the base model as reference: likelihood
-accuracy, reward accuracy and mean margin on held-out pairs, greedy arithmetic accuracy and IFEval
-pass rate on held-out prompts. Each finished run leaves `result.json` in its folder and is skipped
-when the script runs again, so a stopped experiment resumes. Outputs: `results.json` here, and under
-`--docs_dir` a markdown table and two PNG plots (accuracy vs k; training curves).
+Runs are scheduled as a graph (a run waits for the models its `@name` fields name, SePO for the
+tuning), `--workers` at a time, each in its own process (`compare`'s `run_grid` for one method and
+seed). Every finished run keeps its `result.json`, so a stopped experiment resumes where it stopped.
+Outputs: the grids' `compare.md/json/png` in `--output_dir`, copied to `--docs_dir`.
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
 import json
-import statistics
+import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
-import torch
+import yaml
 
-from selective_po import SelectiveDPOConfig, SelectiveDPOTrainer, SePOConfig, SePOTrainer, load_preference_dataset
-from selective_po.data import load_task_prompts
-from selective_po.evaluation import balanced_task_rows, evaluate_preferences, greedy_task_accuracy
-from selective_po.models import DEFAULT_MODEL, resolve_model_path
+from selective_po.compare import CompareConfig, compare, run_dir, run_grid
 from selective_po.files import atomic_write
+from selective_po.progress import bar
+
+# Shares of response tokens kept (Selective-DPO keeps the top 1 - sdpo_threshold).
+SWEEP = (0.2, 0.4, 0.6, 0.8, 1.0)
+SEPO_BETAS = {"sepo-beta01": 0.1, "sepo-beta03": 0.3, "sepo-beta1": 1.0}
 
 PRESETS = {
-    # Sized so that 17 runs and 18 evaluations finish in a working session on 2 CPU cores.
-    "cpu": {"steps": 15, "batch_size": 4, "learning_rate": 1e-5, "seeds": [0, 1, 2], "prompts": 64, "control_seeds": 1},
-    "cuda": {"steps": 100, "batch_size": 8, "learning_rate": 5e-6, "seeds": [0, 1, 2], "prompts": 0, "control_seeds": 3},
+    # One run at a time on 2 CPU cores (about 7 minutes a run): every row, on 2 seeds (controls and the sweep on 1),
+    # measured on every held-out pair; no greedy prompts (the cuda preset has them).
+    "cpu": {
+        "data": ["--arithmetic_prompts", "1000", "--ifeval_prompts", "1000", "--test_share", "0.3", "--validation_share", "0.1",
+                 "--samples_per_prompt", "8", "--temperature", "0.7", "--top_p", "0.9", "--prompts_per_chunk", "64"],
+        "model": "smollm2-135m-instruct", "seeds": [0, 1], "control_seeds": [0], "sweep": True, "train_pairs": 160,
+        "eval_pairs": 0, "prompts": 0, "validation_pairs": 0, "eval_batch_size": 16,
+        "training": {"max_steps": 40, "per_device_train_batch_size": 4, "learning_rate": 2.0e-5},
+    },  # fmt: skip
+    # A GPU, several runs side by side: main rows on 5 seeds, controls and the sweep on 3.
+    "cuda": {
+        "data": ["--arithmetic_prompts", "1000", "--ifeval_prompts", "1000", "--test_share", "0.3", "--validation_share", "0.1",
+                 "--samples_per_prompt", "8", "--temperature", "0.7", "--top_p", "0.9", "--prompts_per_chunk", "64"],
+        "model": "smollm2-135m-instruct", "seeds": [0, 1, 2, 3, 4], "control_seeds": [0, 1, 2], "sweep": True, "train_pairs": 0, "eval_pairs": 0, "prompts": 400,
+        "validation_pairs": 0, "eval_batch_size": 64,
+        "training": {"max_steps": 100, "per_device_train_batch_size": 8, "learning_rate": 1.0e-5},
+    },  # fmt: skip
 }
-METRICS = ("likelihood_accuracy", "reward_accuracy", "mean_margin", "greedy_accuracy_arithmetic", "ifeval_pass_rate")
-SWEEP = (0.2, 0.4, 0.6, 0.8)
 
 
-def plan(opts) -> list[dict]:
-    """Every run, in an order where each reference or oracle is trained before it is needed."""
-    runs = []
-    main_seeds, control_seeds = opts.seeds, opts.seeds[: opts.control_seeds]
-    for seed in main_seeds:
-        runs.append({"name": f"dpo/seed{seed}", "row": "DPO", "seed": seed, "method": "dpo"})
-    for seed in main_seeds:
-        runs.append({"name": f"sdpo-init-ref/seed{seed}", "row": "Selective-DPO, initial reference, k=40%", "seed": seed,
-                     "method": "sdpo", "k": 0.4, "ref": "base"})  # fmt: skip
-        runs.append({"name": f"sdpo-dpo-ref/seed{seed}", "row": "Selective-DPO, DPO reference, k=40%", "seed": seed,
-                     "method": "sdpo", "k": 0.4, "ref": "dpo"})  # fmt: skip
-        runs.append({"name": f"sepo/seed{seed}", "row": "SePO, DPO oracle, 30%", "seed": seed, "method": "sepo",
-                     "k": 0.3})  # fmt: skip
-    for seed in control_seeds:
-        runs.append({"name": f"sdpo-random/seed{seed}", "row": "control: Selective-DPO, DPO reference, random 40%",
-                     "seed": seed, "method": "sdpo", "k": 0.4, "ref": "dpo", "rule": "random"})  # fmt: skip
-        runs.append({"name": f"sepo-random/seed{seed}", "row": "control: SePO, random 30%", "seed": seed,
-                     "method": "sepo", "k": 0.3, "rule": "random"})  # fmt: skip
-    for k in SWEEP:
-        if k != 0.4:  # k = 40% is the main row
-            runs.append({"name": f"sdpo-dpo-ref-k{int(k * 100)}/seed{opts.seeds[0]}", "row": f"sweep: Selective-DPO, DPO reference, k={k:.0%}",
-                         "seed": opts.seeds[0], "method": "sdpo", "k": k, "ref": "dpo"})  # fmt: skip
-    return runs
+def sdpo(k: float, **fields) -> dict:
+    return {"loss_type": "sdpo", "sdpo_threshold": round(1 - k, 6), **fields}
 
 
-def train_run(run: dict, *, base: str, data, opts) -> tuple[str, dict]:
-    out = Path(opts.output_dir) / run["name"]
-    common = dict(
-        output_dir=str(out), learning_rate=opts.learning_rate, lr_scheduler_type="constant", max_steps=opts.steps,
-        per_device_train_batch_size=opts.batch_size, logging_steps=1, save_strategy="no", report_to="none",
-        seed=run["seed"], selection_rule=run.get("rule", "scores"), plot_curves=False,
+def sepo(k: float, beta: float, **fields) -> dict:
+    return {"loss_type": "sepo", "oracle_model_name_or_path": "@dpo", "oracle_ref_model_name_or_path": "@base", "beta": beta, "sepo_chosen_share": k, "sepo_rejected_share": k, **fields}
+
+
+def main_methods(preset: dict, sepo_beta: float | None) -> dict[str, dict]:
+    """The main grid's methods; without SePO rows until its beta is tuned (`sepo_beta=None`)."""
+    controls = {"seeds": preset["control_seeds"]}
+    methods = {
+        "dpo": {"loss_type": "sigmoid"},
+        "sdpo-init-ref": sdpo(0.4),
+        "sdpo-dpo-ref": sdpo(0.4, ref_model_name_or_path="@dpo"),
+        "confidence": {"loss_type": "sdpo", "selection_rule": "confidence"},
+        "sdpo-dpo-ref-random": sdpo(0.4, ref_model_name_or_path="@dpo", selection_rule="random", **controls),
+    }
+    if preset["sweep"]:
+        for k in SWEEP:
+            if k != 0.4:
+                methods[f"sdpo-dpo-ref-k{round(k * 100)}"] = sdpo(k, ref_model_name_or_path="@dpo", **controls)
+    if sepo_beta is not None:
+        methods["sepo"] = sepo(0.3, sepo_beta)
+        methods["sepo-random"] = sepo(0.3, sepo_beta, selection_rule="random", **controls)
+        methods["sepo-all"] = sepo(1.0, sepo_beta, **controls)
+    return methods
+
+
+def grid_dict(preset: dict, dataset: str, output_dir: Path, methods: dict, **changes) -> dict:
+    grid = {
+        "model": preset["model"], "dataset": dataset, "train_split": "train", "eval_split": "test",
+        "train_pairs": preset["train_pairs"], "eval_pairs": preset["eval_pairs"], "prompts": preset["prompts"],
+        "eval_batch_size": preset["eval_batch_size"], "seeds": preset["seeds"], "baseline": "dpo", "output_dir": str(output_dir),
+        "training": {"lr_scheduler_type": "constant", "beta": 0.1, "precompute_ref_log_probs": True, "bf16": False,
+                     **preset["training"]},
+        "methods": methods,
+    }  # fmt: skip
+    return {**grid, **changes}
+
+
+def tune_dict(preset: dict, dataset: str, output_dir: Path) -> dict:
+    """SePO's beta on the validation split, the seed-0 DPO model of the main grid as oracle."""
+    oracle = str(run_dir_of(output_dir / "main", "dpo", preset["seeds"][0]) / "model")
+    methods = {name: sepo(0.3, beta, oracle_model_name_or_path=oracle) for name, beta in SEPO_BETAS.items()}
+    return grid_dict(
+        preset, dataset, output_dir / "tune", methods, eval_split="validation", eval_pairs=preset["validation_pairs"], prompts=0,
+        seeds=preset["seeds"][:1], baseline="sepo-beta1",
     )  # fmt: skip
-    dpo_model = str(Path(opts.output_dir) / f"dpo/seed{run['seed']}")
-    if run["method"] == "dpo":
-        args, trainer_class = SelectiveDPOConfig(loss_type="sigmoid", beta=0.1, **common), SelectiveDPOTrainer
-    elif run["method"] == "sdpo":
-        ref = base if run["ref"] == "base" else dpo_model
-        args = SelectiveDPOConfig(beta=0.1, sdpo_threshold=round(1 - run["k"], 6), ref_model_name_or_path=ref, **common)
-        trainer_class = SelectiveDPOTrainer
-    else:
-        args = SePOConfig(
-            oracle_model_name_or_path=dpo_model, oracle_ref_model_name_or_path=base, sepo_chosen_share=run["k"],
-            sepo_rejected_share=run["k"], ref_logps_cache_dir=str(Path(opts.output_dir) / "oracle_rewards"), **common,
-        )  # fmt: skip
-        trainer_class = SePOTrainer
-    start = time.perf_counter()
-    trainer = trainer_class(model=base, args=args, train_dataset=data)
-    result = trainer.train()
-    trainer.save_model(str(out))
-    curves = [row for row in trainer.state.log_history if "loss" in row]
-    del trainer
-    gc.collect()
-    return str(out), {"train_s": time.perf_counter() - start, "train_loss": result.training_loss, "curves": curves}
 
 
-def measure(model_path: str, *, base: str, pairs, prompts: list[dict], opts) -> dict:
-    """Held-out measurements of one model, with the base model as reference."""
-    args = SelectiveDPOConfig(
-        output_dir=str(Path(opts.output_dir) / "eval"), ref_model_name_or_path=base, per_device_eval_batch_size=16,
-        report_to="none",
-    )  # fmt: skip
-    trainer = SelectiveDPOTrainer(model=model_path, args=args, train_dataset=pairs, eval_dataset=pairs)
-    start = time.perf_counter()
-    results = evaluate_preferences(trainer, desc=f"held-out pairs: {model_path}").summary()
-    results.update(greedy_task_accuracy(trainer.model, trainer._tokenizer, prompts, batch_size=16, max_new_tokens=opts.max_new_tokens))
-    results["eval_s"] = time.perf_counter() - start
-    del trainer
-    gc.collect()
-    return results
+def run_dir_of(grid_dir: Path, method: str, seed: int) -> Path:
+    return grid_dir / method / f"seed{seed}"
 
 
-def summarize(results: dict[str, dict]) -> dict[str, dict]:
-    """Per row: mean, sample standard deviation and range of each metric over its seeds."""
-    rows: dict[str, list[dict]] = {}
-    for result in results.values():
-        rows.setdefault(result["row"], []).append(result)
-    summary = {}
-    for row, seeds in rows.items():
-        summary[row] = {"seeds": len(seeds)}
-        for metric in METRICS:
-            values = [s[metric] for s in seeds]
-            summary[row][metric] = {
-                "mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-                "min": min(values), "max": max(values),
-            }  # fmt: skip
-    return summary
+def write_grid(path: Path, grid: dict) -> CompareConfig:
+    atomic_write(path, yaml.safe_dump(grid, sort_keys=False).encode())
+    return CompareConfig.from_yaml(path)
 
 
-def markdown_table(summary: dict[str, dict], *, caption: str) -> str:
-    def cell(stat, *, percent: bool) -> str:
-        fmt = (lambda v: f"{v:.1%}") if percent else (lambda v: f"{v:+.3f}")  # noqa: E731
-        return fmt(stat["mean"]) + (f" ± {fmt(stat['std']).lstrip('+')}" if stat["std"] else "")
+def chosen_beta(tune_dir: Path) -> float | None:
+    """The tuned beta once every tuning run is measured: best validation reward accuracy, then margin."""
+    scores = {}
+    for name, beta in SEPO_BETAS.items():
+        path = tune_dir / name / "seed0" / "result.json"
+        if not path.is_file():
+            return None
+        items = json.loads(path.read_text())["per_item"]
+        scores[beta] = (sum(items["reward_accuracy"]) / len(items["reward_accuracy"]), sum(items["mean_margin"]) / len(items["mean_margin"]))
+    best = max(scores, key=lambda beta: scores[beta])
+    atomic_write(tune_dir / "chosen_beta.json", json.dumps({"beta": best, "validation": {str(b): s for b, s in scores.items()}}, indent=1).encode())
+    return best
 
-    lines = [caption, "", "| run | seeds | likelihood acc | reward acc | margin | arithmetic (greedy) | IFEval pass |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]  # fmt: skip
-    for row, s in summary.items():
-        cells = [cell(s[m], percent=m != "mean_margin") for m in METRICS]
-        lines.append(f"| {row} | {s['seeds']} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+
+# ----- the scheduler: one process per (grid, method, seed), each waiting for what it needs -----
 
 
-def plot(results: dict[str, dict], summary: dict[str, dict], docs_dir: Path, *, first_seed: int) -> None:
-    import matplotlib
+def tasks_of(config: CompareConfig, grid_file: Path, extra_deps: dict[str, set] | None = None) -> list[dict]:
+    methods = {m.name: m for m in config.methods}
+    seeds_of = {"base": config.seeds, **{m.name: m.seeds for m in config.methods}}
+    tasks = []
+    for method, seed in config.runs():
+        # keyed by output folder: main.yaml and main-untuned.yaml are one grid, the latter before SePO is tuned
+        deps = {f"{config.output_dir}:{dep}/seed{seed}" for dep in (methods[method].depends_on() if method != "base" else ())}
+        deps |= (extra_deps or {}).get(method, set())
+        # First the runs others wait for; then seed by seed, main rows before controls, so that a stopped
+        # experiment has every row on its first seeds.
+        waited_for = method in ("base", "dpo") or grid_file.stem == "tune"
+        priority = (0 if waited_for else 1, config.seeds.index(seed), 0 if set(config.seeds) <= set(seeds_of[method]) else 1)
+        tasks.append({"key": f"{config.output_dir}:{method}/seed{seed}", "grid": str(grid_file), "method": method, "seed": seed,
+                      "deps": deps, "priority": priority, "done": (run_dir(config, method, seed) / "result.json").is_file()})  # fmt: skip
+    return tasks
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    # Accuracy vs k: the sweep (first seed), with the main k=40% run of the same seed, and DPO as k=100%.
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
-    sweep = sorted(
-        (r["k"], r) for r in results.values()
-        if r["method"] == "sdpo" and r.get("ref") == "dpo" and r.get("rule", "scores") == "scores" and r["seed"] == first_seed
-    )  # fmt: skip
-    dpo = results.get(f"dpo/seed{first_seed}")
-    control = results.get(f"sdpo-random/seed{first_seed}")
-    for ax, metric, label in zip(axes, ("reward_accuracy", "greedy_accuracy_arithmetic", "ifeval_pass_rate"),
-                                 ("held-out reward accuracy", "greedy arithmetic accuracy", "IFEval pass rate")):  # fmt: skip
-        ks = [k * 100 for k, _ in sweep] + ([100] if dpo else [])
-        values = [r[metric] * 100 for _, r in sweep] + ([dpo[metric] * 100] if dpo else [])
-        ax.plot(ks, values, "o-", label="Selective-DPO, DPO reference (k=100%: DPO)")
-        if control:
-            ax.plot([40], [control[metric] * 100], "s", color="tab:red", label="random 40% (control)")
-        if "base model" in summary:
-            ax.axhline(summary["base model"][metric]["mean"] * 100, color="gray", ls="--", label="base model")
-        ax.set_xlabel("tokens kept per response, k (%)")
-        ax.set_ylabel(f"{label} (%)")
-        ax.set_xticks([20, 40, 60, 80, 100])
-    axes[0].legend(fontsize=7)
-    fig.suptitle(f"Token share sweep (seed {first_seed})")
-    fig.tight_layout()
-    fig.savefig(docs_dir / "accuracy_vs_k.png", dpi=120)
-    plt.close(fig)
+def run_command(task: dict) -> list[str]:
+    """One scheduled run, in its own process (see `main`)."""
+    return [sys.executable, __file__, "--_run", task["grid"], task["method"], str(task["seed"])]
 
-    # Training curves of the main rows, first seed.
-    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
-    for name, result in results.items():
-        if result["seed"] != first_seed or result["row"].startswith(("sweep", "control", "base")):
+
+def schedule(tasks: list[dict], *, workers: int, logs: Path, on_done=None, command=run_command) -> list[str]:
+    """Run every task not done, at most `workers` at once, each after its dependencies, the lowest
+    `priority` first; return the keys of the tasks that failed or waited on one that failed.
+    `on_done(key)` may return new tasks (appended to the queue)."""
+    logs.mkdir(parents=True, exist_ok=True)
+    done = {t["key"] for t in tasks if t["done"]}
+    failed: set[str] = set()
+    running: dict[str, tuple[subprocess.Popen, object, float]] = {}
+    with bar(total=len(tasks), desc="Experiment", unit="run", initial=len(done)) as progress:
+        while True:
+            for key, (process, log, started) in list(running.items()):
+                if process.poll() is None:
+                    continue
+                log.close()
+                del running[key]
+                if process.returncode == 0:
+                    done.add(key)
+                    progress.update(1)
+                    for task in on_done(key) if on_done else ():
+                        tasks.append(task)
+                        progress.total += 1
+                        if task["done"]:
+                            done.add(task["key"])
+                            progress.update(1)
+                else:
+                    failed.add(key)
+                    print(f"\nFAILED {key} (exit {process.returncode}) after {time.time() - started:.0f} s; log: {log.name}", file=sys.stderr)
+            pending = [t for t in tasks if t["key"] not in done | failed | set(running)]
+            blocked = [t for t in pending if t["deps"] & failed]
+            failed |= {t["key"] for t in blocked}
+            ready = sorted((t for t in pending if t not in blocked and t["deps"] <= done), key=lambda t: t["priority"])
+            for task in ready[: max(0, workers - len(running))]:
+                log = open(logs / (task["key"].replace("/", "_").replace(":", "__") + ".log"), "a")
+                running[task["key"]] = (subprocess.Popen(command(task), stdout=log, stderr=subprocess.STDOUT), log, time.time())
+                progress.set_postfix_str(", ".join(k.split(":")[-1] for k in running))
+            if not running and not [t for t in pending if t not in blocked]:
+                return sorted(failed)
+            if not running:
+                stuck = [t["key"] for t in pending if t not in blocked]
+                raise RuntimeError(f"runs wait for results that no run will make: {stuck}")
+            try:
+                time.sleep(2)
+            except KeyboardInterrupt:  # stopped (Ctrl-C, a time limit): stop the runs too; each resumes later
+                for process, log, _ in running.values():
+                    process.terminate()
+                    process.wait()
+                    log.close()
+                raise
+
+
+def experiment(opts) -> None:
+    preset = PRESETS[opts.preset]
+    out = Path(opts.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    dataset = opts.dataset
+    if opts.build_data:
+        dataset = str(out / "data")
+        command = [sys.executable, "-m", "selective_po", "build-pairs", "--model", preset["model"], "--output_dir", dataset, *preset["data"]]
+        print("$", " ".join(command[2:]), flush=True)
+        subprocess.run(command, check=True)
+    main_file, untuned_file, tune_file = out / "main.yaml", out / "main-untuned.yaml", out / "tune.yaml"
+    untuned = write_grid(untuned_file, grid_dict(preset, dataset, out / "main", main_methods(preset, None)))
+    tune = write_grid(tune_file, tune_dict(preset, dataset, out))
+    dpo_seed0 = f"{untuned.output_dir}:dpo/seed{preset['seeds'][0]}"
+    tune_tasks = tasks_of(tune, tune_file, extra_deps={name: {dpo_seed0} for name in SEPO_BETAS})
+    tune_keys = {t["key"] for t in tune_tasks if t["method"] != "base"}
+    state = {"pending_tune": set(tune_keys)}
+
+    def sepo_tasks() -> list[dict]:
+        beta = chosen_beta(out / "tune")
+        config = write_grid(main_file, grid_dict(preset, dataset, out / "main", main_methods(preset, beta)))
+        tasks = tasks_of(config, main_file)
+        # the non-SePO runs are already scheduled through main-untuned.yaml (same folders)
+        return [t for t in tasks if t["method"].startswith("sepo")]
+
+    def on_done(key: str) -> list[dict]:
+        if key in state["pending_tune"]:
+            state["pending_tune"].discard(key)
+            if not state["pending_tune"]:
+                return sepo_tasks()
+        return []
+
+    tasks = tasks_of(untuned, untuned_file) + [t for t in tune_tasks if t["method"] != "base"]
+    if all(t["done"] for t in tasks if t["key"] in tune_keys):
+        state["pending_tune"].clear()
+        tasks += sepo_tasks()
+    started, interrupted = time.time(), False
+    try:
+        failed = schedule(tasks, workers=opts.workers, logs=out / "logs", on_done=on_done)
+    except KeyboardInterrupt:
+        failed, interrupted = [], True
+    print(f"\nruns {'stopped' if interrupted else 'finished'} after {time.time() - started:.0f} s; failed: {failed or 'none'}", flush=True)
+    docs = Path(opts.docs_dir) if opts.docs_dir else None
+    for name, grid_file in (("tune", tune_file), ("main", main_file if main_file.is_file() else untuned_file)):
+        config = CompareConfig.from_yaml(grid_file)
+        try:
+            compare(config, report_only=True, resamples=opts.resamples)
+        except ValueError as error:
+            print(f"{name}: no report yet ({error})")
             continue
-        steps = [row["step"] for row in result["curves"]]
-        axes[0].plot(steps, [row["loss"] for row in result["curves"]], label=result["row"])
-        axes[1].plot(steps, [row.get("rewards/accuracies", float("nan")) for row in result["curves"]], label=result["row"])
-    axes[0].set_ylabel("training loss (each method's own)")
-    axes[1].set_ylabel("batch reward accuracy")
-    for ax in axes:
-        ax.set_xlabel("step")
-    axes[0].legend(fontsize=7)
-    fig.suptitle(f"Training curves (seed {first_seed})")
-    fig.tight_layout()
-    fig.savefig(docs_dir / "training_curves.png", dpi=120)
-    plt.close(fig)
+        print(f"\n## {name}\n" + Path(config.output_dir, "compare.md").read_text())
+        if docs:
+            docs.mkdir(parents=True, exist_ok=True)
+            for suffix in ("md", "json", "png"):
+                shutil.copy(Path(config.output_dir, f"compare.{suffix}"), docs / f"{opts.preset}_{name}.{suffix}")
+    if interrupted:
+        raise SystemExit("Stopped before every run finished; the reports above cover the finished runs. Run again to resume.")
+    if failed:
+        raise SystemExit(f"{len(failed)} runs failed or could not run: {failed}; their logs are in {out / 'logs'}. Run again to resume.")
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--model", default=DEFAULT_MODEL)
-    parser.add_argument("--dataset", default="onpolicy-smollm2")
-    parser.add_argument("--steps", type=int)
-    parser.add_argument("--batch_size", type=int)
-    parser.add_argument("--learning_rate", type=float)
-    parser.add_argument("--seeds", type=int, nargs="+")
-    parser.add_argument("--control_seeds", type=int, help="how many of the seeds the controls use")
-    parser.add_argument("--prompts", type=int, help="held-out prompts for greedy accuracy, split evenly over tasks (0: all)")
-    parser.add_argument("--max_new_tokens", type=int, default=96)
-    parser.add_argument("--output_dir", default="outputs/onpolicy_experiment")
-    parser.add_argument("--docs_dir", default="docs/results")
-    parser.add_argument("--only", nargs="*", help="run only these run names (e.g. dpo/seed0); default all")
+def main() -> None:
+    if sys.argv[1:2] == ["--_run"]:  # one scheduled run, in its own process
+        grid, method, seed = sys.argv[2], sys.argv[3], int(sys.argv[4])
+        run_grid(CompareConfig.from_yaml(grid), seeds=[seed], methods=[method])
+        return
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
+    parser.add_argument("--dataset", default="onpolicy-smollm2-large", help="the pairs (bundled name or build-pairs folder)")
+    parser.add_argument("--build_data", action="store_true", help="sample the pairs first, into output_dir/data (resumable)")
+    parser.add_argument("--workers", type=int, default=1, help="runs at once (each its own process)")
+    parser.add_argument("--output_dir", default=None, help="default: outputs/onpolicy_<preset>")
+    parser.add_argument("--docs_dir", default=None, help="copy each grid's compare.md/json/png here")
+    parser.add_argument("--resamples", type=int, default=4000)
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=JSON", help="override preset fields (tests, smoke runs)")
     opts = parser.parse_args()
-    for key, value in PRESETS[opts.preset].items():
-        if getattr(opts, key) is None:
-            setattr(opts, key, value)
-
-    base = resolve_model_path(opts.model)
-    splits = load_preference_dataset(opts.dataset)
-    train_pairs, test_pairs = splits["train"], splits["test"]
-    if len(train_pairs) < opts.steps * opts.batch_size:
-        print(f"note: {len(train_pairs)} training pairs for {opts.steps * opts.batch_size} pair-steps: more than one epoch")
-    prompts = balanced_task_rows(load_task_prompts(opts.dataset, split="test"), opts.prompts)
-    print(f"{len(train_pairs)} training pairs, {len(test_pairs)} held-out pairs, {len(prompts)} held-out prompts; "
-          f"preset {opts.preset}: {opts.steps} steps x {opts.batch_size} pairs, lr {opts.learning_rate}, seeds {opts.seeds}")  # fmt: skip
-
-    results: dict[str, dict] = {}
-    runs = [{"name": "base", "row": "base model", "seed": opts.seeds[0], "method": "base"}] + plan(opts)
-    for run in runs:
-        if opts.only and run["name"] not in opts.only:
-            continue
-        done = Path(opts.output_dir) / run["name"] / "result.json"
-        if done.is_file():
-            results[run["name"]] = json.loads(done.read_text())
-            continue
-        print(f"\n=== {run['name']} ({run['row']})", flush=True)
-        path, trained = (base, {"curves": []}) if run["method"] == "base" else train_run(run, base=base, data=train_pairs, opts=opts)
-        result = {**run, **trained, **measure(path, base=base, pairs=test_pairs, prompts=prompts, opts=opts)}
-        atomic_write(done, json.dumps(result, indent=2).encode())  # a run counts as done only once its result is whole
-        results[run["name"]] = result
-        print({k: round(v, 4) for k, v in result.items() if k in METRICS}, flush=True)
-
-    summary = summarize(results)
-    caption = (f"{opts.model} on `{opts.dataset}`: {len(train_pairs)} training pairs, {opts.steps} steps x "
-               f"{opts.batch_size} pairs, lr {opts.learning_rate}, preset `{opts.preset}`; {len(test_pairs)} held-out "
-               f"pairs and {len(prompts)} held-out prompts; reward accuracy and margin use the base model as "
-               "reference. Mean ± sample standard deviation over seeds.")  # fmt: skip
-    table = markdown_table(summary, caption=caption)
-    print("\n" + table)
-    Path(opts.output_dir, "results.json").write_text(json.dumps({"summary": summary, "runs": results}, indent=2))
-    docs_dir = Path(opts.docs_dir)
-    docs_dir.mkdir(parents=True, exist_ok=True)
-    (docs_dir / "onpolicy_table.md").write_text(table)
-    plot(results, summary, docs_dir, first_seed=opts.seeds[0])
-    print(f"wrote {docs_dir / 'onpolicy_table.md'}, {docs_dir / 'accuracy_vs_k.png'}, {docs_dir / 'training_curves.png'}")
+    opts.output_dir = opts.output_dir or f"outputs/onpolicy_{opts.preset}"
+    for item in opts.set:
+        key, value = item.split("=", 1)
+        PRESETS[opts.preset][key] = json.loads(value)
+    experiment(opts)
 
 
 if __name__ == "__main__":

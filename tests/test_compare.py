@@ -125,3 +125,34 @@ def test_the_grid_runs_reports_and_resumes_from_what_a_kill_leaves(tmp_path, tin
     assert low <= cell["difference"] <= high
     assert "difference" not in summary["methods"]["dpo"]["reward_accuracy"]  # the baseline itself
     assert (out / "compare.png").stat().st_size > 0
+
+
+def test_runs_can_be_picked_by_seed_and_method_and_wait_for_their_references(tmp_path):
+    config = CompareConfig.from_yaml(grid_files(tmp_path, "unused-model"))
+    assert config.runs(seeds=[1]) == [("dpo", 1), ("sdpo-dpo-ref", 1)]
+    assert config.runs(seeds=[0], methods=["base", "random"]) == [("base", 0), ("random", 0)]
+    with pytest.raises(ValueError, match=r"seeds \[7\] are not in the grid's seeds \[0, 1\]"):
+        config.runs(seeds=[7])
+    with pytest.raises(ValueError, match=r"methods \['sigmoid'\] are not in the grid's methods"):
+        config.runs(methods=["sigmoid"])
+    from selective_po.compare import run_grid
+
+    # Its @dpo model is not trained yet: an error that says so, before anything is loaded.
+    with pytest.raises(ValueError, match=r"sdpo-dpo-ref/seed1 needs the model of @dpo \(seed 1\), not trained yet"):
+        run_grid(config, seeds=[1], methods=["sdpo-dpo-ref"])
+
+
+def test_report_only_reports_the_finished_runs_and_runs_nothing(tmp_path, tiny_model_dir, capsys):
+    grid = grid_files(tmp_path, tiny_model_dir, methods={"dpo": {"loss_type": "sigmoid"}, "sdpo": {"sdpo_threshold": 0.6}})
+    with pytest.raises(SystemExit):  # --seeds is checked as a list of integers
+        main(["compare", "--config", str(grid), "--seeds", "zero"])
+    assert main(["compare", "--config", str(grid), "--report_only"]) == 1  # no baseline result yet
+    assert "no finished run of the baseline 'dpo' yet" in capsys.readouterr().err
+    assert main(["compare", "--config", str(grid), "--seeds", "1", "--resamples", "100"]) == 0  # only seed 1: no base
+    config = CompareConfig.from_yaml(grid)
+    assert sorted(p.parent.parent.name + "/" + p.parent.name for p in Path(config.output_dir).glob("*/seed*/result.json")) == [
+        "dpo/seed1", "sdpo/seed1"]  # fmt: skip
+    assert main(["compare", "--config", str(grid), "--report_only", "--resamples", "100"]) == 0
+    assert not (run_dir(config, "base", 0) / "result.json").exists()  # reported, nothing run
+    report = (Path(config.output_dir) / "compare.md").read_text()
+    assert "| sdpo | 1 |" in report and "| base |" not in report

@@ -137,14 +137,18 @@ def test_kill_9_while_sampling_then_rerun(tmp_path, tiny_model_dir):
         assert (tmp_path / "killed" / name).read_bytes() == (tmp_path / "clean" / name).read_bytes(), name
 
 
-def test_the_shipped_pairs_load_and_match_their_samples():
-    dataset = load_preference_dataset("onpolicy-smollm2")
-    for split in ("train", "test"):
-        check_preference_rows(dataset[split], source=f"onpolicy-smollm2/{split}")
+@pytest.mark.parametrize("name, held_out", [("onpolicy-smollm2", ("test",)), ("onpolicy-smollm2-large", ("validation", "test"))])
+def test_the_shipped_pairs_load_and_match_their_samples(name, held_out):
+    dataset = load_preference_dataset(name)
+    assert sorted(dataset) == sorted(("train", *held_out))
+    for split in dataset:
+        check_preference_rows(dataset[split], source=f"{name}/{split}")
         assert set(dataset[split]["task"]) == {"arithmetic", "ifeval"}
-    prompts = load_task_prompts("onpolicy-smollm2", split="test")
-    assert {row["prompt_id"] for row in dataset["test"]} <= {row["prompt_id"] for row in prompts}
-    assert not {row["prompt_id"] for row in dataset["train"]} & {row["prompt_id"] for row in prompts}
+    train_ids = {row["prompt_id"] for row in dataset["train"]}
+    for split in held_out:
+        prompts = load_task_prompts(name, split=split)
+        assert {row["prompt_id"] for row in dataset[split]} <= {row["prompt_id"] for row in prompts}
+        assert not train_ids & {row["prompt_id"] for row in prompts}
     # Each pair's verdicts hold under today's verifiers: chosen passes, rejected fails.
     from selective_po.verifiers import verify
 
@@ -166,3 +170,23 @@ def test_a_build_pairs_folder_loads_only_its_pair_files(tmp_path):
     loaded = load_preference_dataset(str(tmp_path))
     assert {split: len(rows) for split, rows in loaded.items()} == {"train": 3, "test": 2}
     assert load_task_prompts(str(tmp_path), split="test") == load_task_prompts(str(tmp_path / "test_prompts.jsonl"), split="x")
+
+
+def test_a_validation_split_is_held_out_apart_from_test(tmp_path, tiny_model_dir):
+    splits = onpolicy.split_prompts({"arithmetic": 10, "ifeval": 10}, test_share=0.3, validation_share=0.2, seed=0)
+    assert [len(splits[s]) for s in ("train", "validation", "test")] == [10, 4, 6]
+    ids = [{row["prompt_id"] for row in splits[s]} for s in ("train", "validation", "test")]
+    assert not (ids[0] & ids[1] or ids[0] & ids[2] or ids[1] & ids[2])
+    # Test prompts are the same with or without a validation split: adding one never moves them.
+    assert splits["test"] == onpolicy.split_prompts({"arithmetic": 10, "ifeval": 10}, test_share=0.3, seed=0)["test"]
+    assert "validation" not in onpolicy.split_prompts({"arithmetic": 10}, test_share=0.3, seed=0)
+    with pytest.raises(ValueError, match=r"validation_share must be in \[0, 1 - test_share\)"):
+        onpolicy.split_prompts({"arithmetic": 10}, test_share=0.5, validation_share=0.5, seed=0)
+    out = tmp_path / "pairs"
+    assert main(["build-pairs", "--model", tiny_model_dir, "--output_dir", str(out), "--arithmetic_prompts", "4",
+                 "--ifeval_prompts", "0", "--test_share", "0.5", "--validation_share", "0.25", "--samples_per_prompt", "2",
+                 "--max_new_tokens", "4"]) == 0  # fmt: skip
+    assert [r["prompt_id"] for r in load_task_prompts(str(out), split="validation")] == ["arithmetic-00002"]
+    assert json.loads((out / "stats.json").read_text())["splits"]["validation"]["arithmetic"]["prompts"] == 1
+    card = (out / "README.md").read_text()
+    assert "`validation.jsonl`" in card and "`samples-validation.jsonl`" in card

@@ -122,8 +122,10 @@ PAIRABLE = _checked(int, "at least 2 (a pair needs two responses)", lambda v: v 
 POSITIVE_INT = _checked(int, "an integer of 1 or more", lambda v: v >= 1)
 THRESHOLD = _checked(float, "sdpo_threshold q in [0, 1) (0.6 keeps the top 40%)", lambda v: 0.0 <= v < 1.0)
 SHARE = _checked(float, "a share in (0, 1)", lambda v: 0.0 < v < 1.0)
+SHARE_OR_ZERO = _checked(float, "a share in [0, 1)", lambda v: 0.0 <= v < 1.0)
 PROBABILITY = _checked(float, "a value in (0, 1]", lambda v: 0.0 < v <= 1.0)
 POSITIVE_FLOAT = _checked(float, "a number above 0", lambda v: v > 0.0)
+INT_LIST = _checked(lambda text: [int(part) for part in text.split(",")], "comma-separated integers, e.g. 0,1", lambda v: bool(v))
 
 DATASET_HELP = "preference pairs: a bundled name, a .json/.jsonl/.parquet file, a folder or a Hub dataset"
 SPLIT_HELP = "which split (default: `test` if the dataset has one, else its only split)"
@@ -421,6 +423,10 @@ def build_pairs_parser() -> argparse.ArgumentParser:
     parser.add_argument("--arithmetic_prompts", type=COUNT, default=200, help="arithmetic prompts, both splits")
     parser.add_argument("--ifeval_prompts", type=COUNT, default=200, help="IFEval-instruction prompts, both splits")
     parser.add_argument("--test_share", type=SHARE, default=0.25, help="share of each task's prompts held out")
+    parser.add_argument(
+        "--validation_share", type=SHARE_OR_ZERO, default=0.0,
+        help="share of each task's prompts held out apart from test, for tuning (validation.jsonl; 0: none)",
+    )  # fmt: skip
     parser.add_argument("--samples_per_prompt", type=PAIRABLE, default=4, help="responses sampled per prompt (2 or more)")
     parser.add_argument("--temperature", type=POSITIVE_FLOAT, default=1.0)
     parser.add_argument("--top_p", type=PROBABILITY, default=1.0)
@@ -432,6 +438,7 @@ def build_pairs_parser() -> argparse.ArgumentParser:
 
 def build_pairs(argv: list[str]) -> dict:
     """`selective-po build-pairs`: on-policy pairs with a table of pass rates and pair counts."""
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .models import check_model_folder, resolve_model_path
@@ -447,13 +454,15 @@ def build_pairs(argv: list[str]) -> dict:
     check_model_folder(path, trust_remote_code=False, field="--model")
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True)  # safetensors only, no folder code
+    if torch.cuda.is_available():  # sampling is most of the cost: use the GPU when there is one
+        model.to("cuda")
     settings = {
         "samples_per_prompt": opts.samples_per_prompt, "temperature": opts.temperature, "top_p": opts.top_p,
         "max_new_tokens": opts.max_new_tokens, "prompts_per_chunk": opts.prompts_per_chunk, "seed": opts.seed,
     }  # fmt: skip
     stats = build_onpolicy_dataset(
         model, tokenizer, model_name=opts.model, output_dir=opts.output_dir, counts=counts,
-        test_share=opts.test_share, settings=settings,
+        test_share=opts.test_share, validation_share=opts.validation_share, settings=settings,
     )  # fmt: skip
     print(f"\n{'split':<7}{'task':<12}{'prompts':>8}{'samples':>9}{'pass':>8}{'complete':>10}{'pairs':>7}")
     for split, tasks in stats.items():
@@ -482,6 +491,11 @@ def compare_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output_dir", help="overrides the config's output_dir")
     parser.add_argument("--resamples", type=POSITIVE_INT, default=4000, help="bootstrap resamples per interval")
     parser.add_argument("--dry_run", action="store_true", help="print the runs in order and exit")
+    parser.add_argument(
+        "--seeds", type=INT_LIST,
+        help="run only these seeds of the grid, e.g. 0,1 (processes with disjoint seeds can share one output_dir)",
+    )  # fmt: skip
+    parser.add_argument("--report_only", action="store_true", help="run nothing: report the runs finished so far")
     return parser
 
 
@@ -491,13 +505,13 @@ def compare_command(argv: list[str]) -> dict:
 
     opts = compare_parser().parse_args(argv)
     config = CompareConfig.from_yaml(opts.config, output_dir=opts.output_dir)
-    runs = config.runs()
+    runs = config.runs(opts.seeds)
     if opts.dry_run:
         for method, seed in runs:
             state = "done" if (run_dir(config, method, seed) / "result.json").is_file() else "to run"
             print(f"{method}/seed{seed}: {state}")
         return {}
-    summary = compare(config, resamples=opts.resamples)
+    summary = compare(config, resamples=opts.resamples, seeds=opts.seeds, report_only=opts.report_only)
     print(Path(config.output_dir, "compare.md").read_text())
     print(f"wrote {config.output_dir}/compare.md, compare.json and compare.png")
     return summary

@@ -46,7 +46,7 @@ from .progress import bar
 
 TOP_LEVEL = {
     "model", "dataset", "train_split", "eval_split", "train_pairs", "eval_pairs", "prompts", "max_new_tokens", "seeds",
-    "baseline", "output_dir", "reference", "eval_beta", "training", "methods",
+    "baseline", "output_dir", "reference", "eval_beta", "eval_batch_size", "training", "methods",
 }  # fmt: skip
 PAIR_METRICS = ("likelihood_accuracy", "reward_accuracy", "mean_margin")
 PERCENT = {"likelihood_accuracy", "reward_accuracy", *TASK_METRICS.values()}
@@ -78,6 +78,7 @@ class CompareConfig:
     max_new_tokens: int = 96
     reference: str | None = None
     eval_beta: float = 0.1
+    eval_batch_size: int = 16  # pairs per scoring batch and prompts per generate call when measuring
     training: dict = field(default_factory=dict)
 
     @classmethod
@@ -123,9 +124,18 @@ class CompareConfig:
             raise ValueError(f"{source}: baseline {config.baseline!r} is not one of the methods {names}.")
         return config
 
-    def runs(self) -> list[tuple[str, int]]:
-        """Every (method, seed), dependencies first; `base` (the start model, untrained) first of all."""
-        return [("base", self.seeds[0])] + [(m.name, s) for m in self.methods for s in m.seeds]
+    def runs(self, seeds: list[int] | None = None, methods: list[str] | None = None) -> list[tuple[str, int]]:
+        """Every (method, seed), dependencies first; `base` (the start model, untrained) first of all.
+
+        `seeds` / `methods` keep only those runs (base goes with the grid's first seed). A seed's runs depend
+        on no other seed's, so separate processes can run disjoint seeds of one grid side by side; a
+        method's runs need those of the methods its `@name` fields name to be finished first."""
+        runs = [("base", self.seeds[0])] + [(m.name, s) for m in self.methods for s in m.seeds]
+        for wanted, known, what in ((seeds, self.seeds, "seeds"), (methods, ["base", *(m.name for m in self.methods)], "methods")):
+            unknown = sorted(set(wanted or ()) - set(known))
+            if unknown:
+                raise ValueError(f"{what} {unknown} are not in the grid's {what} {known}.")
+        return [(m, s) for m, s in runs if (seeds is None or s in seeds) and (methods is None or m in methods)]
 
 
 def order_methods(methods: list[Method], *, source: str) -> list[Method]:
@@ -216,8 +226,10 @@ def measure_one(config: CompareConfig, model_path: str, reference: str, eval_pai
 
     args = SelectiveDPOConfig(
         output_dir=str(Path(config.output_dir) / "eval"), ref_model_name_or_path=reference, beta=config.eval_beta,
-        per_device_eval_batch_size=16, precompute_ref_log_probs=True, precompute_ref_batch_size=16,
+        per_device_eval_batch_size=config.eval_batch_size, precompute_ref_log_probs=True,
+        precompute_ref_batch_size=config.eval_batch_size,
         ref_logps_cache_dir=str(Path(config.output_dir) / "cache"), report_to="none", plot_curves=False,
+        bf16=config.training.get("bf16"),  # measured in the precision the grid trains in
     )  # fmt: skip
     start = time.perf_counter()
     trainer = SelectiveDPOTrainer(model=model_path, args=args, train_dataset=eval_pairs, eval_dataset=eval_pairs)
@@ -228,15 +240,28 @@ def measure_one(config: CompareConfig, model_path: str, reference: str, eval_pai
         "mean_margin": evaluation.margins.tolist(),
     }
     if prompts:
-        outcomes = greedy_task_outcomes(trainer.model, trainer._tokenizer, prompts, batch_size=16, max_new_tokens=config.max_new_tokens)
+        outcomes = greedy_task_outcomes(
+            trainer.model, trainer._tokenizer, prompts, batch_size=config.eval_batch_size, max_new_tokens=config.max_new_tokens
+        )
         per_item.update({metric: [float(passed) for passed in results] for metric, results in outcomes.items()})
     del trainer
     gc.collect()
     return {"per_item": per_item, "eval_s": time.perf_counter() - start}
 
 
-def run_grid(config: CompareConfig) -> dict[str, dict]:
-    """Train and measure every run not yet done; return every run's result, keyed `method/seedN`."""
+def finished_results(config: CompareConfig) -> dict[str, dict]:
+    """The result of every run of the grid that has one, keyed `method/seedN`."""
+    results = {}
+    for method, seed in config.runs():
+        path = run_dir(config, method, seed) / "result.json"
+        if path.is_file():
+            results[f"{method}/seed{seed}"] = json.loads(path.read_text())
+    return results
+
+
+def run_grid(config: CompareConfig, *, seeds: list[int] | None = None, methods: list[str] | None = None) -> dict[str, dict]:
+    """Train and measure every run not yet done (of `seeds` and `methods` only, when given); return those
+    runs' results, keyed `method/seedN`."""
     from .data import load_preference_dataset, load_task_prompts
     from .evaluation import balanced_task_rows
     from .models import resolve_model_path
@@ -251,8 +276,8 @@ def run_grid(config: CompareConfig) -> dict[str, dict]:
     prompts = []
     if config.prompts:
         prompts = balanced_task_rows(load_task_prompts(config.dataset, split=config.eval_split, fallback=eval_pairs), config.prompts)
+    runs = config.runs(seeds, methods)
     methods = {m.name: m for m in config.methods}
-    runs = config.runs()
     results: dict[str, dict] = {}
     done = [r for r in runs if (run_dir(config, *r) / "result.json").is_file()]
     with bar(total=len(runs), desc="Compare grid", unit="run", initial=len(done)) as progress:
@@ -268,6 +293,9 @@ def run_grid(config: CompareConfig) -> dict[str, dict]:
                 if (folder / "trained.json").is_file():
                     trained = json.loads((folder / "trained.json").read_text())
                 else:
+                    missing = [n for n in sorted(methods[method].depends_on()) if not (run_dir(config, n, seed) / "trained.json").is_file()]
+                    if missing:
+                        raise ValueError(f"{key} needs the model of {', '.join('@' + n for n in missing)} (seed {seed}), not trained yet: run it first.")
                     trained = train_one(config, methods[method], seed, base, train_pairs)
                     atomic_write(folder / "trained.json", json.dumps(trained, indent=1).encode())
                     # The model is saved: its checkpoints (weights and optimizer state) are only for resuming.
@@ -371,9 +399,14 @@ def plot_differences(config: CompareConfig, summary: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def compare(config: CompareConfig, *, resamples: int = 4000) -> dict:
-    """Run the grid (resuming), then write `compare.json`, `compare.md` and `compare.png`."""
-    results = run_grid(config)
+def compare(config: CompareConfig, *, resamples: int = 4000, seeds: list[int] | None = None, report_only: bool = False) -> dict:
+    """Run the grid (resuming; only `seeds`, when given), then write `compare.json`, `compare.md` and
+    `compare.png` over every finished run. `report_only` runs nothing and reports the finished runs."""
+    if not report_only:
+        run_grid(config, seeds=seeds)
+    results = finished_results(config)
+    if not any(result["method"] == config.baseline for result in results.values()):
+        raise ValueError(f"{config.output_dir}: no finished run of the baseline {config.baseline!r} yet, nothing to compare with.")
     summary = summarize(config, results, resamples=resamples)
     caption = (
         f"{config.model} on `{config.dataset}` ({config.train_split} trains, {config.eval_split} is held out); every "

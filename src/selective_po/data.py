@@ -31,8 +31,10 @@ BUNDLED_DATASETS: dict[str, Path] = {
     # Two-digit arithmetic; regenerate with scripts/make_arithmetic_data.py.
     "arithmetic": BUNDLED_DIR / "arithmetic",
     "onpolicy-smollm2": BUNDLED_DIR / "onpolicy_smollm2",
+    # 2,000 prompts, 8 samples each, with a validation split; the on-policy experiment's data.
+    "onpolicy-smollm2-large": BUNDLED_DIR / "onpolicy_smollm2_large",
 }
-BUNDLED_SPLITS = ("train", "test")
+BUNDLED_SPLITS = ("train", "test")  # every bundled dataset has these; `validation.jsonl` where there is one
 
 # File suffix -> `datasets` builder name.
 DATA_FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
@@ -222,6 +224,8 @@ def _load_bundled(name: str) -> datasets.DatasetDict:
     folder = BUNDLED_DATASETS[name]
     files = {split: folder / f"{split}.jsonl" for split in BUNDLED_SPLITS}
     absent = [str(path) for path in files.values() if not path.is_file()]
+    if (folder / "validation.jsonl").is_file():
+        files["validation"] = folder / "validation.jsonl"
     if absent:
         raise FileNotFoundError(
             f"Bundled dataset {name!r} is incomplete, missing {absent}. Reinstall the package or "

@@ -273,36 +273,42 @@ def make_pairs(rows: list[dict], records: list[dict]) -> list[dict]:
 TASK_PROMPTS = {"arithmetic": arithmetic_prompts, "ifeval": ifeval_prompts}
 
 
-def split_prompts(counts: dict[str, int], *, test_share: float, seed: int) -> dict[str, list[dict]]:
-    """Distinct prompts per task, the first `test_share` of each task held out: {"train": [...], "test": [...]}."""
+def split_prompts(counts: dict[str, int], *, test_share: float, seed: int, validation_share: float = 0.0) -> dict[str, list[dict]]:
+    """Distinct prompts per task: the first `test_share` of each task held out as "test", the next
+    `validation_share` as "validation" (only when > 0; for tuning), the rest "train"."""
     if not 0 < test_share < 1:
         raise ValueError(f"test_share must be in (0, 1), got {test_share}")
-    splits = {"train": [], "test": []}
+    if not 0 <= validation_share < 1 - test_share:
+        raise ValueError(f"validation_share must be in [0, 1 - test_share), got {validation_share} (test_share {test_share})")
+    splits = {"train": [], **({"validation": []} if validation_share else {}), "test": []}
     for task, count in counts.items():
         if task not in TASK_PROMPTS:
             raise ValueError(f"Unknown task {task!r}; known: {sorted(TASK_PROMPTS)}")
         rows = TASK_PROMPTS[task](count, seed=seed)
-        n_test = round(count * test_share)
+        n_test, n_validation = round(count * test_share), round(count * validation_share)
         for i, row in enumerate(rows):
             row["prompt_id"] = f"{task}-{i:05d}"
         splits["test"] += rows[:n_test]
-        splits["train"] += rows[n_test:]
+        if validation_share:
+            splits["validation"] += rows[n_test : n_test + n_validation]
+        splits["train"] += rows[n_test + n_validation :]
     return splits
 
 
 def build_onpolicy_dataset(
     model, tokenizer, *, model_name: str, output_dir: str | Path, counts: dict[str, int], test_share: float = 0.25,
-    settings: dict | None = None,
+    validation_share: float = 0.0, settings: dict | None = None,
 ) -> dict[str, dict]:
-    """Sample, verify and pair for every prompt; write `{train,test}.jsonl` (pairs), `test_prompts.jsonl`
-    (every held-out prompt, for greedy accuracy) and `samples-{split}.jsonl` (every sample and verdict).
+    """Sample, verify and pair for every prompt; write `{train,validation,test}.jsonl` (pairs; validation only
+    when `validation_share` > 0), `{validation,test}_prompts.jsonl` (every held-out prompt, for greedy
+    accuracy) and `samples-{split}.jsonl` (every sample and verdict).
 
     Returns per-split statistics. Resumes from `output_dir/work/`.
     """
     output_dir = Path(output_dir)
     settings = dict(settings or {})
     seed = settings.get("seed", 0)
-    splits = split_prompts(counts, test_share=test_share, seed=seed)
+    splits = split_prompts(counts, test_share=test_share, validation_share=validation_share, seed=seed)
     stats = {}
     for split, rows in splits.items():
         sampling = SamplingSettings(model=model_name, **settings, prompts_sha256=prompts_digest(rows))
@@ -310,8 +316,8 @@ def build_onpolicy_dataset(
         pairs = make_pairs(rows, records)
         _write_jsonl(output_dir / f"{split}.jsonl", pairs)
         _write_jsonl(output_dir / f"samples-{split}.jsonl", [{**row, **record} for row, record in zip(rows, records)])
-        if split == "test":
-            _write_jsonl(output_dir / "test_prompts.jsonl", rows)
+        if split != "train":
+            _write_jsonl(output_dir / f"{split}_prompts.jsonl", rows)
         stats[split] = split_statistics(rows, records, pairs)
     return stats
 
@@ -369,12 +375,12 @@ def render_readme(stats: dict[str, dict], *, settings: dict, command: str) -> st
         "",
         "## Files",
         "",
-        "- `train.jsonl`, `test.jsonl`: the pairs, in TRL's conversational format (`prompt`, `chosen`, `rejected`),",
+        f"- {', '.join(f'`{split}.jsonl`' for split in stats)}: the pairs, in TRL's conversational format (`prompt`, `chosen`, `rejected`),",
         "  with `task`, `answer` (arithmetic), `instruction_id_list` and `instruction_kwargs` (IFEval, a JSON list of",
         "  argument dicts), `prompt_id` and `pass_rate` (the share of the prompt's samples that passed).",
-        "- `test_prompts.jsonl`: every held-out prompt, with or without a pair, for greedy accuracy and IFEval pass",
-        "  rate (`selective-po eval` reads it).",
-        "- `samples-train.jsonl`, `samples-test.jsonl`: every prompt with all its samples and their verdicts.",
+        f"- {', '.join(f'`{split}_prompts.jsonl`' for split in stats if split != 'train')}: every held-out prompt, with or "
+        "without a pair, for greedy accuracy and IFEval pass rate (`selective-po eval` reads it).",
+        f"- {', '.join(f'`samples-{split}.jsonl`' for split in stats)}: every prompt with all its samples and their verdicts.",
         "- `stats.json`: the settings and the table above.",
     ]
     return "\n".join(lines) + "\n"

@@ -1,0 +1,89 @@
+"""benchmarks/onpolicy_experiment.py: its grids are valid configs, SePO's beta is chosen on validation,
+and its scheduler runs each run after what it needs, several at once, and contains failures."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from selective_po.compare import CompareConfig, training_args
+
+SCRIPT = Path(__file__).parent.parent / "benchmarks" / "onpolicy_experiment.py"
+
+
+@pytest.fixture(scope="module")
+def experiment():
+    spec = importlib.util.spec_from_file_location("onpolicy_experiment", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("preset", ["cpu", "cuda"])
+def test_every_run_of_each_preset_makes_a_valid_config(experiment, preset, tmp_path):
+    settings = experiment.PRESETS[preset]
+    grids = {
+        "main": experiment.grid_dict(settings, "onpolicy-smollm2", tmp_path / "main", experiment.main_methods(settings, 0.3)),
+        "tune": experiment.tune_dict(settings, "onpolicy-smollm2", tmp_path),
+    }
+    for name, grid in grids.items():
+        config = CompareConfig.from_dict(grid, source=name)
+        for method in config.methods:
+            for seed in method.seeds:
+                args = training_args(config, method, seed, "start-model")
+                if "sepo" in method.name:
+                    assert args.oracle_ref_model_name_or_path == "start-model" and args.beta in (0.3, *experiment.SEPO_BETAS.values())
+    main = CompareConfig.from_dict(grids["main"])
+    seeds = {m.name: m.seeds for m in main.methods}
+    assert seeds["dpo"] == seeds["sepo"] == settings["seeds"] and seeds["sepo-random"] == settings["control_seeds"]
+    assert [m for m in seeds if "-k" in m] == (["sdpo-dpo-ref-k20", "sdpo-dpo-ref-k60", "sdpo-dpo-ref-k80", "sdpo-dpo-ref-k100"] if settings["sweep"] else [])
+    by_name = {m.name: m.fields for m in main.methods}
+    assert by_name["sdpo-dpo-ref"]["sdpo_threshold"] == 0.6 and by_name["sepo-all"]["sepo_chosen_share"] == 1.0
+
+
+def test_sepo_beta_is_chosen_by_validation_reward_accuracy_then_margin(experiment, tmp_path):
+    def result(name, correct, margin):
+        path = tmp_path / name / "seed0" / "result.json"
+        path.parent.mkdir(parents=True)
+        path.write_text(json.dumps({"per_item": {"reward_accuracy": correct, "mean_margin": [margin] * len(correct)}}))
+
+    result("sepo-beta01", [1, 0, 1, 1], 0.1)
+    result("sepo-beta03", [1, 1, 1, 0], 0.5)
+    assert experiment.chosen_beta(tmp_path) is None  # beta 1 not measured yet
+    result("sepo-beta1", [0, 0, 1, 1], 0.9)
+    assert experiment.chosen_beta(tmp_path) == 0.3  # ties on accuracy with 0.1, larger margin
+    assert json.loads((tmp_path / "chosen_beta.json").read_text())["beta"] == 0.3
+
+
+def test_the_scheduler_orders_parallelizes_and_contains_failures(experiment, tmp_path):
+    stamps = tmp_path / "stamps"
+    stamps.mkdir()
+
+    def command(task):  # each run records when it started and ended; "bad" fails
+        code = (f"import sys, time, pathlib; p = pathlib.Path({str(stamps)!r}); (p / '{task['key']}.start').write_text(str(time.time())); "
+                f"time.sleep(0.5); (p / '{task['key']}.end').write_text(str(time.time())); sys.exit({int(task['key'] == 'bad')})")
+        return [sys.executable, "-c", code]
+
+    def task(key, deps=(), priority=(1,), done=False):
+        return {"key": key, "deps": set(deps), "priority": priority, "done": done}
+
+    tasks = [task("old", done=True), task("late", priority=(2,)), task("a", ["old"]), task("b"), task("c", ["a", "b"]),
+             task("bad"), task("after-bad", ["bad"]), task("after-after-bad", ["after-bad"])]  # fmt: skip
+    added = []
+
+    def on_done(key):
+        return [task("added", ["c"])] if key == "c" and not added.append(key) else []
+
+    failed = experiment.schedule(tasks, workers=2, logs=tmp_path / "logs", on_done=on_done, command=command)
+    assert failed == ["after-after-bad", "after-bad", "bad"]
+    started = {p.stem: float(p.read_text()) for p in stamps.glob("*.start")}
+    ended = {p.stem: float(p.read_text()) for p in stamps.glob("*.end")}
+    assert set(started) == {"late", "a", "b", "c", "bad", "added"}  # not "old" (done), not the ones behind "bad"
+    assert started["c"] >= max(ended["a"], ended["b"]) and started["added"] >= ended["c"]
+    assert started["late"] >= min(started[k] for k in ("a", "b", "bad"))  # lower priority waits for a free worker
+    overlapping = [(x, y) for x in started for y in started if x < y and started[y] < ended[x] and started[x] < ended[y]]
+    assert overlapping and all(sum(started[k] <= t < ended[k] for k in started) <= 2 for t in started.values())
