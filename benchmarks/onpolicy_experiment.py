@@ -1,7 +1,7 @@
 """The papers' claims at small scale, on on-policy pairs with verifiable answers, as `selective-po compare` grids.
 
-    python benchmarks/onpolicy_experiment.py                           # CPU preset, one run at a time
-    python benchmarks/onpolicy_experiment.py --preset cuda --build_data --workers 8   # on a GPU
+    python benchmarks/onpolicy_experiment.py                                   # CPU preset, one run at a time
+    python benchmarks/onpolicy_experiment.py --preset cuda --build_data --workers 10   # on a GPU (cuda_experiment.sh)
 
 Data: pairs sampled from the bundled model itself and checked by the arithmetic and IFEval verifiers
 (`selective-po build-pairs`; `--build_data` builds them with the preset's settings, resumably, else

@@ -7,6 +7,7 @@ import math
 
 import numpy as np
 import pytest
+import torch
 
 from selective_po.selection_quality import response_auroc, response_recall_at_share, response_top1, span_selection_quality
 
@@ -95,3 +96,31 @@ def test_summary_means_over_defined_responses_with_intervals():
     assert quality["span_recall_at_k_chosen"] == 0.5 and quality["span_recall_at_k_chosen_responses"] == 2
     assert quality["span_auroc_rejected"] == 1.0 == quality["span_auroc_rejected_low"] == quality["span_auroc_rejected_high"]
     assert quality["span_recall_at_k_rejected"] == 1.0 and quality["span_recall_at_k_rejected_random"] == 0.5
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_sepo_oracle_rewards_rank_tokens_as_selective_dpo_scores_with_the_oracle_as_reference(seed):
+    """Why benchmarks/selection_quality.py measures SePO's oracle through Selective-DPO's scorer: with the
+    start model as policy and the DPO model (SePO's oracle) as reference, the chosen scores equal the
+    oracle rewards and the rejected scores their negatives, so the same tokens are kept at any share."""
+    from selective_po.losses import sepo_keep_masks
+    from selective_po.scoring import sdpo_token_scores
+    from selective_po.selection import select_tokens
+
+    g = torch.Generator().manual_seed(seed)
+    start, oracle = (-torch.rand(2, 5, 11, generator=g, dtype=torch.float64) * 4 for _ in range(2))  # (chosen/rejected, B, T)
+    mask = torch.rand(2, 5, 11, generator=g) > 0.2
+    rewards = oracle - start  # log p_oracle - log p_ref, SePO's token rewards
+    chosen_scores, rejected_scores = sdpo_token_scores(start[0], start[1], oracle[0], oracle[1])
+    torch.testing.assert_close(chosen_scores, rewards[0].float())
+    torch.testing.assert_close(rejected_scores, -rewards[1].float())
+    for share in (0.3, 0.4, 1.0):
+        sepo = sepo_keep_masks(rewards[0], rewards[1], chosen_mask=mask[0], rejected_mask=mask[1], chosen_share=share, rejected_share=share)
+        sdpo = (select_tokens(chosen_scores, mask[0], keep_share=share), select_tokens(rejected_scores, mask[1], keep_share=share))
+        assert torch.equal(sepo[0], sdpo[0]) and torch.equal(sepo[1], sdpo[1])
+    for side, scores in ((0, chosen_scores), (1, rejected_scores)):  # and the threshold-free measures agree
+        for row in range(5):
+            keep = mask[side, row]
+            in_span = (torch.arange(11) % 3 == 0)[keep].numpy()
+            sign = 1 if side == 0 else -1
+            assert response_auroc(scores[row][keep].numpy(), in_span) == response_auroc(sign * rewards[side, row][keep].numpy(), in_span)
