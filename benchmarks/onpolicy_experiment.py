@@ -36,13 +36,16 @@ from pathlib import Path
 
 import yaml
 
-from selective_po.compare import CompareConfig, compare, run_dir, run_grid
+from selective_po.compare import CompareConfig, finished_results, run_dir, run_grid, write_report
 from selective_po.files import atomic_write
 from selective_po.progress import bar
 
 # Shares of response tokens kept (Selective-DPO keeps the top 1 - sdpo_threshold).
 SWEEP = (0.2, 0.4, 0.6, 0.8, 1.0)
 SEPO_BETAS = {"sepo-beta01": 0.1, "sepo-beta03": 0.3, "sepo-beta1": 1.0}
+# Second views of the main grid: against Selective-DPO with the DPO reference (the stronger reference, the
+# share sweep, its random control) and against SePO (its random and all-token controls).
+CLAIM_BASELINES = ("sdpo-dpo-ref", "sepo")
 
 PRESETS = {
     # One run at a time on 2 CPU cores (about 7 minutes a run): every row, on 2 seeds (controls and the sweep on 1),
@@ -150,10 +153,11 @@ def tasks_of(config: CompareConfig, grid_file: Path, extra_deps: dict[str, set] 
         # keyed by output folder: main.yaml and main-untuned.yaml are one grid, the latter before SePO is tuned
         deps = {f"{config.output_dir}:{dep}/seed{seed}" for dep in (methods[method].depends_on() if method != "base" else ())}
         deps |= (extra_deps or {}).get(method, set())
-        # First the runs others wait for; then seed by seed, main rows before controls, so that a stopped
-        # experiment has every row on its first seeds.
-        waited_for = method in ("base", "dpo") or grid_file.stem == "tune"
-        priority = (0 if waited_for else 1, config.seeds.index(seed), 0 if set(config.seeds) <= set(seeds_of[method]) else 1)
+        # The start model and the first seed's DPO model first (most runs wait for it); then seed by seed,
+        # main rows before controls (SePO's tuning with them), so a stopped experiment has every row on its first seeds.
+        first = method == "base" or (method == "dpo" and seed == config.seeds[0])
+        control = grid_file.stem == "tune" or not set(config.seeds) <= set(seeds_of[method])
+        priority = (0 if first else 1, config.seeds.index(seed), int(control))
         tasks.append({"key": f"{config.output_dir}:{method}/seed{seed}", "grid": str(grid_file), "method": method, "seed": seed,
                       "deps": deps, "priority": priority, "done": (run_dir(config, method, seed) / "result.json").is_file()})  # fmt: skip
     return tasks
@@ -219,7 +223,7 @@ def experiment(opts) -> None:
     out = Path(opts.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     dataset = opts.dataset
-    if opts.build_data:
+    if opts.build_data and not opts.report_only:
         dataset = str(out / "data")
         command = [sys.executable, "-m", "selective_po", "build-pairs", "--model", preset["model"], "--output_dir", dataset, *preset["data"]]
         print("$", " ".join(command[2:]), flush=True)
@@ -252,23 +256,27 @@ def experiment(opts) -> None:
         tasks += sepo_tasks()
     started, interrupted = time.time(), False
     try:
-        failed = schedule(tasks, workers=opts.workers, logs=out / "logs", on_done=on_done)
+        failed = [] if opts.report_only else schedule(tasks, workers=opts.workers, logs=out / "logs", on_done=on_done)
     except KeyboardInterrupt:
         failed, interrupted = [], True
     print(f"\nruns {'stopped' if interrupted else 'finished'} after {time.time() - started:.0f} s; failed: {failed or 'none'}", flush=True)
     docs = Path(opts.docs_dir) if opts.docs_dir else None
-    for name, grid_file in (("tune", tune_file), ("main", main_file if main_file.is_file() else untuned_file)):
-        config = CompareConfig.from_yaml(grid_file)
+    main_grid = main_file if main_file.is_file() else untuned_file
+    # The main grid against DPO, then the same runs against the rows the papers' claims compare with.
+    reports = [("tune", tune_file, None), ("main", main_grid, None), *((f"main-vs-{b}", main_grid, b) for b in CLAIM_BASELINES)]
+    for name, grid_file, baseline in reports:
+        config = CompareConfig.from_yaml(grid_file, **({"baseline": baseline} if baseline else {}))
+        stem = "compare" if baseline is None else f"compare-vs-{baseline}"
         try:
-            compare(config, report_only=True, resamples=opts.resamples)
+            write_report(config, finished_results(config), resamples=opts.resamples, stem=stem)
         except ValueError as error:
             print(f"{name}: no report yet ({error})")
             continue
-        print(f"\n## {name}\n" + Path(config.output_dir, "compare.md").read_text())
+        print(f"\n## {name}\n" + Path(config.output_dir, f"{stem}.md").read_text())
         if docs:
             docs.mkdir(parents=True, exist_ok=True)
             for suffix in ("md", "json", "png"):
-                shutil.copy(Path(config.output_dir, f"compare.{suffix}"), docs / f"{opts.preset}_{name}.{suffix}")
+                shutil.copy(Path(config.output_dir, f"{stem}.{suffix}"), docs / f"{opts.preset}_{name}.{suffix}")
     if interrupted:
         raise SystemExit("Stopped before every run finished; the reports above cover the finished runs. Run again to resume.")
     if failed:
@@ -288,6 +296,7 @@ def main() -> None:
     parser.add_argument("--output_dir", default=None, help="default: outputs/onpolicy_<preset>")
     parser.add_argument("--docs_dir", default=None, help="copy each grid's compare.md/json/png here")
     parser.add_argument("--resamples", type=int, default=4000)
+    parser.add_argument("--report_only", action="store_true", help="run nothing: report the runs finished in output_dir")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=JSON", help="override preset fields (tests, smoke runs)")
     opts = parser.parse_args()
     opts.output_dir = opts.output_dir or f"outputs/onpolicy_{opts.preset}"

@@ -156,3 +156,7 @@ def test_report_only_reports_the_finished_runs_and_runs_nothing(tmp_path, tiny_m
     assert not (run_dir(config, "base", 0) / "result.json").exists()  # reported, nothing run
     report = (Path(config.output_dir) / "compare.md").read_text()
     assert "| sdpo | 1 |" in report and "| base |" not in report
+    # The same runs against another method, beside the main report rather than over it.
+    assert main(["compare", "--config", str(grid), "--report_only", "--baseline", "sdpo", "--resamples", "100"]) == 0
+    assert "vs sdpo" in (Path(config.output_dir) / "compare-vs-sdpo.md").read_text()
+    assert (Path(config.output_dir) / "compare.md").read_text() == report

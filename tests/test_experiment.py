@@ -87,3 +87,19 @@ def test_the_scheduler_orders_parallelizes_and_contains_failures(experiment, tmp
     assert started["late"] >= min(started[k] for k in ("a", "b", "bad"))  # lower priority waits for a free worker
     overlapping = [(x, y) for x in started for y in started if x < y and started[y] < ended[x] and started[x] < ended[y]]
     assert overlapping and all(sum(started[k] <= t < ended[k] for k in started) <= 2 for t in started.values())
+
+
+def test_runs_are_queued_first_dpo_then_seed_by_seed_main_rows_before_controls(experiment, tmp_path):
+    settings = experiment.PRESETS["cpu"]
+    main_file, tune_file = tmp_path / "main.yaml", tmp_path / "tune.yaml"
+    main = experiment.write_grid(main_file, experiment.grid_dict(settings, "onpolicy-smollm2", tmp_path / "main",
+                                                                 experiment.main_methods(settings, 1.0)))  # fmt: skip
+    tune = experiment.write_grid(tune_file, experiment.tune_dict(settings, "onpolicy-smollm2", tmp_path))
+    tasks = experiment.tasks_of(main, main_file) + [t for t in experiment.tasks_of(tune, tune_file) if t["method"] != "base"]
+    order = [t["key"].split(":")[-1] for t in sorted(tasks, key=lambda t: t["priority"])]
+    assert order[:2] == ["base/seed0", "dpo/seed0"]
+    seed0, seed1 = order.index("sdpo-dpo-ref/seed0"), order.index("sdpo-dpo-ref/seed1")
+    assert order.index("sdpo-dpo-ref-random/seed0") > seed0 and order.index("sepo-beta1/seed0") < seed1 < order.index("dpo/seed1") + 4
+    by_key = {t["key"].split(":")[-1]: t for t in tasks}
+    assert by_key["sdpo-dpo-ref/seed1"]["deps"] == {f"{tmp_path / 'main'}:dpo/seed1"}
+    assert by_key["sepo/seed0"]["deps"] == {f"{tmp_path / 'main'}:dpo/seed0"}

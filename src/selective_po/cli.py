@@ -496,6 +496,9 @@ def compare_parser() -> argparse.ArgumentParser:
         help="run only these seeds of the grid, e.g. 0,1 (processes with disjoint seeds can share one output_dir)",
     )  # fmt: skip
     parser.add_argument("--report_only", action="store_true", help="run nothing: report the runs finished so far")
+    parser.add_argument(
+        "--baseline", help="report the differences to this method instead of the config's baseline (written as compare-vs-NAME.*)"
+    )
     return parser
 
 
@@ -504,16 +507,17 @@ def compare_command(argv: list[str]) -> dict:
     from .compare import CompareConfig, compare, run_dir
 
     opts = compare_parser().parse_args(argv)
-    config = CompareConfig.from_yaml(opts.config, output_dir=opts.output_dir)
+    config = CompareConfig.from_yaml(opts.config, output_dir=opts.output_dir, baseline=opts.baseline)
     runs = config.runs(opts.seeds)
     if opts.dry_run:
         for method, seed in runs:
             state = "done" if (run_dir(config, method, seed) / "result.json").is_file() else "to run"
             print(f"{method}/seed{seed}: {state}")
         return {}
-    summary = compare(config, resamples=opts.resamples, seeds=opts.seeds, report_only=opts.report_only)
-    print(Path(config.output_dir, "compare.md").read_text())
-    print(f"wrote {config.output_dir}/compare.md, compare.json and compare.png")
+    stem = f"compare-vs-{opts.baseline}" if opts.baseline else "compare"
+    summary = compare(config, resamples=opts.resamples, seeds=opts.seeds, report_only=opts.report_only, stem=stem)
+    print(Path(config.output_dir, f"{stem}.md").read_text())
+    print(f"wrote {config.output_dir}/{stem}.md, {stem}.json and {stem}.png")
     return summary
 
 

@@ -399,12 +399,9 @@ def plot_differences(config: CompareConfig, summary: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def compare(config: CompareConfig, *, resamples: int = 4000, seeds: list[int] | None = None, report_only: bool = False) -> dict:
-    """Run the grid (resuming; only `seeds`, when given), then write `compare.json`, `compare.md` and
-    `compare.png` over every finished run. `report_only` runs nothing and reports the finished runs."""
-    if not report_only:
-        run_grid(config, seeds=seeds)
-    results = finished_results(config)
+def write_report(config: CompareConfig, results: dict[str, dict], *, resamples: int = 4000, stem: str = "compare") -> dict:
+    """Write `<stem>.json`, `<stem>.md` and `<stem>.png` to output_dir: every finished run against the
+    config's baseline (another `stem` and baseline give a second view of the same runs)."""
     if not any(result["method"] == config.baseline for result in results.values()):
         raise ValueError(f"{config.output_dir}: no finished run of the baseline {config.baseline!r} yet, nothing to compare with.")
     summary = summarize(config, results, resamples=resamples)
@@ -414,7 +411,17 @@ def compare(config: CompareConfig, *, resamples: int = 4000, seeds: list[int] | 
         f"items; intervals: bootstrap over seeds and items, paired with {config.baseline} on the same seeds and items."
     )
     out = Path(config.output_dir)
-    atomic_write(out / "compare.json", json.dumps({"summary": summary, "runs": results}, indent=1).encode())
-    atomic_write(out / "compare.md", markdown_report(config, summary, caption=caption).encode())
-    plot_differences(config, summary, out / "compare.png")
+    atomic_write(out / f"{stem}.json", json.dumps({"summary": summary, "runs": results}, indent=1).encode())
+    atomic_write(out / f"{stem}.md", markdown_report(config, summary, caption=caption).encode())
+    plot_differences(config, summary, out / f"{stem}.png")
     return summary
+
+
+def compare(
+    config: CompareConfig, *, resamples: int = 4000, seeds: list[int] | None = None, report_only: bool = False, stem: str = "compare"
+) -> dict:
+    """Run the grid (resuming; only `seeds`, when given), then write `<stem>.json`, `<stem>.md` and
+    `<stem>.png` over every finished run. `report_only` runs nothing and reports the finished runs."""
+    if not report_only:
+        run_grid(config, seeds=seeds)
+    return write_report(config, finished_results(config), resamples=resamples, stem=stem)
