@@ -111,16 +111,12 @@ def grid_dict(preset: dict, dataset: str, output_dir: Path, methods: dict, **cha
 
 def tune_dict(preset: dict, dataset: str, output_dir: Path) -> dict:
     """SePO's beta on the validation split, the seed-0 DPO model of the main grid as oracle."""
-    oracle = str(run_dir_of(output_dir / "main", "dpo", preset["seeds"][0]) / "model")
+    oracle = str(output_dir / "main" / "dpo" / f"seed{preset['seeds'][0]}" / "model")  # run_dir of the main grid's dpo
     methods = {name: sepo(0.3, beta, oracle_model_name_or_path=oracle) for name, beta in SEPO_BETAS.items()}
     return grid_dict(
         preset, dataset, output_dir / "tune", methods, eval_split="validation", eval_pairs=preset["validation_pairs"], prompts=0,
         seeds=preset["seeds"][:1], baseline="sepo-beta1",
     )  # fmt: skip
-
-
-def run_dir_of(grid_dir: Path, method: str, seed: int) -> Path:
-    return grid_dir / method / f"seed{seed}"
 
 
 def write_grid(path: Path, grid: dict) -> CompareConfig:

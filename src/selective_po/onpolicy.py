@@ -235,6 +235,7 @@ def sample_and_verify(model, tokenizer, rows: list[dict], settings: SamplingSett
                 seed = settings.seed * 1_000_003 + index
                 chunk = _sample_chunk(model, tokenizer, chunk_rows, settings, seed=seed, progress=advance)
                 _write_jsonl(path, chunk)
+                progress.n = start + len(chunk_rows)  # whole prompts again: the token steps' shares do not add up exactly
             records.extend(chunk)
             pairs += sum(_pair_indices(record) is not None for record in chunk)
             progress.set_postfix(pairs=pairs)
