@@ -78,6 +78,7 @@ def table(measured: list[dict], keep_share: float) -> str:
     ]
     labels = list(dict.fromkeys(m["label"] for m in measured))
     for label in labels + ["random scores"]:
+        # Random scores' values depend only on the spans' tokens, the same for every scorer: take the first's.
         mine = [m for m in measured if m["label"] == label] or measured[:1]
         seeds = ",".join(str(m["seed"]) for m in mine if m["seed"] is not None) or "-"
         for side in ("chosen", "rejected"):

@@ -259,13 +259,17 @@ def finished_results(config: CompareConfig) -> dict[str, dict]:
     return results
 
 
-def run_grid(config: CompareConfig, *, seeds: list[int] | None = None, methods: list[str] | None = None) -> dict[str, dict]:
-    """Train and measure every run not yet done (of `seeds` and `methods` only, when given); return those
-    runs' results, keyed `method/seedN`."""
+def run_grid(config: CompareConfig, *, seeds: list[int] | None = None, methods: list[str] | None = None) -> None:
+    """Train and measure every run not yet done (of `seeds` and `methods` only, when given); each leaves its
+    `result.json` (read back by `finished_results`)."""
     from .data import load_preference_dataset, load_task_prompts
     from .evaluation import balanced_task_rows
     from .models import resolve_model_path
 
+    runs = config.runs(seeds, methods)
+    todo = [r for r in runs if not (run_dir(config, *r) / "result.json").is_file()]
+    if not todo:
+        return  # nothing to load the models and data for
     base = resolve_model_path(config.model)
     reference = resolve_model_path(config.reference) if config.reference else base
     train_pairs, eval_pairs = (load_preference_dataset(config.dataset, split=split) for split in (config.train_split, config.eval_split))
@@ -276,17 +280,11 @@ def run_grid(config: CompareConfig, *, seeds: list[int] | None = None, methods: 
     prompts = []
     if config.prompts:
         prompts = balanced_task_rows(load_task_prompts(config.dataset, split=config.eval_split, fallback=eval_pairs), config.prompts)
-    runs = config.runs(seeds, methods)
     methods = {m.name: m for m in config.methods}
-    results: dict[str, dict] = {}
-    done = [r for r in runs if (run_dir(config, *r) / "result.json").is_file()]
-    with bar(total=len(runs), desc="Compare grid", unit="run", initial=len(done)) as progress:
-        for method, seed in runs:
+    with bar(total=len(runs), desc="Compare grid", unit="run", initial=len(runs) - len(todo)) as progress:
+        for method, seed in todo:
             folder = run_dir(config, method, seed)
             key = f"{method}/seed{seed}"
-            if (folder / "result.json").is_file():
-                results[key] = json.loads((folder / "result.json").read_text())
-                continue
             progress.set_postfix_str(key)
             trained = {"curves": []}
             if method != "base":
@@ -301,10 +299,9 @@ def run_grid(config: CompareConfig, *, seeds: list[int] | None = None, methods: 
                     # The model is saved: its checkpoints (weights and optimizer state) are only for resuming.
                     shutil.rmtree(folder / "checkpoints", ignore_errors=True)
             measured = measure_one(config, model_of(config, base, method, seed), reference, eval_pairs, prompts)
-            results[key] = {"method": method, "seed": seed, **trained, **measured}
-            atomic_write(folder / "result.json", json.dumps(results[key]).encode())
+            result = {"method": method, "seed": seed, **trained, **measured}
+            atomic_write(folder / "result.json", json.dumps(result).encode())
             progress.update(1)
-    return results
 
 
 # ----- the report -----

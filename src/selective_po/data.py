@@ -224,13 +224,13 @@ def _load_bundled(name: str) -> datasets.DatasetDict:
     folder = BUNDLED_DATASETS[name]
     files = {split: folder / f"{split}.jsonl" for split in BUNDLED_SPLITS}
     absent = [str(path) for path in files.values() if not path.is_file()]
-    if (folder / "validation.jsonl").is_file():
-        files["validation"] = folder / "validation.jsonl"
     if absent:
         raise FileNotFoundError(
             f"Bundled dataset {name!r} is incomplete, missing {absent}. Reinstall the package or "
             "regenerate the data with scripts/make_arithmetic_data.py."
         )
+    if (folder / "validation.jsonl").is_file():
+        files["validation"] = folder / "validation.jsonl"
     return _load_split_files({split: str(path) for split, path in files.items()})
 
 
