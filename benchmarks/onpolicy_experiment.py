@@ -20,7 +20,8 @@ only the loss and its token selection differ. Three grids share one output folde
 
 Runs are scheduled as a graph (a run waits for the models its `@name` fields name, SePO for the
 tuning), `--workers` at a time, each in its own process (`compare`'s `run_grid` for one method and
-seed). Every finished run keeps its `result.json`, so a stopped experiment resumes where it stopped.
+seed). Every finished run keeps its `result.json`, so a stopped experiment resumes where it stopped; a run
+measured on other held-out data than the dataset's now (a grown test split) is measured again, not retrained.
 Outputs: the grids' `compare.md/json/png` in `--output_dir`, copied to `--docs_dir`.
 """
 
@@ -36,7 +37,7 @@ from pathlib import Path
 
 import yaml
 
-from selective_po.compare import CompareConfig, finished_results, run_dir, run_grid, write_report
+from selective_po.compare import CompareConfig, finished_results, held_out_digest, is_measured, load_held_out, run_grid, write_report
 from selective_po.files import atomic_write
 from selective_po.progress import bar
 
@@ -52,7 +53,8 @@ PRESETS = {
     # measured on every held-out pair; no greedy prompts (the cuda preset has them).
     "cpu": {
         "data": ["--arithmetic_prompts", "1000", "--ifeval_prompts", "1000", "--test_share", "0.3", "--validation_share", "0.1",
-                 "--samples_per_prompt", "8", "--temperature", "0.7", "--top_p", "0.9", "--prompts_per_chunk", "64"],
+                 "--samples_per_prompt", "8", "--temperature", "0.7", "--top_p", "0.9", "--prompts_per_chunk", "64",
+                 "--extra_test_prompts", "80"],
         "model": "smollm2-135m-instruct", "seeds": [0, 1], "control_seeds": [0], "sweep": True, "train_pairs": 160,
         "eval_pairs": 0, "prompts": 0, "validation_pairs": 0, "eval_batch_size": 16,
         "training": {"max_steps": 40, "per_device_train_batch_size": 4, "learning_rate": 2.0e-5},
@@ -60,7 +62,8 @@ PRESETS = {
     # A GPU, several runs side by side: main rows on 5 seeds, controls and the sweep on 3.
     "cuda": {
         "data": ["--arithmetic_prompts", "1000", "--ifeval_prompts", "1000", "--test_share", "0.3", "--validation_share", "0.1",
-                 "--samples_per_prompt", "8", "--temperature", "0.7", "--top_p", "0.9", "--prompts_per_chunk", "64"],
+                 "--samples_per_prompt", "8", "--temperature", "0.7", "--top_p", "0.9", "--prompts_per_chunk", "64",
+                 "--extra_test_prompts", "80"],
         "model": "smollm2-135m-instruct", "seeds": [0, 1, 2, 3, 4], "control_seeds": [0, 1, 2], "sweep": True, "train_pairs": 0, "eval_pairs": 0, "prompts": 400,
         "validation_pairs": 0, "eval_batch_size": 64,
         "training": {"max_steps": 100, "per_device_train_batch_size": 8, "learning_rate": 1.0e-5},
@@ -143,6 +146,7 @@ def chosen_beta(tune_dir: Path) -> float | None:
 
 def tasks_of(config: CompareConfig, grid_file: Path, extra_deps: dict[str, set] | None = None) -> list[dict]:
     methods = {m.name: m for m in config.methods}
+    digest = held_out_digest(*load_held_out(config))  # a run measured on other held-out data is measured again
     seeds_of = {"base": config.seeds, **{m.name: m.seeds for m in config.methods}}
     tasks = []
     for method, seed in config.runs():
@@ -155,7 +159,7 @@ def tasks_of(config: CompareConfig, grid_file: Path, extra_deps: dict[str, set] 
         control = grid_file.stem == "tune" or not set(config.seeds) <= set(seeds_of[method])
         priority = (0 if first else 1, config.seeds.index(seed), int(control))
         tasks.append({"key": f"{config.output_dir}:{method}/seed{seed}", "grid": str(grid_file), "method": method, "seed": seed,
-                      "deps": deps, "priority": priority, "done": (run_dir(config, method, seed) / "result.json").is_file()})  # fmt: skip
+                      "deps": deps, "priority": priority, "done": is_measured(config, method, seed, digest)})  # fmt: skip
     return tasks
 
 

@@ -99,7 +99,7 @@ def embedded(tmp_path, monkeypatch, tiny_tokenizer):
     def stand_in_gguf(spec, workdir):
         return workdir / "model.gguf"
 
-    def stand_in_dequantize(gguf_path, out_dir, *, steps):
+    def stand_in_dequantize(gguf_path, out_dir, *, steps, chat_template=None):
         conversions.append(out_dir)
         build_model(tiny_tokenizer, seed=3).save_pretrained(out_dir)
         tiny_tokenizer.save_pretrained(out_dir)

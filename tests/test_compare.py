@@ -107,7 +107,7 @@ def test_the_grid_runs_reports_and_resumes_from_what_a_kill_leaves(tmp_path, tin
     capsys.readouterr()
     assert main(["compare", "--config", str(grid), "--dry_run"]) == 0
     listing = capsys.readouterr().out
-    assert "dpo/seed0: done" in listing and "dpo/seed1: to run" in listing
+    assert "dpo/seed0: done" in listing and "dpo/seed1: to measure\n" in listing and "sdpo-dpo-ref/seed1: to run" in listing
 
     assert main(["compare", "--config", str(grid), "--resamples", "200"]) == 0
     again = {r: (run_dir(config, *r) / "result.json").read_text() for r in finished}
@@ -160,3 +160,32 @@ def test_report_only_reports_the_finished_runs_and_runs_nothing(tmp_path, tiny_m
     assert main(["compare", "--config", str(grid), "--report_only", "--baseline", "sdpo", "--resamples", "100"]) == 0
     assert "vs sdpo" in (Path(config.output_dir) / "compare-vs-sdpo.md").read_text()
     assert (Path(config.output_dir) / "compare.md").read_text() == report
+
+
+def test_a_grown_held_out_split_is_measured_again_without_training_again(tmp_path, tiny_model_dir, capsys):
+    grid = grid_files(tmp_path, tiny_model_dir, seeds=[0], methods={"dpo": {"loss_type": "sigmoid"}, "sdpo": {"sdpo_threshold": 0.6}})
+    assert main(["compare", "--config", str(grid), "--resamples", "100"]) == 0
+    config = CompareConfig.from_yaml(grid)
+    trained = {m: (run_dir(config, m, 0) / "trained.json").read_bytes() for m in ("dpo", "sdpo")}
+    weights = {m: (run_dir(config, m, 0) / "model" / "model.safetensors").stat().st_mtime_ns for m in trained}
+    first = json.loads((run_dir(config, "dpo", 0) / "result.json").read_text())
+    assert len(first["per_item"]["reward_accuracy"]) == 6
+
+    rows = preference_dataset().to_list()
+    Path(config.dataset, "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:8]))  # two more held-out pairs
+    capsys.readouterr()
+    assert main(["compare", "--config", str(grid), "--dry_run"]) == 0
+    assert "dpo/seed0: to measure again (the held-out data changed)" in capsys.readouterr().out
+    from selective_po.compare import run_grid
+
+    run_grid(config, methods=["base"])  # base alone on the grown split: the report must not pair it with the others
+    assert main(["compare", "--config", str(grid), "--report_only", "--resamples", "100"]) == 1
+    assert "measured on different held-out data" in capsys.readouterr().err
+
+    assert main(["compare", "--config", str(grid), "--resamples", "100"]) == 0
+    for method in trained:  # measured again, not trained again
+        assert (run_dir(config, method, 0) / "trained.json").read_bytes() == trained[method]
+        assert (run_dir(config, method, 0) / "model" / "model.safetensors").stat().st_mtime_ns == weights[method]
+    again = json.loads((run_dir(config, "dpo", 0) / "result.json").read_text())
+    assert len(again["per_item"]["reward_accuracy"]) == 8 and again["measured_on"] != first["measured_on"]
+    assert again["per_item"]["likelihood_accuracy"][:6] == first["per_item"]["likelihood_accuracy"]

@@ -92,9 +92,9 @@ def test_the_scheduler_orders_parallelizes_and_contains_failures(experiment, tmp
 def test_runs_are_queued_first_dpo_then_seed_by_seed_main_rows_before_controls(experiment, tmp_path):
     settings = experiment.PRESETS["cpu"]
     main_file, tune_file = tmp_path / "main.yaml", tmp_path / "tune.yaml"
-    main = experiment.write_grid(main_file, experiment.grid_dict(settings, "onpolicy-smollm2", tmp_path / "main",
+    main = experiment.write_grid(main_file, experiment.grid_dict(settings, "onpolicy-smollm2-large", tmp_path / "main",
                                                                  experiment.main_methods(settings, 1.0)))  # fmt: skip
-    tune = experiment.write_grid(tune_file, experiment.tune_dict(settings, "onpolicy-smollm2", tmp_path))
+    tune = experiment.write_grid(tune_file, experiment.tune_dict(settings, "onpolicy-smollm2-large", tmp_path))
     tasks = experiment.tasks_of(main, main_file) + [t for t in experiment.tasks_of(tune, tune_file) if t["method"] != "base"]
     order = [t["key"].split(":")[-1] for t in sorted(tasks, key=lambda t: t["priority"])]
     assert order[:2] == ["base/seed0", "dpo/seed0"]

@@ -120,3 +120,26 @@ def test_custom_code_for_a_known_model_type_loads_the_built_in_class(tmp_path, t
     path, marker = custom_code_dir(tmp_path, tiny_model_dir, "llama")
     trainer = make(tmp_path, path, precompute=False)
     assert type(trainer.model).__name__ == "LlamaForCausalLM" and not marker.exists()
+
+
+def test_a_gguf_cut_into_chunk_packages_is_joined_in_order_and_checked(tmp_path, monkeypatch):
+    import hashlib
+
+    from selective_po import models
+
+    chunks = [b"GGUF" + bytes(range(7)), bytes(range(7, 20)), b"tail"]
+    for i, chunk in enumerate(chunks):
+        package = tmp_path / f"chunk_pkg{i}"
+        (package / "data").mkdir(parents=True)
+        (package / "__init__.py").write_text("")
+        (package / "data" / f"model.gguf.part{i:02d}").write_bytes(chunk)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    parts = tuple(models.GGUFPart(f"chunk-pkg{i}", "1.0", f"chunk_pkg{i}", f"chunk_pkg{i}/data/model.gguf.part{i:02d}") for i in range(3))
+    whole = b"".join(chunks)
+    spec = models.EmbeddedModel(parts=parts, sha256=hashlib.sha256(whole).hexdigest())
+    work = tmp_path / "work"
+    work.mkdir()
+    assert models._locate_gguf(spec, work).read_bytes() == whole  # installed packages: nothing fetched
+    shuffled = models.EmbeddedModel(parts=parts[::-1], sha256=spec.sha256)
+    with pytest.raises(RuntimeError, match="has sha256 .*, not " + spec.sha256 + ": a part is damaged or of another version"):
+        models._locate_gguf(shuffled, work)

@@ -190,3 +190,43 @@ def test_a_validation_split_is_held_out_apart_from_test(tmp_path, tiny_model_dir
     assert json.loads((out / "stats.json").read_text())["splits"]["validation"]["arithmetic"]["prompts"] == 1
     card = (out / "README.md").read_text()
     assert "`validation.jsonl`" in card and "`samples-validation.jsonl`" in card
+
+
+def test_a_built_dataset_grows_its_test_split_by_sampling_only_the_new_prompts(tmp_path, tiny_model_dir, monkeypatch, capsys):
+    plain = onpolicy.split_prompts({"arithmetic": 6, "ifeval": 6}, test_share=0.5, validation_share=0.25, seed=0)
+    grown = onpolicy.split_prompts({"arithmetic": 6, "ifeval": 6}, test_share=0.5, validation_share=0.25, seed=0, extra_test_prompts=2)
+    assert all(grown[split] == plain[split] for split in plain)  # no prompt of any split moves
+    assert [r["prompt_id"] for r in grown["test-extra"]] == ["arithmetic-00006", "arithmetic-00007", "ifeval-00006", "ifeval-00007"]
+    texts = lambda rows: {json.dumps(r["prompt"]) for r in rows}  # noqa: E731
+    assert not texts(grown["test-extra"]) & texts(plain["train"] + plain["validation"] + plain["test"])
+
+    argv = ["build-pairs", "--model", tiny_model_dir, "--arithmetic_prompts", "4", "--ifeval_prompts", "4", "--test_share", "0.5",
+            "--samples_per_prompt", "2", "--max_new_tokens", "4", "--prompts_per_chunk", "3"]  # fmt: skip
+    built = tmp_path / "built"
+    assert main([*argv, "--output_dir", str(built)]) == 0
+    shipped = tmp_path / "shipped"  # as a bundled dataset: the files, not the work/ chunks
+    shipped.mkdir()
+    for path in built.glob("*.*"):
+        (shipped / path.name).write_bytes(path.read_bytes())
+    sampled = []
+    real = onpolicy._sample_chunk
+    monkeypatch.setattr(onpolicy, "_sample_chunk", lambda *a, **k: sampled.append(k["seed"]) or real(*a, **k))
+    assert main([*argv, "--output_dir", str(shipped), "--extra_test_prompts", "2"]) == 0
+    assert sampled == [2, 3]  # the 4 new prompts only, in chunks after the test split's two
+    for name in ("train.jsonl", "samples-train.jsonl"):
+        assert (shipped / name).read_bytes() == (built / name).read_bytes()
+    before = (built / "samples-test.jsonl").read_text().splitlines()
+    after = (shipped / "samples-test.jsonl").read_text().splitlines()
+    assert after[:4] == before and [json.loads(line)["prompt_id"] for line in after[4:]] == [
+        "arithmetic-00004", "arithmetic-00005", "ifeval-00004", "ifeval-00005"]  # fmt: skip
+    assert len(load_task_prompts(str(shipped), split="test")) == 8
+    stats = json.loads((shipped / "stats.json").read_text())
+    assert stats["extra_test_prompts"] == 2 and stats["splits"]["test"]["ifeval"]["extra_prompts"] == 2
+    assert "The test split was grown after it was built" in (shipped / "README.md").read_text()
+
+    sampled.clear()
+    assert main([*argv, "--output_dir", str(shipped), "--extra_test_prompts", "2"]) == 0  # all written: nothing sampled
+    assert sampled == [] and (shipped / "samples-test.jsonl").read_text().splitlines() == after
+    capsys.readouterr()
+    assert main([*argv, "--output_dir", str(shipped), "--extra_test_prompts", "3", "--temperature", "0.5"]) == 1
+    assert "was built with other settings (temperature: stored 1.0, now 0.5)" in capsys.readouterr().err

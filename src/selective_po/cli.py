@@ -427,6 +427,11 @@ def build_pairs_parser() -> argparse.ArgumentParser:
         "--validation_share", type=SHARE_OR_ZERO, default=0.0,
         help="share of each task's prompts held out apart from test, for tuning (validation.jsonl; 0: none)",
     )  # fmt: skip
+    parser.add_argument(
+        "--extra_test_prompts", type=COUNT, default=0,
+        help="grow the test split of a built --output_dir by this many new prompts per task (the ones after each task's "
+        "first N in its stream); train and validation keep theirs, and only the new prompts are sampled",
+    )  # fmt: skip
     parser.add_argument("--samples_per_prompt", type=PAIRABLE, default=4, help="responses sampled per prompt (2 or more)")
     parser.add_argument("--temperature", type=POSITIVE_FLOAT, default=1.0)
     parser.add_argument("--top_p", type=PROBABILITY, default=1.0)
@@ -462,7 +467,7 @@ def build_pairs(argv: list[str]) -> dict:
     }  # fmt: skip
     stats = build_onpolicy_dataset(
         model, tokenizer, model_name=opts.model, output_dir=opts.output_dir, counts=counts,
-        test_share=opts.test_share, validation_share=opts.validation_share, settings=settings,
+        test_share=opts.test_share, validation_share=opts.validation_share, settings=settings, extra_test_prompts=opts.extra_test_prompts,
     )  # fmt: skip
     print(f"\n{'split':<7}{'task':<12}{'prompts':>8}{'samples':>9}{'pass':>8}{'complete':>10}{'pairs':>7}")
     for split, tasks in stats.items():
@@ -472,7 +477,8 @@ def build_pairs(argv: list[str]) -> dict:
                 f"{s['complete_rate']:>10.1%}{s['pairs']:>7}"
             )
     settings["model"] = opts.model
-    atomic_write(Path(opts.output_dir, "stats.json"), json.dumps({"settings": settings, "splits": stats}, indent=2).encode())
+    stored = {"settings": settings, "splits": stats, **({"extra_test_prompts": opts.extra_test_prompts} if opts.extra_test_prompts else {})}
+    atomic_write(Path(opts.output_dir, "stats.json"), json.dumps(stored, indent=2).encode())
     command = "selective-po build-pairs " + " ".join(argv)
     atomic_write(Path(opts.output_dir, "README.md"), render_readme(stats, settings=settings, command=command).encode())
     return stats
@@ -504,14 +510,23 @@ def compare_parser() -> argparse.ArgumentParser:
 
 def compare_command(argv: list[str]) -> dict:
     """`selective-po compare`: the grid, then the report."""
-    from .compare import CompareConfig, compare, run_dir
+    from .compare import CompareConfig, compare, held_out_digest, is_measured, load_held_out, run_dir
 
     opts = compare_parser().parse_args(argv)
     config = CompareConfig.from_yaml(opts.config, output_dir=opts.output_dir, baseline=opts.baseline)
     runs = config.runs(opts.seeds)
     if opts.dry_run:
+        digest = held_out_digest(*load_held_out(config))
         for method, seed in runs:
-            state = "done" if (run_dir(config, method, seed) / "result.json").is_file() else "to run"
+            folder = run_dir(config, method, seed)
+            if is_measured(config, method, seed, digest):
+                state = "done"
+            elif (folder / "result.json").is_file():
+                state = "to measure again (the held-out data changed)"
+            elif method != "base" and (folder / "trained.json").is_file():
+                state = "to measure"
+            else:
+                state = "to run"
             print(f"{method}/seed{seed}: {state}")
         return {}
     stem = f"compare-vs-{opts.baseline}" if opts.baseline else "compare"

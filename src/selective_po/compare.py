@@ -24,11 +24,16 @@ leaves `trained.json` when its model is saved and `result.json` when it is measu
 whole or not at all); training saves checkpoints and resumes from the last complete one (they are
 deleted once the run's model is saved), so the grid can be killed at any point and run again. Outputs in `output_dir`: `compare.md`, `compare.json`,
 `compare.png`.
+
+`result.json` records a digest of the held-out pairs and prompts it was measured on. When they change
+(a grown test split, another `eval_pairs`), the next run measures every trained model again, without
+retraining; a report never pairs items of different held-out data.
 """
 
 from __future__ import annotations
 
 import gc
+import hashlib
 import json
 import math
 import shutil
@@ -249,6 +254,35 @@ def measure_one(config: CompareConfig, model_path: str, reference: str, eval_pai
     return {"per_item": per_item, "eval_s": time.perf_counter() - start}
 
 
+def load_held_out(config: CompareConfig):
+    """The held-out pairs (a `datasets.Dataset`) and prompts (rows with a task) every run is measured on."""
+    from .data import load_preference_dataset, load_task_prompts
+    from .evaluation import balanced_task_rows
+
+    eval_pairs = load_preference_dataset(config.dataset, split=config.eval_split)
+    if config.eval_pairs:
+        eval_pairs = eval_pairs.select(range(min(config.eval_pairs, len(eval_pairs))))
+    prompts = []
+    if config.prompts:
+        prompts = balanced_task_rows(load_task_prompts(config.dataset, split=config.eval_split, fallback=eval_pairs), config.prompts)
+    return eval_pairs, prompts
+
+
+def held_out_digest(eval_pairs, prompts: list[dict]) -> str:
+    """sha256 of what a run is measured on: the pairs' prompt/chosen/rejected and the prompts with their tasks."""
+    keys = ("prompt", "chosen", "rejected")
+    payload = json.dumps(
+        {"pairs": [[row[k] for k in keys] for row in eval_pairs.select_columns(list(keys))], "prompts": prompts}, sort_keys=True, default=str
+    )
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def is_measured(config: CompareConfig, method: str, seed: int, digest: str) -> bool:
+    """Whether the run has a result measured on the held-out data with this digest."""
+    path = run_dir(config, method, seed) / "result.json"
+    return path.is_file() and json.loads(path.read_text()).get("measured_on") == digest
+
+
 def finished_results(config: CompareConfig) -> dict[str, dict]:
     """The result of every run of the grid that has one, keyed `method/seedN`."""
     results = {}
@@ -261,25 +295,22 @@ def finished_results(config: CompareConfig) -> dict[str, dict]:
 
 def run_grid(config: CompareConfig, *, seeds: list[int] | None = None, methods: list[str] | None = None) -> None:
     """Train and measure every run not yet done (of `seeds` and `methods` only, when given); each leaves its
-    `result.json` (read back by `finished_results`)."""
-    from .data import load_preference_dataset, load_task_prompts
-    from .evaluation import balanced_task_rows
+    `result.json` (read back by `finished_results`). A run measured on other held-out data than the
+    config's now is measured again (its model is kept; it is not trained again)."""
+    from .data import load_preference_dataset
     from .models import resolve_model_path
 
     runs = config.runs(seeds, methods)
-    todo = [r for r in runs if not (run_dir(config, *r) / "result.json").is_file()]
+    eval_pairs, prompts = load_held_out(config)
+    digest = held_out_digest(eval_pairs, prompts)
+    todo = [r for r in runs if not is_measured(config, *r, digest)]
     if not todo:
-        return  # nothing to load the models and data for
+        return  # nothing to load the models for
     base = resolve_model_path(config.model)
     reference = resolve_model_path(config.reference) if config.reference else base
-    train_pairs, eval_pairs = (load_preference_dataset(config.dataset, split=split) for split in (config.train_split, config.eval_split))
+    train_pairs = load_preference_dataset(config.dataset, split=config.train_split)
     if config.train_pairs:
         train_pairs = train_pairs.select(range(min(config.train_pairs, len(train_pairs))))
-    if config.eval_pairs:
-        eval_pairs = eval_pairs.select(range(min(config.eval_pairs, len(eval_pairs))))
-    prompts = []
-    if config.prompts:
-        prompts = balanced_task_rows(load_task_prompts(config.dataset, split=config.eval_split, fallback=eval_pairs), config.prompts)
     methods = {m.name: m for m in config.methods}
     with bar(total=len(runs), desc="Compare grid", unit="run", initial=len(runs) - len(todo)) as progress:
         for method, seed in todo:
@@ -299,7 +330,7 @@ def run_grid(config: CompareConfig, *, seeds: list[int] | None = None, methods: 
                     # The model is saved: its checkpoints (weights and optimizer state) are only for resuming.
                     shutil.rmtree(folder / "checkpoints", ignore_errors=True)
             measured = measure_one(config, model_of(config, base, method, seed), reference, eval_pairs, prompts)
-            result = {"method": method, "seed": seed, **trained, **measured}
+            result = {"method": method, "seed": seed, **trained, **measured, "measured_on": digest}
             atomic_write(folder / "result.json", json.dumps(result).encode())
             progress.update(1)
 
@@ -401,6 +432,15 @@ def write_report(config: CompareConfig, results: dict[str, dict], *, resamples: 
     config's baseline (another `stem` and baseline give a second view of the same runs)."""
     if not any(result["method"] == config.baseline for result in results.values()):
         raise ValueError(f"{config.output_dir}: no finished run of the baseline {config.baseline!r} yet, nothing to compare with.")
+    digests = {result.get("measured_on") for result in results.values()}
+    if len(digests) > 1:
+        by_digest = {d: sorted(k for k, r in results.items() if r.get("measured_on") == d) for d in digests}
+        details = "; ".join(f"{str(d)[:12]}: {', '.join(keys)}" for d, keys in by_digest.items())
+        raise ValueError(
+            f"{config.output_dir}: the runs were measured on different held-out data ({details}); a paired comparison "
+            "needs the same items. Run `selective-po compare` on the grid again (without --report_only) to measure "
+            "every run on the current data."
+        )
     summary = summarize(config, results, resamples=resamples)
     caption = (
         f"{config.model} on `{config.dataset}` ({config.train_split} trains, {config.eval_split} is held out); every "

