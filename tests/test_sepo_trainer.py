@@ -115,8 +115,10 @@ def test_oracle_with_another_vocabulary_is_an_error(tmp_path, tiny_model_dir, or
         ({"ref_model_name_or_path": "x"}, "without a reference model"),
         ({"loss_type": "sdpo"}, r"Unknown loss_type \['sdpo'\]. Allowed: sepo"),
         ({"selection_rule": "best"}, "selection_rule='best' is unknown"),
-        ({"selection_rule": "confidence"}, "selection_rule='confidence' is not implemented for SePO yet"),
-        ({"selection_rule": "spans"}, "selection_rule='spans' is not implemented for SePO yet"),
+        ({"selection_rule": "confidence"}, "picks SePO's tokens without an oracle .* oracle_model_name_or_path and oracle_ref"),
+        ({"selection_rule": "spans", "oracle_model_name_or_path": None}, "so oracle_ref_model_name_or_path would go unused"),
+        ({"selection_rule": "spans", "oracle_model_name_or_path": None, "oracle_ref_model_name_or_path": None,
+          "map_across_tokenizers": True}, "so map_across_tokenizers would go unused: leave it unset"),
         ({"sdpo_count_rule": "quantile"}, "sdpo_count_rule applies to Selective-DPO"),
         ({"sdpo_count_rule": "floor"}, "sdpo_count_rule='floor' is unknown"),
     ],
@@ -161,3 +163,47 @@ def test_the_lm_head_projects_only_the_selected_tokens(tmp_path, tiny_model_dir,
     torch.testing.assert_close(loss, full_loss, rtol=1e-5, atol=1e-6)
     for name in grads:
         torch.testing.assert_close(grads[name], full_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def oracle_free(tmp_path, model_dir, dataset, **overrides) -> SePOTrainer:
+    args = SePOConfig(output_dir=str(tmp_path / "out"), ref_logps_cache_dir=str(tmp_path / "cache"), **{**COMMON, **overrides})
+    return SePOTrainer(model=model_dir, args=args, train_dataset=dataset)
+
+
+def test_confidence_trains_sepo_on_the_policys_unsure_tokens_with_no_oracle(tmp_path, tiny_model_dir):
+    trainer = oracle_free(tmp_path, tiny_model_dir, preference_dataset(), selection_rule="confidence", beta=2.0, sepo_gamma=0.1)
+    assert trainer.reference_stores == {} and not (tmp_path / "cache").exists()  # no second model scored anything
+    loss, grads, metrics = one_batch_loss(trainer)
+    batch = trainer._prepare_inputs(trainer.data_collator([trainer.train_dataset[i] for i in range(4)]))
+    with torch.no_grad():
+        _, policy, mask, _, _ = trainer._policy_forward(trainer.model, batch)
+    # float64 reference: keep each response's tokens whose probability is below the response's mean
+    logps, mask = policy.double(), mask.bool()
+    p = logps.exp()
+    mean = (p * mask).sum(-1, keepdim=True) / mask.sum(-1, keepdim=True)
+    keep = mask & (p < mean)
+    u = 2.0 * (logps * keep).sum(-1) / keep.sum(-1).clamp(min=1)
+    expected = -torch.nn.functional.logsigmoid(u[:4] - u[4:] - 0.1).mean()
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-6)
+    assert grads and 0 < metrics["selection/kept_share_chosen"] < 1
+    assert metrics["selection/score_kept_chosen"] > metrics["selection/score_dropped_chosen"]  # kept: higher 1 - p
+
+
+def test_spans_train_sepo_on_exactly_the_named_tokens_with_no_oracle(tmp_path, tiny_model_dir, tiny_tokenizer):
+    from test_spans import with_answer_spans
+
+    trainer = oracle_free(tmp_path, tiny_model_dir, with_answer_spans(preference_dataset(4)), selection_rule="spans")
+    loss, _, metrics = one_batch_loss(trainer)
+    batch = trainer._prepare_inputs(trainer.data_collator([trainer.train_dataset[i] for i in range(4)]))
+    score_mask = trainer._score_mask(batch)  # known before the forward: the LM head projects only these
+    targets = batch["input_ids"][:, 1:]
+    for r in range(8):
+        side, row = ("chosen", "rejected")[r // 4], trainer.train_dataset[r % 4]
+        (start, end), content = row[f"{side}_spans"][0], row[side][-1]["content"]
+        assert tiny_tokenizer.decode(targets[r][score_mask[r]].tolist()).strip() == content[start:end]
+    with torch.no_grad():
+        _, policy, mask, _, _ = trainer._policy_forward(trainer.model, batch)
+    logps, keep = policy.double(), score_mask
+    u = (logps * keep).sum(-1) / keep.sum(-1)
+    torch.testing.assert_close(loss.double(), -torch.nn.functional.logsigmoid(u[:4] - u[4:]).mean(), rtol=1e-5, atol=1e-6)
+    assert metrics["selection/score_kept_chosen"] == 1.0 and metrics["selection/score_dropped_chosen"] == 0.0

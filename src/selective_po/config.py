@@ -208,6 +208,8 @@ class SelectiveDPOConfig(DPOConfig):
 
 
 SEPO_LOSS_TYPES = ("sepo",)
+# Selection rules that need no second model: with them SePO's loss runs with no oracle at all.
+ORACLE_FREE_RULES = ("confidence", "spans")
 
 
 @dataclass
@@ -222,6 +224,10 @@ class SePOConfig(SelectiveDPOConfig):
 
     Changed defaults: `loss_type=["sepo"]`, `beta=1.0`, and `precompute_ref_log_probs=True`, which
     here means the token rewards are scored once and TRL keeps no reference model.
+
+    The same reference-free loss runs with no oracle at all under `selection_rule="confidence"`
+    (ConfPO's rule: each response's tokens below its mean token probability under the policy) or
+    `"spans"` (the tokens the data names); the oracle fields and the two shares are then unused.
 
     Parameters:
         oracle_model_name_or_path (`str`):
@@ -277,16 +283,21 @@ class SePOConfig(SelectiveDPOConfig):
                 "SePO scores the oracle's token rewards once and trains without a reference: leave "
                 "precompute_ref_log_probs=True."
             )
-        missing = [n for n in ("oracle_model_name_or_path", "oracle_ref_model_name_or_path") if getattr(self, n) is None]
+        oracle_fields = ("oracle_model_name_or_path", "oracle_ref_model_name_or_path")
+        if self.selection_rule in ORACLE_FREE_RULES:
+            given = [n for n in oracle_fields if getattr(self, n) is not None]
+            if given or self.map_across_tokenizers:
+                unused = given + (["map_across_tokenizers"] if self.map_across_tokenizers else [])
+                raise ValueError(
+                    f"selection_rule={self.selection_rule!r} picks SePO's tokens without an oracle ("
+                    + ("the policy's own low-confidence tokens" if self.selection_rule == "confidence" else "the tokens the data names")
+                    + f"), so {' and '.join(unused)} would go unused: leave {'them' if len(unused) > 1 else 'it'} unset."
+                )
+        missing = [n for n in oracle_fields if getattr(self, n) is None] if self.selection_rule not in ORACLE_FREE_RULES else []
         if missing:
             raise ValueError(
                 f"SePO needs {' and '.join(missing)}: the oracle (a model DPO-trained on the target data) and the model "
                 "it was trained from. Train one with `selective-po train --loss_type sigmoid ...` first."
-            )
-        if self.selection_rule in ("confidence", "spans"):
-            raise ValueError(
-                f"selection_rule={self.selection_rule!r} is not implemented for SePO yet (its kept tokens come from the oracle's "
-                "rewards); use it with SelectiveDPOConfig (loss_type='sdpo'), or selection_rule='scores' here."
             )
         if self.sdpo_count_rule != "ceil":
             raise ValueError("sdpo_count_rule applies to Selective-DPO; SePO keeps ceil(share * n) tokens: leave it 'ceil'.")

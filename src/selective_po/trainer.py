@@ -30,7 +30,7 @@ from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import create_model_from_path, get_config_model_id, use_adapter
 
 from . import reference_cache, reference_scoring, spans
-from .config import SelectiveDPOConfig, SePOConfig
+from .config import ORACLE_FREE_RULES, SelectiveDPOConfig, SePOConfig
 from .data import check_preference_dataset
 from .engines import check_engine
 from .logprobs import compact_lm_head
@@ -41,6 +41,8 @@ from .models import cache_dir, check_model_folder, check_same_vocabulary, file_d
 from .plots import PlotCurvesCallback
 from .progress import TickingProgressCallback
 from .progress import bar as progress_bar
+from .scoring import confidence_token_scores
+from .selection import select_tokens
 
 logger = logging.get_logger(__name__)
 
@@ -125,7 +127,7 @@ class SelectiveDPOTrainer(DPOTrainer):
             self.add_callback(PlotCurvesCallback())
         if args.uses_selection and args.selection_rule == "spans":
             self.data_collator = spans.SelectionMaskCollator(self.data_collator, truncation_mode=args.truncation_mode)
-        if self.precompute_ref_logps and args.uses_selection:
+        if self.precompute_ref_logps and args.uses_selection and self._stores_values:
             self.data_collator = reference_cache.PerTokenReferenceCollator(
                 self.data_collator, columns=self._stored_columns, output_key=self._stored_batch_key
             )
@@ -473,6 +475,8 @@ class SelectiveDPOTrainer(DPOTrainer):
         """
         if not self.args.uses_selection:
             return super()._precompute_ref_logps(dataset, name, batch_size)
+        if not self._stores_values:
+            return dataset  # nothing to score: the selection needs no second model
         if isinstance(dataset, IterableDataset):
             raise ValueError(
                 "precompute_ref_log_probs=True needs a map-style Dataset (its rows are scored and stored); got an "
@@ -506,6 +510,11 @@ class SelectiveDPOTrainer(DPOTrainer):
         self.accelerator.wait_for_everyone()
         self.reference_stores[name] = store.path
         return reference_cache.attach_reference_logps(dataset, store)
+
+    @property
+    def _stores_values(self) -> bool:
+        """Whether a second model scores the data before training (a reference's log-probs; SePO: oracle rewards)."""
+        return True
 
     # Stored per-token values: dataset columns, batch key, and what the progress bar calls them.
     _stored_columns = (reference_cache.CHOSEN_COLUMN, reference_cache.REJECTED_COLUMN)
@@ -676,12 +685,13 @@ class SePOTrainer(SelectiveDPOTrainer):
         if isinstance(model, str):
             model = resolve_model_path(model)
         self._oracle_paths = {}
-        for field_name in ("oracle_model_name_or_path", "oracle_ref_model_name_or_path"):
+        oracle_fields = () if args.selection_rule in ORACLE_FREE_RULES else ("oracle_model_name_or_path", "oracle_ref_model_name_or_path")
+        for field_name in oracle_fields:
             path = resolve_model_path(getattr(args, field_name))
             check_model_folder(path, trust_remote_code=args.trust_remote_code, field=field_name)
             self._check_reference_tokenizer(model, path, args, kwargs.get("processing_class"), name=getattr(args, field_name))
             self._oracle_paths[field_name] = path
-        if args.map_across_tokenizers:  # the oracle's rewards compare its tokens with its reference's
+        if args.map_across_tokenizers and oracle_fields:  # the oracle's rewards compare its tokens with its reference's
             oracle_tokenizers = [AutoTokenizer.from_pretrained(p, trust_remote_code=args.trust_remote_code) for p in self._oracle_paths.values()]
             check_same_vocabulary(*oracle_tokenizers, reference_name=args.oracle_ref_model_name_or_path)
         super().__init__(model, args=args, **kwargs)
@@ -717,15 +727,23 @@ class SePOTrainer(SelectiveDPOTrainer):
 
         return reference_cache.collated_scorer(self._policy_collator, token_rewards)
 
-    def _score_mask(self, inputs: dict) -> torch.Tensor:
-        """SePO's kept tokens `(2B, T-1)`: they follow from the stored oracle rewards alone, so the policy's LM head
-        projects only them."""
+    @property
+    def _stores_values(self) -> bool:
+        return self.args.selection_rule not in ORACLE_FREE_RULES
+
+    def _score_mask(self, inputs: dict) -> torch.Tensor | None:
+        """SePO's kept tokens `(2B, T-1)`: they follow from the stored oracle rewards alone (or the data's
+        spans), so the policy's LM head projects only them. `confidence` needs every log-prob: None."""
+        shift_mask = inputs["completion_mask"][:, 1:].bool()
+        if self.args.selection_rule == "spans":
+            return torch.cat(self._given_keep(inputs, shift_mask)) & shift_mask
+        if self.args.selection_rule == "confidence":
+            return None
         if self._stored_batch_key not in inputs:
             raise ValueError(
                 "The batch carries no oracle token rewards. SePOTrainer scores them when it is built; pass the "
                 "dataset as train_dataset / eval_dataset rather than to a later call."
             )
-        shift_mask = inputs["completion_mask"][:, 1:].bool()
         token_rewards = inputs[self._stored_batch_key].to(shift_mask.device)[:, -shift_mask.size(1) :]
         chosen_rewards, rejected_rewards = token_rewards.chunk(2, dim=0)
         chosen_mask, rejected_mask = shift_mask.chunk(2, dim=0)
@@ -737,11 +755,24 @@ class SePOTrainer(SelectiveDPOTrainer):
         return torch.cat(keep)  # (2B, T-1)
 
     def _sepo_step(self, inputs, policy_logps, shift_mask, model_kwargs, labels, score_mask):
-        """SePO on one batch: no reference forward; rewards logged are `u(y_w)` and `u(y_l)`."""
-        token_rewards = inputs[self._stored_batch_key].to(policy_logps.device)[:, -shift_mask.size(1) :]
+        """SePO on one batch: no reference forward; rewards logged are `u(y_w)` and `u(y_l)`.
+
+        Without an oracle the ranked (and logged) scores are ConfPO's `1 - p` (`confidence`) or 1 on the
+        tokens the data names (`spans`), and the kept tokens are chosen here from them."""
         chosen_logps, rejected_logps = policy_logps.chunk(2, dim=0)  # (B, T-1) each
-        chosen_rewards, rejected_rewards = token_rewards.chunk(2, dim=0)
         chosen_mask, rejected_mask = shift_mask.chunk(2, dim=0)
+        rule = self.args.selection_rule
+        if rule == "confidence":
+            chosen_rewards, rejected_rewards = confidence_token_scores(chosen_logps), confidence_token_scores(rejected_logps)
+            score_mask = torch.cat([
+                select_tokens(scores, mask, keep_share=1.0, rule="confidence")
+                for scores, mask in ((chosen_rewards, chosen_mask), (rejected_rewards, rejected_mask))
+            ])  # fmt: skip
+        elif rule == "spans":
+            chosen_rewards, rejected_rewards = score_mask.float().chunk(2, dim=0)
+        else:
+            token_rewards = inputs[self._stored_batch_key].to(policy_logps.device)[:, -shift_mask.size(1) :]
+            chosen_rewards, rejected_rewards = token_rewards.chunk(2, dim=0)
         result = sepo_loss(
             chosen_logps,
             rejected_logps,
