@@ -433,9 +433,9 @@ def render_readme(stats: dict[str, dict], *, settings: dict, command: str) -> st
     if grown:
         lines += [
             "",
-            "The test split was grown after it was built (`--extra_test_prompts`): "
-            + "; ".join(f"{s['extra_prompts']} {task} prompts with {s['extra_pairs']} pairs" for task, s in grown.items())
-            + " of the rows above are the prompts that follow each task's first ones, new to every split.",
+            "The test split was grown after it was built (`--extra_test_prompts`): of its rows above, "
+            + " and ".join(f"{s['extra_prompts']} {task} prompts ({s['extra_pairs']} pairs)" for task, s in grown.items())
+            + " are the prompts that follow each task's first ones in its stream, new to every split.",
         ]
     lines += [
         "",
