@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,6 +12,11 @@ from datasets import Dataset
 
 os.environ.setdefault("TQDM_DISABLE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# bitsandbytes, for the quantization tests, lives apart (see the Makefile): on this process's path only, before
+# peft is first imported, so the processes the tests start do not pay for importing it.
+EXTRAS = Path(sys.prefix) / "extras"
+if EXTRAS.is_dir():
+    sys.path.insert(0, str(EXTRAS))
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
@@ -92,3 +99,13 @@ def tiny_model_dir(tmp_path_factory, tiny_tokenizer):
     build_model(tiny_tokenizer).save_pretrained(path)
     tiny_tokenizer.save_pretrained(path)
     return str(path)
+
+
+@pytest.fixture
+def bitsandbytes():
+    """bitsandbytes, which `make install` puts in .venv/extras; a missing one is a failure, not a skip."""
+    try:
+        import bitsandbytes
+    except ImportError as error:
+        pytest.fail(f"bitsandbytes is not importable ({error}); `make install` puts it in {EXTRAS}.")
+    return bitsandbytes

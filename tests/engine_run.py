@@ -63,7 +63,7 @@ def main(setup: Path, out: Path) -> None:
 
     from selective_po import SelectiveDPOConfig, SelectiveDPOTrainer, SePOConfig, SePOTrainer
     from selective_po import reference_cache
-    from selective_po import trainer as trainer_module
+    from selective_po import references as trainer_module
     from selective_po.evaluation import evaluate_preferences
 
     trainer_module.REFERENCE_SHARD_ROWS = 3  # 8 rows in shards of 3, 3, 2: the processes get unequal work
@@ -82,13 +82,13 @@ def main(setup: Path, out: Path) -> None:
     if os.environ.get("NAN_ON_PROCESS") == os.environ.get("RANK", "0"):  # this process's reference gives a NaN
         from selective_po import reference_scoring
 
-        original_logps = reference_scoring.batch_logps
+        original_logps = reference_scoring.forward_logps
 
-        def with_a_nan(*args, **kwargs):
-            logps, mask = original_logps(*args, **kwargs)
-            return logps.masked_fill(mask.cumsum(-1) == 2, float("nan")), mask  # the second completion token
+        def with_a_nan(model, inputs, **kwargs):
+            mask = inputs["completion_mask"][:, 1:].bool()
+            return original_logps(model, inputs, **kwargs).masked_fill(mask.cumsum(-1) == 2, float("nan"))  # the second completion token
 
-        reference_scoring.batch_logps = with_a_nan
+        reference_scoring.forward_logps = with_a_nan
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rows = [json.loads(line) for line in (setup / "pairs.jsonl").read_text().splitlines()]

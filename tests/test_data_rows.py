@@ -31,7 +31,7 @@ def test_non_string_content():
     rows = preference_dataset().to_list()
     for row in rows:  # Arrow needs one type per column
         row["chosen"] = [{"role": "assistant", "content": 7}]
-    with pytest.raises(ValueError, match="row 0, field 'chosen': message 0 has non-string content 7"):
+    with pytest.raises(ValueError, match=r"row 0, field 'chosen': message 0 has content 7, which is neither a string, a list of \{'type': \.\.\.\} parts, nor None beside tool_calls"):
         check_preference_dataset(Dataset.from_list(rows), source="mydata")
 
 
@@ -66,9 +66,9 @@ def test_mixing_formats_within_a_row():
         check_preference_dataset(mixed, source="mydata")
 
 
-def test_prompt_filling_max_length_is_an_error_naming_the_row(tmp_path, tiny_model_dir):
+def test_a_turn_without_content_must_call_a_tool():
     rows = preference_dataset().to_list()
-    rows[3]["prompt"] = [{"role": "user", "content": "What is 1 + 1? " * 30}]
-    args = SelectiveDPOConfig(output_dir=str(tmp_path), report_to="none", max_length=64)
-    with pytest.raises(ValueError, match=r"1 of 8 rows of the train dataset \(the first is row 3\) have prompts of max_length=64"):
-        SelectiveDPOTrainer(model=tiny_model_dir, args=args, train_dataset=Dataset.from_list(rows))
+    for row in rows:
+        row["chosen"] = [{"role": "assistant", "content": None, "tool_calls": None}]
+    with pytest.raises(ValueError, match=r"row 0, field 'chosen': message 0 has no content \(None\) and no tool_calls"):
+        check_preference_dataset(Dataset.from_list(rows), source="mydata")

@@ -13,7 +13,7 @@ from transformers import PreTrainedModel
 
 from selective_po import SelectiveDPOConfig, SePOConfig
 from selective_po.cli import parse_train_args
-from selective_po.trainer import _reference_init_kwargs
+from selective_po.references import reference_load_kwargs
 from test_reference_cache import make, ref_dir  # noqa: F401  (ref_dir is a fixture)
 from test_sepo_trainer import make as make_sepo, oracle_dirs  # noqa: F401  (oracle_dirs is a fixture)
 
@@ -23,7 +23,7 @@ def test_trust_remote_code_is_off_by_default(tmp_path):
         assert config_class.__dataclass_fields__["trust_remote_code"].default is False
     _, training, _ = parse_train_args(["--output_dir", str(tmp_path)])
     assert training.trust_remote_code is False
-    kwargs = _reference_init_kwargs(SelectiveDPOConfig(output_dir=str(tmp_path), report_to="none"), "some/model")
+    kwargs = reference_load_kwargs(SelectiveDPOConfig(output_dir=str(tmp_path), report_to="none"), "some/model")
     assert kwargs["trust_remote_code"] is False and kwargs["use_safetensors"] is True
 
 

@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from selective_po import trainer as trainer_module
+from selective_po import references as trainer_module
 from selective_po.reference_cache import PerTokenReferenceCollator
 from test_reference_cache import make, ref_dir  # noqa: F401  (ref_dir is a fixture)
 from test_sepo_trainer import make as make_sepo, oracle_dirs  # noqa: F401  (oracle_dirs is a fixture)
@@ -66,8 +66,8 @@ def corrupt_reference(trainer, monkeypatch, *, row: int, completion_index: int, 
     """Make the live reference return NaN at one position; `completion_index` < 0 puts it on padding."""
     original = trainer._reference_per_token_logps
 
-    def with_nan(inputs, model_kwargs, labels):
-        logps = original(inputs, model_kwargs, labels).clone()
+    def with_nan(inputs, shift_mask):
+        logps = original(inputs, shift_mask).clone()
         mask = inputs["completion_mask"][:, 1:].bool()
         batch_row = row + (mask.size(0) // 2 if side == "rejected" else 0)
         positions = mask[batch_row].nonzero()[:, 0] if completion_index >= 0 else (~mask[batch_row]).nonzero()[:, 0]

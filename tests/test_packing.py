@@ -10,7 +10,7 @@ from trl.trainer.utils import add_fused_lm_head
 from conftest import build_model, build_tokenizer, preference_dataset
 from selective_po import SelectiveDPOConfig, SelectiveDPOTrainer
 from selective_po.logprobs import compact_lm_head
-from selective_po.packing import pack_pairs, share_prompt_problem, shared_prompt_forward
+from selective_po.packing import pack_pairs, resolve_share_prompt, share_prompt_problem, shared_prompt_forward
 from test_trainer import COMMON, one_batch_loss
 
 OUTPUTS = ("log_probs", "entropy", "mean_logits", "is_top1")
@@ -102,9 +102,9 @@ def test_on_by_default_where_exact_and_refused_where_not(tmp_path, tiny_model_di
     gpu = torch.device("cuda")
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(type(default.accelerator), "device", property(lambda self: gpu))
-        assert default._resolve_share_prompt() is None
+        assert resolve_share_prompt(default) is None
         default.args.share_prompt = True
-        assert default._resolve_share_prompt() == "bool"
+        assert resolve_share_prompt(default) == "bool"
     config = build_model(build_tokenizer()).config
     config._attn_implementation = "flash_attention_2"
     assert "flash_attention_2" in share_prompt_problem(model_config=config, truncation_mode="keep_start", padding_free=False,

@@ -15,7 +15,7 @@ from datasets import Dataset
 
 from conftest import CHAT_TEMPLATE, build_model, build_tokenizer, preference_dataset
 from selective_po import SelectiveDPOConfig, SelectiveDPOTrainer
-from selective_po import reference_cache, reference_scoring, trainer as trainer_module
+from selective_po import reference_cache, reference_scoring, references as trainer_module
 from selective_po.reference_cache import PerTokenReferenceCollator, ReferenceLogpsStore
 from test_trainer import COMMON, one_batch_loss
 
@@ -140,7 +140,7 @@ KILL_SCRIPT = textwrap.dedent(
     sys.path.insert(0, {tests!r})
     from conftest import preference_dataset
     from selective_po import SelectiveDPOConfig, SelectiveDPOTrainer
-    from selective_po import trainer as trainer_module
+    from selective_po import references as trainer_module
     from selective_po.reference_cache import ReferenceLogpsStore
 
     trainer_module.REFERENCE_SHARD_ROWS = 2

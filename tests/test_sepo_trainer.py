@@ -61,7 +61,7 @@ def test_loss_is_sepo_on_the_policy_alone(tmp_path, tiny_model_dir, oracle_dirs)
     loss, _, metrics = one_batch_loss(trainer)
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
     with torch.no_grad():
-        _, policy, mask, _, _ = trainer._policy_forward(trainer.model, batch)
+        _, policy, mask = trainer._policy_forward(trainer.model, batch)
     rewards = batch["token_rewards"]
     expected = sepo_loss(
         *policy.chunk(2), *rewards.chunk(2), chosen_mask=mask.chunk(2)[0], rejected_mask=mask.chunk(2)[1],
@@ -176,7 +176,7 @@ def test_confidence_trains_sepo_on_the_policys_unsure_tokens_with_no_oracle(tmp_
     loss, grads, metrics = one_batch_loss(trainer)
     batch = trainer._prepare_inputs(trainer.data_collator([trainer.train_dataset[i] for i in range(4)]))
     with torch.no_grad():
-        _, policy, mask, _, _ = trainer._policy_forward(trainer.model, batch)
+        _, policy, mask = trainer._policy_forward(trainer.model, batch)
     # float64 reference: keep each response's tokens whose probability is below the response's mean
     logps, mask = policy.double(), mask.bool()
     p = logps.exp()
@@ -202,7 +202,7 @@ def test_spans_train_sepo_on_exactly_the_named_tokens_with_no_oracle(tmp_path, t
         (start, end), content = row[f"{side}_spans"][0], row[side][-1]["content"]
         assert tiny_tokenizer.decode(targets[r][score_mask[r]].tolist()).strip() == content[start:end]
     with torch.no_grad():
-        _, policy, mask, _, _ = trainer._policy_forward(trainer.model, batch)
+        _, policy, mask = trainer._policy_forward(trainer.model, batch)
     logps, keep = policy.double(), score_mask
     u = (logps * keep).sum(-1) / keep.sum(-1)
     torch.testing.assert_close(loss.double(), -torch.nn.functional.logsigmoid(u[:4] - u[4:]).mean(), rtol=1e-5, atol=1e-6)

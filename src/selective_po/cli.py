@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
-from trl import ModelConfig, ScriptArguments, TrlParser, get_peft_config
+from trl import ModelConfig, ScriptArguments, TrlParser, get_peft_config, get_quantization_config
 
 from .config import SEPO_LOSS_TYPES, SelectiveDPOConfig, SePOConfig
 from .data import load_preference_dataset, load_preference_split
@@ -157,6 +157,7 @@ def build_trainer(script_args: TrainScriptArguments, training_args: SelectiveDPO
         args=training_args,
         train_dataset=dataset[train_split],
         eval_dataset=dataset[test_split] if training_args.eval_strategy != "no" else None,
+        quantization_config=get_quantization_config(model_args),  # --load_in_4bit / --load_in_8bit, as TRL's dpo.py
         peft_config=get_peft_config(model_args),
     )
 

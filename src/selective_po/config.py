@@ -53,7 +53,8 @@ class SelectiveDPOConfig(DPOConfig):
     > - `loss_type`: `["sdpo"]` instead of `["sigmoid"]`.
     > - `bf16`: on only when an accelerator is present (TRL turns it on everywhere, which a CPU-only
     >   machine cannot run); set it explicitly to override.
-    > - `dataloader_pin_memory`: off on a CPU-only machine, where there is nothing to pin for.
+    > - `dataloader_pin_memory`: off on a CPU-only machine, where there is nothing to pin for (a value you set
+    >   is kept).
 
     Parameters:
         sdpo_threshold (`float`, *optional*, defaults to `0.6`):
@@ -139,6 +140,11 @@ class SelectiveDPOConfig(DPOConfig):
         metadata={"help": "Write training_curves.png (loss, reward margin and accuracy, kept-token share) to "
                   "output_dir when training ends."},
     )
+    dataloader_pin_memory: bool | None = field(
+        default=None,
+        metadata={"help": "Whether to pin memory in data loaders. None: on with an accelerator, off on a CPU-only "
+                  "machine (there is nothing to pin for, and torch warns on every loader)."},
+    )
     ref_logps_cache_dir: str | None = field(
         default=None,
         metadata={
@@ -153,10 +159,12 @@ class SelectiveDPOConfig(DPOConfig):
         cpu_only = self.use_cpu or not _has_accelerator()
         if self.bf16 is None and not self.fp16 and cpu_only:
             self.bf16 = False
-        if cpu_only:
-            self.dataloader_pin_memory = False  # pinning needs an accelerator; torch warns on every loader
+        if self.dataloader_pin_memory is None:  # pinning needs an accelerator; torch warns on every loader
+            self.dataloader_pin_memory = not cpu_only
         super().__post_init__()  # turns a single `loss_type` string into a list
         self._check_selective_fields()
+
+    _label_smoothing_note = "its sigmoid loss, the one Selective-DPO applies to the kept tokens, ignores it."
 
     def _allowed_loss_types(self) -> tuple[str, ...]:
         return SELECTIVE_LOSS_TYPES + TRL_LOSS_TYPES
@@ -171,6 +179,12 @@ class SelectiveDPOConfig(DPOConfig):
         if self.sdpo_count_rule not in COUNT_RULES:
             raise ValueError(f"sdpo_count_rule={self.sdpo_count_rule!r} is unknown. Allowed: {', '.join(COUNT_RULES)}.")
         if not self.uses_selection:
+            if self.map_across_tokenizers:
+                raise ValueError(
+                    f"map_across_tokenizers=True applies to the selective losses' stored per-token values; TRL's "
+                    f"loss_type={self.loss_type} compares the policy and the reference on the same token ids. Use a "
+                    "reference of the policy's tokenizer, or loss_type='sdpo'."
+                )
             return
         if len(self.loss_type) != 1:
             raise ValueError(
@@ -182,8 +196,12 @@ class SelectiveDPOConfig(DPOConfig):
                 f"sdpo_threshold={self.sdpo_threshold} is out of range: it must lie in [0, 1) (0.6 keeps the top 40% "
                 "of tokens, 0 keeps all of them)."
             )
-        if not 0.0 <= self.label_smoothing < 0.5:
-            raise ValueError(f"label_smoothing={self.label_smoothing} must lie in [0, 0.5) for loss_type='sdpo'.")
+        if self.label_smoothing != 0.0:
+            raise ValueError(
+                f"label_smoothing={self.label_smoothing} has no meaning for loss_type={self.loss_type[0]!r}: TRL reads it "
+                f"only in its robust, exo_pair, aot and aot_unpaired losses, and {self._label_smoothing_note} Leave "
+                "label_smoothing at 0, or train with one of those loss types."
+            )
         unsupported = {
             "use_weighting": self.use_weighting,
             "ld_alpha": self.ld_alpha is not None,
@@ -269,6 +287,8 @@ class SePOConfig(SelectiveDPOConfig):
     )
     sepo_gamma: float = field(default=0.0, metadata={"help": "Target margin gamma between u(y_w) and u(y_l)."})
 
+    _label_smoothing_note = "SePO's loss is not one of them."
+
     def _allowed_loss_types(self) -> tuple[str, ...]:
         return SEPO_LOSS_TYPES
 
@@ -305,4 +325,9 @@ class SePOConfig(SelectiveDPOConfig):
             raise ValueError(
                 "SePO trains without a reference model; set oracle_model_name_or_path and "
                 "oracle_ref_model_name_or_path instead of ref_model_name_or_path."
+            )
+        if self.sync_ref_model:
+            raise ValueError(
+                "sync_ref_model=True moves a reference model towards the policy, and SePO trains without one (its "
+                "oracle's rewards are stored once): leave sync_ref_model=False."
             )

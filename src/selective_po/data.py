@@ -25,6 +25,9 @@ import os
 from pathlib import Path
 
 import datasets
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
 
 BUNDLED_DIR = Path(__file__).parent / "bundled"
 BUNDLED_DATASETS: dict[str, Path] = {
@@ -135,14 +138,53 @@ def _field_problem(value, *, required: bool) -> tuple[str | None, str]:
         if required and not value:
             return "the response has no messages", "conversational"
         for position, message in enumerate(value):
-            if not isinstance(message, dict) or not isinstance(message.get("role"), str):
-                return f"message {position} is not a {{'role': str, 'content': ...}} mapping: {message!r:.80}", "conversational"
-            if not isinstance(message.get("content"), str):
-                return f"message {position} has non-string content {message.get('content')!r:.80}", "conversational"
-        if required and not value[-1]["content"].strip():
+            problem = _message_problem(message)
+            if problem:
+                return f"message {position} {problem}", "conversational"
+        last = value[-1]["content"] if value else None
+        if required and isinstance(last, str) and not last.strip():
             return "the response message is empty", "conversational"
         return None, "conversational"
     return f"expected a string or a list of messages, got {type(value).__name__} {value!r:.80}", "other"
+
+
+def _message_problem(message) -> str | None:
+    """What is wrong with one chat message, as TRL's chat-template tokenization reads it, or None.
+
+    Content is text, a list of typed parts (`[{"type": "text", "text": ...}]`, as multimodal chat
+    formats write it; the chat template renders them), or `None` on a turn that calls tools.
+    """
+    if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+        return f"is not a {{'role': str, 'content': ...}} mapping: {message!r:.80}"
+    content = message.get("content")
+    if isinstance(content, str):
+        return None
+    if content is None:
+        return None if message.get("tool_calls") else "has no content (None) and no tool_calls"
+    if isinstance(content, list) and all(isinstance(part, dict) and isinstance(part.get("type"), str) for part in content):
+        return None
+    return (f"has content {content!r:.80}, which is neither a string, a list of {{'type': ...}} parts, nor None "
+            "beside tool_calls")  # fmt: skip
+
+
+def report_dropped_rows(before: int, after: int, *, name: str, max_length: int | None) -> None:
+    """One line for the rows TRL's tokenization dropped because their prompt alone fills `max_length`.
+
+    TRL drops them (with `truncation_mode="keep_start"` the collator would cut every response token);
+    a dataset left with no row at all is an error rather than an empty run.
+    """
+    if after == before:
+        return
+    if after == 0:
+        raise ValueError(
+            f"Every row of the {name} dataset ({before}) has a prompt of max_length={max_length} tokens or more, so "
+            "none of their response tokens could be trained on. Raise max_length, or shorten the prompts."
+        )
+    logger.warning(
+        f"Dropped {before - after} of {before} rows of the {name} dataset, as TRL does: their prompts alone fill "
+        f"max_length={max_length} tokens, so none of their response tokens would be trained on. Raise max_length to "
+        "keep them."
+    )
 
 
 def check_preference_columns(dataset: datasets.Dataset, *, source: str) -> None:

@@ -87,3 +87,22 @@ def _parent_command_line() -> list[str] | None:
         return None
     argv = [part.decode(errors="replace") for part in raw.split(b"\0") if part]
     return argv or None
+
+
+def inference_model(trainer):
+    """The policy, ready for no-grad forwards (held-out evaluation) under the run's engine.
+
+    After training has prepared it, the engine's model. Before that: under DeepSpeed an inference
+    engine over the policy (ZeRO-3 loaded its weights sharded), under FSDP the policy sharded in
+    place, otherwise the policy itself.
+    """
+    from torch.distributed.tensor import DTensor
+    from trl.models.utils import prepare_fsdp
+
+    from .references import precompute_engine
+
+    if trainer.is_deepspeed_enabled:
+        return trainer.model_wrapped if trainer.deepspeed is not None else precompute_engine(trainer)
+    if trainer.is_fsdp_enabled and not any(isinstance(p, DTensor) for p in trainer.model.parameters()):
+        trainer.model = prepare_fsdp(trainer.model, trainer.accelerator)
+    return trainer.model

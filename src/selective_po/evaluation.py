@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from . import spans
 from .alignment import span_token_mask
 from .intervals import bootstrap_interval  # noqa: F401  (re-exported: part of this module's API)
 from .losses import masked_sum, select_sdpo_tokens
@@ -148,7 +149,7 @@ def selected_tokens(
             batch = trainer._prepare_inputs(trainer.data_collator(rows))
             _, policy, ref, mask = trainer.per_token_logps(trainer.inference_model(), batch)
             chosen_mask, rejected_mask = mask.chunk(2)
-            given = trainer._given_keep(batch, mask) if rule == "spans" else (None, None)
+            given = spans.given_keep(batch, mask) if rule == "spans" else (None, None)
             chosen_scores, rejected_scores, chosen_keep, rejected_keep = select_sdpo_tokens(
                 *policy.chunk(2), *ref.chunk(2), chosen_mask=chosen_mask, rejected_mask=rejected_mask, threshold=threshold,
                 rule=rule, count_rule=trainer.args.sdpo_count_rule, chosen_given=given[0], rejected_given=given[1],

@@ -120,6 +120,43 @@ def select_sdpo_tokens(
     return chosen_scores, rejected_scores, chosen_keep, rejected_keep
 
 
+def kept_token_sums(
+    chosen_per_token_logps: Tensor,
+    rejected_per_token_logps: Tensor,
+    ref_chosen_per_token_logps: Tensor,
+    ref_rejected_per_token_logps: Tensor,
+    threshold: float = 0.6,
+    *,
+    chosen_mask: Tensor | None = None,
+    rejected_mask: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Sum each response's log-probs over its selected tokens only.
+
+    Args:
+        chosen_per_token_logps, rejected_per_token_logps: Shape `(B, T)`, policy log-probs.
+        ref_chosen_per_token_logps, ref_rejected_per_token_logps: Shape `(B, T)`, reference log-probs.
+        threshold: `sdpo_threshold` `q`; the top `1 - q` share of each response's tokens is kept.
+        chosen_mask, rejected_mask: Shape `(B, T)`, bool; `None` means every position is a real token.
+
+    Returns:
+        `(chosen, rejected, ref_chosen, ref_rejected)`, each `(B,)`: log-probs summed over kept tokens.
+    """
+    if chosen_mask is None:
+        chosen_mask = torch.ones_like(chosen_per_token_logps, dtype=torch.bool)
+    if rejected_mask is None:
+        rejected_mask = torch.ones_like(rejected_per_token_logps, dtype=torch.bool)
+    *_, chosen_keep, rejected_keep = select_sdpo_tokens(
+        chosen_per_token_logps, rejected_per_token_logps, ref_chosen_per_token_logps, ref_rejected_per_token_logps,
+        chosen_mask=chosen_mask.bool(), rejected_mask=rejected_mask.bool(), threshold=threshold,
+    )  # fmt: skip
+    return (
+        masked_sum(chosen_per_token_logps, chosen_keep),
+        masked_sum(rejected_per_token_logps, rejected_keep),
+        masked_sum(ref_chosen_per_token_logps, chosen_keep),
+        masked_sum(ref_rejected_per_token_logps, rejected_keep),
+    )
+
+
 @dataclass
 class SelectiveLossOutput:
     """What a selective loss computes; every tensor is per example `(B,)` or per token `(B, T)`.

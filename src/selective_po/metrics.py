@@ -10,6 +10,8 @@ the same on every process and means the same with 1 or N of them.
 
 from __future__ import annotations
 
+import torch
+from accelerate.utils import gather_object
 from torch import Tensor
 
 from .losses import SelectiveLossOutput, masked_sum
@@ -86,3 +88,38 @@ def selection_metrics(accelerator, result: SelectiveLossOutput, chosen_mask: Ten
         if n_dropped > 0:
             logged[f"selection/score_dropped_{side}"] = dropped_score / n_dropped
     return logged
+
+
+def check_finite_scores(accelerator, result: SelectiveLossOutput, chosen_mask: Tensor, rejected_mask: Tensor, *,
+                        where: str, description: str, remedy: str) -> None:  # fmt: skip
+    """Raise if a score that selection ranked is NaN or inf: the top share of NaN is arbitrary tokens.
+
+    Every process learns whether any process found one (one small all-reduce per step), so all of
+    them stop with the same message rather than waiting for the failed one in the next collective.
+    The offending row is looked up only on failure.
+
+    Args:
+        result: The selective loss's output; its `chosen_scores` / `rejected_scores` are `(B, T)`.
+        chosen_mask, rejected_mask: Shape `(B, T)`, bool, completion positions.
+        where: The step, for the message (`training step 3`).
+        description, remedy: What the scores are, and what to do about non-finite ones.
+    """
+    sides = (("chosen", result.chosen_scores, chosen_mask), ("rejected", result.rejected_scores, rejected_mask))
+    bad = [~torch.isfinite(scores) & mask for _, scores, mask in sides]  # (B, T) each
+    found = torch.stack([b.any() for b in bad]).any().to(torch.int32).reshape(1)
+    if accelerator.num_processes > 1:
+        found = accelerator.reduce(found, reduction="sum")
+    if not found.item():
+        return
+    message = None
+    if any(b.any() for b in bad):
+        (side, scores, _), side_bad = next((side, b) for side, b in zip(sides, bad) if b.any())
+        row, token = (int(i) for i in side_bad.nonzero()[0])
+        message = (
+            f"{description} are not finite at {where}: {side} response, row {row} of the batch, "
+            f"position {token} is {scores[row, token].item()}"
+        )
+    messages = gather_object([message]) if accelerator.num_processes > 1 else [message]
+    process, message = next((i, m) for i, m in enumerate(messages) if m is not None)
+    on = f" on process {process}" if accelerator.num_processes > 1 else ""
+    raise ValueError(f"{message}{on}. Selecting tokens by them would keep arbitrary tokens, so training stops. {remedy}")

@@ -176,7 +176,16 @@ def shared_prompt_forward(model, inputs: dict, *, mask_kind: str, score_mask: Te
     return dataclasses.replace(outputs, **moved, label_mask=shift_mask)
 
 
-def share_prompt_problem(*, model_config, truncation_mode: str, padding_free: bool, extra_inputs: bool) -> str | None:
+def moe_aux_loss_coef(model_config, router_aux_loss_coef: float | None) -> float:
+    """The weight TRL gives a mixture-of-experts model's load-balancing loss (0 for any other model)."""
+    text_config = model_config.get_text_config()
+    if not hasattr(text_config, "output_router_logits"):  # TRL's test for a model with a router
+        return 0.0
+    return getattr(text_config, "router_aux_loss_coef", 0.0) if router_aux_loss_coef is None else router_aux_loss_coef
+
+
+def share_prompt_problem(*, model_config, truncation_mode: str, padding_free: bool, extra_inputs: bool,
+                         aux_loss_coef: float = 0.0) -> str | None:  # fmt: skip
     """Why packing pairs would not be exact for this run, or `None` when it is."""
     implementation = getattr(model_config, "_attn_implementation", None)
     if implementation not in MASK_KINDS:
@@ -185,14 +194,43 @@ def share_prompt_problem(*, model_config, truncation_mode: str, padding_free: bo
     text_config = model_config.get_text_config()
     if getattr(text_config, "use_sliding_window", False) or "sliding_attention" in (getattr(text_config, "layer_types", None) or ()):
         return "the model has sliding-window layers, whose window a custom 4D mask would replace"
-    if getattr(text_config, "output_router_logits", False):
-        return "the model is a mixture of experts whose load-balancing loss would count shared prompt tokens once"
+    if aux_loss_coef:
+        # Routing is per token, so the log-probs would be exact; the load-balancing loss counts tokens, and TRL's
+        # two rows count every prompt token twice.
+        return (f"the model is a mixture of experts whose load-balancing loss (router_aux_loss_coef={aux_loss_coef}) "
+                "would count each prompt's tokens once, where TRL's two rows count them twice")  # fmt: skip
     if truncation_mode != "keep_start":
         return f"truncation_mode={truncation_mode!r} can cut the chosen and rejected rows' prompts differently"
     if padding_free:
         return "padding_free=True packs rows on its own"
     if extra_inputs:
         return "the batch has inputs besides token ids (e.g. images), which would need packing too"
+    return None
+
+
+def resolve_share_prompt(trainer) -> str | None:
+    """The attention-mask form of the shared-prompt forward for this trainer, or `None` when pairs run as two rows."""
+    from accelerate.utils import is_peft_model
+
+    args = trainer.args
+    if args.share_prompt is False or not args.uses_selection:
+        return None
+    if args.share_prompt is None and trainer.accelerator.device.type != "cpu":
+        # Measured on an H200 (docs/performance.md): packed steps saved memory but were 0-8% slower than
+        # two rows, so the default is two rows there; True still packs.
+        return None
+    peft = is_peft_model(trainer.model)
+    model = trainer.model.get_base_model() if peft else trainer.model
+    prompt_learning = peft and any(getattr(c, "is_prompt_learning", False) for c in trainer.model.peft_config.values())
+    problem = share_prompt_problem(
+        model_config=model.config, truncation_mode=args.truncation_mode, padding_free=trainer.padding_free,
+        extra_inputs=prompt_learning or getattr(trainer, "_is_vlm", False),
+        aux_loss_coef=moe_aux_loss_coef(model.config, args.router_aux_loss_coef),
+    )  # fmt: skip
+    if problem is None:
+        return mask_kind_for(model.config)
+    if args.share_prompt:
+        raise ValueError(f"share_prompt=True is not exact here: {problem}. Set share_prompt=False (or leave it unset).")
     return None
 
 

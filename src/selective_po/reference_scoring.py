@@ -41,15 +41,17 @@ NON_MODEL_KEYS = {"completion_mask", "ref_chosen_logps", "ref_rejected_logps", "
 # What the stored values depend on: the parts of their cache key
 
 
-def token_components(dataset, *, tokenizer, args) -> dict:
-    """The key parts that fix which tokens are scored and how: token ids, tokenizer, truncation, autocast."""
-    return {
+def token_components(dataset, *, trainer) -> dict:
+    """The key parts that fix which tokens are scored and how: token ids, tokenizer, truncation, autocast, packing."""
+    args = trainer.args
+    components = {
         "tokens": token_content_hash(dataset),
-        "tokenizer": tokenizer_hash(tokenizer),
+        "tokenizer": tokenizer_hash(trainer._tokenizer),
         "max_length": args.max_length,
         "truncation_mode": args.truncation_mode,
         "autocast": "bf16" if args.bf16 else "fp16" if args.fp16 else "none",
     }
+    return {**components, "packing": "shared-prompt-v1"} if trainer._shared_prompt_mask is not None else components
 
 
 def mapping_components(other_path: str | None, *, enabled: bool, trust_remote_code: bool) -> dict:
@@ -105,33 +107,27 @@ def load_frozen(path: str, *, accelerator, init_kwargs: dict, disable_dropout: b
 # Forwards
 
 
-@torch.no_grad()
-def batch_logps(
-    model,
-    batch: dict,
-    *,
-    prepare_inputs: Callable[[dict], dict],
-    context: Callable[[], AbstractContextManager],
-    shared_prompt_mask: str | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """`(log_probs, completion_mask)`, both `(2B, T-1)`, of one collated batch under `model`.
+def forward_logps(model, inputs: dict, *, shared_prompt_mask: str | None = None) -> torch.Tensor:
+    """Per-token log-probs `(2B, T-1)` of a batch already on the device, through TRL's fused LM head.
+
+    The one forward every reference-side model runs, live and for storage (gradients and autocast
+    are the caller's). Position `t` holds the log-prob of token `t + 1`; only completion positions
+    are projected (`compact_lm_head`), the others hold 0.
 
     Args:
-        prepare_inputs: Moves the batch to the device (the trainer's `_prepare_inputs`).
-        context: The trainer's loss context (autocast as in training).
+        inputs: A batch from TRL's preference collator, `[chosen; rejected]` rows.
         shared_prompt_mask: Run each pair as one packed row with this mask form (`packing.py`); `None`: two rows.
     """
-    batch = prepare_inputs(batch)
-    model_kwargs = {k: v for k, v in batch.items() if k not in NON_MODEL_KEYS}
-    model_kwargs["use_cache"] = False
-    labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
-    shift_mask = batch["completion_mask"][:, 1:].bool()
-    with context(), compact_lm_head():
+    shift_mask = inputs["completion_mask"][:, 1:]
+    with compact_lm_head():
         if shared_prompt_mask is not None:
-            log_probs = shared_prompt_forward(model, batch, mask_kind=shared_prompt_mask).log_probs
+            log_probs = shared_prompt_forward(model, inputs, mask_kind=shared_prompt_mask).log_probs
         else:
-            log_probs = model(**model_kwargs, labels=labels, fused_lm_head=True).log_probs
-    return log_probs[:, -shift_mask.size(1) :], shift_mask
+            model_kwargs = {k: v for k, v in inputs.items() if k not in NON_MODEL_KEYS}
+            labels = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, -100)
+            log_probs = model(**model_kwargs, labels=labels, fused_lm_head=True, use_cache=False).log_probs
+    # Prompt-learning PEFT prepends virtual tokens to the outputs; keep the real positions.
+    return log_probs[:, -shift_mask.size(1) :]
 
 
 @torch.no_grad()
@@ -159,6 +155,19 @@ def sequence_completion_logps(
     return [log_probs[i, start - 1 : len(ids) - 1].numpy() for i, (ids, start) in enumerate(sequences)]
 
 
+def response_text(response, *, row: int, side: str) -> str:
+    """The text of a conversational response's last message, which cross-tokenizer values are mapped through."""
+    if not isinstance(response, list):
+        raise ValueError("map_across_tokenizers=True needs conversational data (lists of messages).")
+    content = response[-1]["content"]
+    if not isinstance(content, str):
+        raise ValueError(
+            "map_across_tokenizers=True needs each response to end in text, since values move between tokenizers "
+            f"through its characters: row {row} of the batch, {side} response, ends with content {content!r:.80}."
+        )
+    return content
+
+
 def cross_tokenizer_scorer(
     *,
     policy_tokenizer,
@@ -181,13 +190,11 @@ def cross_tokenizer_scorer(
         counts = policy_collator(rows)["completion_mask"][:, 1:].sum(dim=1).tolist()  # scored per row
         sequences, contents, policy_ids = [], [], []
         for side in ("chosen", "rejected"):
-            for row in rows:
-                if not isinstance(row[side], list):
-                    raise ValueError("map_across_tokenizers=True needs conversational data (lists of messages).")
+            for index, row in enumerate(rows):
+                contents.append(response_text(row[side], row=index, side=side))
                 prompt_ids = _tokenize(other_tokenizer, row["prompt"], add_generation_prompt=True)["input_ids"]
                 full_ids = _tokenize(other_tokenizer, row["prompt"] + row[side])["input_ids"]
                 sequences.append((full_ids, common_prefix_length(prompt_ids, full_ids)))
-                contents.append(row[side][-1]["content"])
                 policy_ids.append(row[f"{side}_ids"])
         values = values_of(sequences)
         mapped = []

@@ -18,6 +18,8 @@ may sit on either side because only the boolean mask says which positions are re
 
 from __future__ import annotations
 
+import hashlib
+
 import torch
 from torch import Tensor
 
@@ -180,3 +182,22 @@ def select_tokens(
             raise ValueError("rule='spans' needs the tokens the data names (`given`, (B, T) bool).")
         return given.bool() & completion_mask.bool()
     raise ValueError(f"Unknown selection rule {rule!r}; expected one of {SELECTION_RULES}.")
+
+
+class RandomControlSeeds:
+    """Generators for the `random` control, seeded by (seed, training step, call within the step, process).
+
+    Derived from the step rather than carried along, so a resumed run draws the same tokens; a step
+    that selects twice (chosen and rejected in one call, evaluation batches) draws fresh tokens each call.
+    """
+
+    def __init__(self, seed: int, process_index: int):
+        self.seed, self.process_index = seed, process_index
+        self._step, self._calls = None, 0
+
+    def generator(self, step: int) -> torch.Generator:
+        if self._step != step:
+            self._step, self._calls = step, 0
+        self._calls += 1
+        key = f"{self.seed}:{step}:{self._calls}:{self.process_index}"
+        return torch.Generator().manual_seed(int(hashlib.sha256(key.encode()).hexdigest()[:15], 16))

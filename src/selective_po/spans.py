@@ -41,14 +41,20 @@ def span_source(column_names) -> tuple[str, str]:
     return found[0]
 
 
-def _content(response) -> str:
+def _content(response, *, row: int, side: str) -> str:
     """The response's text: the last message's content for conversational rows, else the string itself."""
-    return response[-1]["content"] if isinstance(response, list) else response
+    content = response[-1]["content"] if isinstance(response, list) else response
+    if not isinstance(content, str):
+        raise ValueError(
+            f"selection_rule='spans' needs each response to end in text, since its spans are character offsets into "
+            f"that text: row {row}'s {side} response ends with content {content!r:.80} (a tool call or typed parts)."
+        )
+    return content
 
 
 def response_mask(tokenizer, completion_ids: list[int], response, spans, *, row: int, side: str) -> list[int]:
     """0/1 per completion token: 1 where the token's characters overlap one of `spans` of the response text."""
-    content = _content(response)
+    content = _content(response, row=row, side=side)
     checked = []
     for span in spans:
         start, end = (int(x) for x in span)
@@ -111,3 +117,10 @@ class SelectionMaskCollator:
             given[r, completion[r]] = torch.tensor(kept, dtype=torch.bool)
         batch[BATCH_KEY] = given[:, 1:]  # (2B, T-1), on the shifted completion positions
         return batch
+
+
+def given_keep(inputs: dict, shift_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The tokens a batch's data names: `(chosen, rejected)`, each `(B, T-1)` bool on the shifted completion positions."""
+    if BATCH_KEY not in inputs:
+        raise ValueError("selection_rule='spans' needs batches from a trainer built with it (they carry the masks).")
+    return inputs[BATCH_KEY].to(shift_mask.device)[:, -shift_mask.size(1) :].chunk(2, dim=0)

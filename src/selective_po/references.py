@@ -1,0 +1,519 @@
+"""The reference side of a run: one object owns the model that token scores are measured against.
+
+Data flow: tokens -> **per-token values of the reference side** (this module: a live forward, or
+rows scored once and stored) -> token scores -> selection -> loss.
+
+Whatever the reference is, the trainer builds one object for it (`build_reference`). The object
+knows how its model is loaded and placed on the run's engine, runs the live forward, scores rows for
+storage through the *same* forward, says what identifies its values in the cache key, and says when
+it can no longer score new data. Live and stored values cannot disagree about which model, or which
+state of it, they come from.
+
+| the run gives | object | live forward | stored values | identified by |
+| --- | --- | --- | --- | --- |
+| `ref_model_name_or_path` | `PathReference` | loaded once, engine-prepared by TRL | loaded for scoring only, then freed | its files, dtype, quantization |
+| a module as `ref_model` | `ModuleReference` | TRL's prepared module | that module, then freed | its weights (TRL's hash), dtype, quantization |
+| a PEFT policy, no reference | `AdapterReference` | the policy with its adapter off, or TRL's `"ref"` copy | the same, at any time | the base model and the adapter state |
+| nothing | `InitialPolicyReference` | TRL's frozen copy of the policy | the policy before its first step | the policy's files or weights |
+| `map_across_tokenizers=True` | `CrossTokenizerReference` | none (stored only) | scored in its own tokens, moved onto the policy's | its files and the mapping |
+| SePO's two oracle paths | `OraclePair` | none (stored only) | `log p_oracle - log p_oracle_ref` | both models' files |
+
+A model that is stored-only is never kept in memory while training. TRL's own loss types get the
+same reference model TRL would use; only the selective losses call these objects.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+from typing import TYPE_CHECKING
+
+import torch
+from accelerate.utils import broadcast_object_list, is_peft_model
+from datasets import Dataset, IterableDataset
+from transformers import AutoTokenizer, ProcessorMixin
+from trl.models.utils import disable_gradient_checkpointing
+from trl.trainer.utils import create_model_from_path, get_config_model_id, use_adapter
+
+from . import reference_cache, reference_scoring
+from .models import cache_dir, check_model_folder, check_same_vocabulary, file_digest_memo, resolve_model_path
+from .progress import bar as progress_bar
+
+if TYPE_CHECKING:
+    from .trainer import SelectiveDPOTrainer
+
+# Rows per stored shard of per-token values: the unit of resumption after an interruption.
+REFERENCE_SHARD_ROWS = 256
+
+
+# ---------------------------------------------------------------------------------------------
+# How models load
+
+
+def model_load_kwargs(args) -> dict:
+    """`args.model_init_kwargs` plus the two settings every weight load here uses.
+
+    Weights load only from safetensors (unpickling a `.bin` can run code), and code shipped with a
+    model runs only when the config field `trust_remote_code` says so. `model_init_kwargs` may repeat
+    either but not contradict it, so one field decides for the policy, reference, oracles and tokenizers.
+    """
+    kwargs = dict(args.model_init_kwargs or {})
+    if kwargs.setdefault("use_safetensors", True) is not True:
+        raise ValueError(
+            f"model_init_kwargs sets use_safetensors={kwargs['use_safetensors']!r}: selective-po loads weights only "
+            "from safetensors. Convert the checkpoint (see the error for a pickle-only folder) and drop that key."
+        )
+    if kwargs.setdefault("trust_remote_code", args.trust_remote_code) != args.trust_remote_code:
+        raise ValueError(
+            f"model_init_kwargs sets trust_remote_code={kwargs['trust_remote_code']!r} but the config field "
+            f"trust_remote_code is {args.trust_remote_code!r}. Set the field (`--trust_remote_code`) and drop the key, "
+            "so that one setting covers every model and tokenizer."
+        )
+    return kwargs
+
+
+def reference_load_kwargs(args, policy, quantization_config=None) -> dict:
+    """Keyword arguments for loading a reference-side model, as TRL builds them for its own reference copy:
+    the policy's load arguments and quantization, and for a policy passed as a module its dtype and attention."""
+    kwargs = model_load_kwargs(args)
+    if quantization_config is not None:
+        kwargs["quantization_config"] = quantization_config
+    if args.distributed_state.distributed_type in ("MULTI_GPU", "DEEPSPEED"):
+        kwargs["device_map"] = None  # "auto" fails under distributed training
+    if not isinstance(policy, str):
+        kwargs.setdefault("dtype", policy.dtype)
+        kwargs.setdefault("attn_implementation", policy.config._attn_implementation)
+    return kwargs
+
+
+def check_tokenizer(policy, path: str, args, processing_class, *, name: str) -> None:
+    """Fail before any loading or tokenization if a reference-side model tokenizes differently."""
+    if isinstance(processing_class, ProcessorMixin):
+        processing_class = processing_class.tokenizer
+    if processing_class is None:
+        policy_path = policy if isinstance(policy, str) else get_config_model_id(policy.config)
+        processing_class = AutoTokenizer.from_pretrained(policy_path, trust_remote_code=args.trust_remote_code)
+    try:
+        other = AutoTokenizer.from_pretrained(path, trust_remote_code=args.trust_remote_code)
+    except (OSError, ValueError) as error:
+        raise ValueError(
+            f"Could not load a tokenizer from {name!r} to check that it shares the policy's vocabulary. Save the "
+            "tokenizer next to the model's weights."
+        ) from error
+    if not args.map_across_tokenizers:
+        check_same_vocabulary(processing_class, other, reference_name=name)
+
+
+def checked_path(name: str, *, field: str, policy, args, processing_class) -> str:
+    """A reference-side model name resolved to a loadable path, its folder and tokenizer checked."""
+    path = resolve_model_path(name)
+    check_model_folder(path, trust_remote_code=args.trust_remote_code, field=field)
+    check_tokenizer(policy, path, args, processing_class, name=name)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# What identifies a model's values
+
+
+def _dtype_name(dtype) -> str:
+    return str(dtype if dtype is not None else "float32").removeprefix("torch.")
+
+
+def _quantization(config) -> dict:
+    """The cache-key part for a quantized model (nothing for an unquantized one)."""
+    if config is None:
+        return {}
+    settings = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    return {"quantization": json.dumps(settings, sort_keys=True, default=str)}
+
+
+def files_identity(path: str, init_kwargs: dict) -> dict:
+    """A model loaded from `path` with `init_kwargs`: its files' content, the dtype and any quantization."""
+    return {
+        "reference": reference_scoring.files_identity(path, memo_path=file_digest_memo()),
+        "dtype": _dtype_name(init_kwargs.get("dtype")),
+        **_quantization(init_kwargs.get("quantization_config")),
+    }
+
+
+def module_identity(module, weights_hash: str) -> dict:
+    return {
+        "reference": "weights:" + weights_hash,
+        "dtype": _dtype_name(module.dtype),
+        **_quantization(getattr(module.config, "quantization_config", None)),
+    }
+
+
+def tensors_hash(module, keep) -> str:
+    """sha256 over the state-dict entries whose names `keep` accepts, by name, dtype and value."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        if not keep(name):
+            continue
+        tensor = tensor.detach().cpu()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update((tensor.float() if tensor.is_floating_point() and tensor.element_size() < 4 else tensor).numpy().tobytes())
+    return digest.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# The objects
+
+
+class Reference:
+    """The model that per-token values come from, as one trainer uses it.
+
+    Subclasses say which module runs (`_module`), in which state (`_state`), and how it is
+    identified; the forward, the scorer for storage and the storing pass are shared, so stored values
+    come from exactly what the live forward runs.
+    """
+
+    columns = (reference_cache.CHOSEN_COLUMN, reference_cache.REJECTED_COLUMN)  # stored dataset columns
+    batch_key = "ref_per_token_logps"  # where the collator puts stored values in a batch
+    description = "per-token reference log-probs"
+
+    def __init__(self, trainer: SelectiveDPOTrainer):
+        self.trainer = trainer
+
+    def trl_ref_model(self):
+        """What TRL's `DPOTrainer` gets as `ref_model` (it disables dropout, adds the fused head, prepares it)."""
+        return None
+
+    def identity(self) -> dict:
+        """The parts of the cache key that say which model, in which state, made the values."""
+        raise NotImplementedError
+
+    def scoring_problem(self) -> str | None:
+        """Why this reference cannot score new rows now, or `None` when it can."""
+        return None
+
+    def release(self) -> None:
+        """Free what was loaded only to score rows for storage."""
+
+    def initial_scoring_done(self) -> None:
+        """Called once the datasets given to the trainer are stored; training needs nothing else from it."""
+
+    def _module(self):
+        raise NotImplementedError
+
+    def _state(self):
+        return contextlib.nullcontext()
+
+    def logps(self, inputs: dict) -> torch.Tensor:
+        """Per-token log-probs `(2B, T-1)` of a batch already on the device, without gradients."""
+        trainer = self.trainer
+        with torch.no_grad(), disable_gradient_checkpointing(trainer.model, trainer.args.gradient_checkpointing_kwargs):
+            with self._state():
+                return reference_scoring.forward_logps(self._module(), inputs, shared_prompt_mask=trainer._shared_prompt_mask)
+
+    def row_scorer(self) -> reference_cache.RowScorer:
+        """`rows -> (chosen values, rejected values)` for storage, through TRL's collator and `logps`."""
+        trainer = self.trainer
+
+        def forward(batch):
+            batch = trainer._prepare_inputs(batch)
+            with trainer.compute_loss_context_manager():  # autocast as in training
+                return self.logps(batch), batch["completion_mask"][:, 1:].bool()
+
+        return reference_cache.collated_scorer(policy_collator(trainer.data_collator), forward)
+
+    def store(self, dataset, *, name: str, batch_size: int) -> Dataset:
+        """The dataset with this reference's per-token values attached, scoring only what is not stored yet."""
+        trainer = self.trainer
+        if isinstance(dataset, IterableDataset):
+            raise ValueError(
+                f"precompute_ref_log_probs=True needs a map-style Dataset (its rows are scored and stored); the {name} "
+                "dataset is an IterableDataset. Materialize it, or set precompute_ref_log_probs=False."
+            )
+        # Every process must use one entry: under ZeRO-3 a module's hash differs per process (each holds a shard).
+        components = [{**reference_scoring.token_components(dataset, trainer=trainer), **self.identity()}]
+        if trainer.accelerator.num_processes > 1:
+            broadcast_object_list(components, from_process=0)
+        store = reference_cache.ReferenceLogpsStore(
+            trainer.args.ref_logps_cache_dir or cache_dir() / "ref_logps", components[0], n_rows=len(dataset),
+            shard_size=REFERENCE_SHARD_ROWS, columns=self.columns,
+        )  # fmt: skip
+        missing = reference_scoring.agreed_missing_shards(store, trainer.accelerator)
+        if missing:
+            problem = self.scoring_problem()
+            if problem is not None:
+                raise ValueError(f"Cannot store {self.description} for the {name} dataset: {problem}")
+            reference_scoring.score_missing_shards(
+                store, dataset, missing=missing, score_rows=self.row_scorer(), batch_size=batch_size,
+                accelerator=trainer.accelerator, description=self.description,
+                progress=lambda total: progress_bar(total=total, desc=f"Scoring {self.description} ({name})", unit="pair"),
+            )  # fmt: skip
+            self.release()
+        trainer.accelerator.wait_for_everyone()
+        trainer.reference_stores[name] = store.path
+        return reference_cache.attach_reference_logps(dataset, store)
+
+
+class FrozenModel:
+    """A model from a path, loaded on first use for no-grad forwards (TRL's fused head, the run's engine)."""
+
+    def __init__(self, trainer: SelectiveDPOTrainer, path: str, init_kwargs: dict):
+        self.trainer, self.path, self.init_kwargs = trainer, path, init_kwargs
+        self._loaded = None
+
+    def module(self):
+        if self._loaded is None:
+            self._loaded = reference_scoring.load_frozen(
+                self.path, accelerator=self.trainer.accelerator, init_kwargs=self.init_kwargs,
+                disable_dropout=self.trainer.args.disable_dropout,
+            )  # fmt: skip
+        return self._loaded
+
+    def release(self) -> None:
+        self._loaded = None
+
+    def identity(self) -> dict:
+        return files_identity(self.path, self.init_kwargs)
+
+
+class PathReference(Reference):
+    """`ref_model_name_or_path`: loaded once for a live reference, or only while scoring for stored values."""
+
+    def __init__(self, trainer, path: str, *, init_kwargs: dict, live: bool):
+        super().__init__(trainer)
+        self.frozen, self.live = FrozenModel(trainer, path, init_kwargs), live
+
+    def trl_ref_model(self):
+        return create_model_from_path(self.frozen.path, **self.frozen.init_kwargs) if self.live else None
+
+    def _module(self):
+        return self.trainer.ref_model if self.live else self.frozen.module()
+
+    def identity(self) -> dict:
+        return self.frozen.identity()
+
+    def release(self) -> None:
+        self.frozen.release()
+
+
+class ModuleReference(Reference):
+    """A module passed as `ref_model`: TRL prepares it; with stored values it is freed once they are stored."""
+
+    def __init__(self, trainer, module):
+        super().__init__(trainer)
+        self.given, self.freed = module, False
+        self._described = module_identity(module, "")  # dtype and quantization, known before TRL wraps it
+
+    def trl_ref_model(self):
+        return self.given
+
+    def _module(self):
+        return self.trainer.ref_model
+
+    def identity(self) -> dict:
+        # TRL hashed the module's weights before any engine sharded them.
+        return {**self._described, "reference": "weights:" + self.trainer._precompute_model_hash}
+
+    def initial_scoring_done(self) -> None:
+        if self.trainer.precompute_ref_logps and self.trainer.args.uses_selection:  # TRL's own losses keep it, as in TRL
+            self.trainer.ref_model = self.given = None
+            self.freed = True
+
+    def scoring_problem(self) -> str | None:
+        if self.freed:
+            return (
+                "the ref_model passed to the trainer was freed once the values of the datasets given when it was built "
+                "were stored, so nothing is left to score new rows with. Pass this dataset as eval_dataset when building "
+                "the trainer, or give the reference as ref_model_name_or_path, which is loaded again whenever it is needed."
+            )
+        return None
+
+
+class _PolicyState(Reference):
+    """A reference that is the policy itself in another state (its initial weights, or its adapter off)."""
+
+    def _policy_module(self):
+        """The policy for a no-grad forward: under DeepSpeed before training, TRL's inference engine over it."""
+        trainer = self.trainer
+        if trainer.is_deepspeed_enabled and trainer.deepspeed is None:
+            return precompute_engine(trainer)
+        return trainer.model
+
+    def _base_identity(self, keep=lambda name: True) -> dict:
+        trainer = self.trainer
+        if trainer._policy_path is not None:
+            return files_identity(trainer._policy_path, model_load_kwargs(trainer.args) | trainer._policy_quantization)
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        return module_identity(model, tensors_hash(model, keep))
+
+
+class InitialPolicyReference(_PolicyState):
+    """No reference given: TRL's frozen copy of the policy when live; the policy before its first step when stored."""
+
+    def _module(self):
+        return self.trainer.ref_model if self.trainer.ref_model is not None else self._policy_module()
+
+    def identity(self) -> dict:
+        return self._base_identity()
+
+    def scoring_problem(self) -> str | None:
+        steps = self.trainer.state.global_step
+        if self.trainer.ref_model is None and steps > 0:
+            return (
+                f"the reference is the initial policy, which no longer exists after {steps} training step"
+                f"{'s' if steps != 1 else ''}. Pass this dataset as eval_dataset when building the trainer (it is "
+                "scored before training), or set ref_model_name_or_path to the policy's starting checkpoint."
+            )
+        return None
+
+
+class AdapterReference(_PolicyState):
+    """A PEFT policy with no reference: the base model with the adapter disabled, or TRL's frozen `"ref"` copy
+    of a pretrained adapter. Either is available at any time, during or after training."""
+
+    def _adapter(self) -> str | None:
+        return "ref" if "ref" in self._peft_model().peft_config else None
+
+    def _peft_model(self):
+        return self.trainer.accelerator.unwrap_model(self.trainer.model)
+
+    def _state(self):
+        return use_adapter(self._peft_model(), adapter_name=self._adapter())
+
+    def _module(self):
+        return self._policy_module()
+
+    def identity(self) -> dict:
+        model, adapter = self._peft_model(), self._adapter()
+        adapter_tags = tuple(f".{name}." for name in model.peft_config)
+        base = self._base_identity(keep=lambda name: not any(tag in name for tag in adapter_tags))
+        if adapter is None:
+            return {**base, "adapter": "disabled"}
+        return {**base, "adapter": "ref:" + tensors_hash(model, lambda name: ".ref." in name)}
+
+
+class CrossTokenizerReference(Reference):
+    """A reference of another tokenizer: it scores each response in its own tokens, and the values move onto the
+    policy's tokens through character offsets (`alignment.py`). Stored values only."""
+
+    def __init__(self, trainer, path: str, *, init_kwargs: dict):
+        super().__init__(trainer)
+        self.frozen = FrozenModel(trainer, path, init_kwargs)
+
+    def logps(self, inputs):
+        raise ValueError("A reference with another tokenizer runs only through stored values (precompute_ref_log_probs=True).")
+
+    def row_scorer(self):
+        model = self.frozen.module()
+        return cross_tokenizer_scorer(self.trainer, self.frozen.path, lambda sequences: sequence_logps(self.trainer, model, sequences))
+
+    def identity(self) -> dict:
+        return {**self.frozen.identity(), **mapping_identity(self.trainer, self.frozen.path)}
+
+    def release(self) -> None:
+        self.frozen.release()
+
+
+class OraclePair(Reference):
+    """SePO's oracle and the model it was trained from: stored token rewards `log p_oracle - log p_oracle_ref`."""
+
+    columns = ("oracle_chosen_token_rewards", "oracle_rejected_token_rewards")
+    batch_key = "token_rewards"
+    description = "oracle token rewards"
+
+    def __init__(self, trainer, oracle: str, oracle_ref: str, *, init_kwargs: dict):
+        super().__init__(trainer)
+        self.oracle, self.oracle_ref = FrozenModel(trainer, oracle, init_kwargs), FrozenModel(trainer, oracle_ref, init_kwargs)
+
+    def logps(self, inputs):
+        raise ValueError("SePO's oracle rewards are stored before training; a batch without them was not prepared by the trainer.")
+
+    def row_scorer(self):
+        trainer, oracle, oracle_ref = self.trainer, self.oracle.module(), self.oracle_ref.module()
+        if trainer.args.map_across_tokenizers:
+            def rewards(sequences):
+                return [a - b for a, b in zip(sequence_logps(trainer, oracle, sequences), sequence_logps(trainer, oracle_ref, sequences))]
+
+            return cross_tokenizer_scorer(trainer, self.oracle.path, rewards)
+
+        def forward(batch):
+            batch = trainer._prepare_inputs(batch)
+            with torch.no_grad(), trainer.compute_loss_context_manager():
+                mask = trainer._shared_prompt_mask
+                first = reference_scoring.forward_logps(oracle, batch, shared_prompt_mask=mask)
+                second = reference_scoring.forward_logps(oracle_ref, batch, shared_prompt_mask=mask)
+            return first.float() - second.float(), batch["completion_mask"][:, 1:].bool()
+
+        return reference_cache.collated_scorer(policy_collator(trainer.data_collator), forward)
+
+    def identity(self) -> dict:
+        oracle, oracle_ref = self.oracle.identity(), self.oracle_ref.identity()
+        quantized = {key: value for key, value in oracle.items() if key == "quantization"}
+        return {"kind": "sepo-token-rewards", "oracle": oracle["reference"], "oracle_ref": oracle_ref["reference"],
+                "dtype": oracle["dtype"], **quantized, **mapping_identity(self.trainer, self.oracle.path)}  # fmt: skip
+
+    def release(self) -> None:
+        self.oracle.release()
+        self.oracle_ref.release()
+
+
+def build_reference(trainer, policy, ref_model, args, *, peft_config, processing_class, quantization_config) -> Reference:
+    """The reference object for a Selective-DPO run (or for TRL's own losses: what TRL gets as `ref_model`)."""
+    if args.ref_model_name_or_path is not None:
+        if ref_model is not None:
+            raise ValueError("Both `ref_model` and `args.ref_model_name_or_path` were given; pass only one of them.")
+        path = checked_path(args.ref_model_name_or_path, field="ref_model_name_or_path", policy=policy, args=args,
+                            processing_class=processing_class)  # fmt: skip
+        init_kwargs = reference_load_kwargs(args, policy, quantization_config)
+        if args.map_across_tokenizers:
+            return CrossTokenizerReference(trainer, path, init_kwargs=init_kwargs)
+        return PathReference(trainer, path, init_kwargs=init_kwargs, live=not (args.precompute_ref_log_probs and args.uses_selection))
+    if args.map_across_tokenizers:
+        raise ValueError(
+            "map_across_tokenizers=True needs ref_model_name_or_path: the reference of another tokenizer to map from "
+            f"({'a ref_model module cannot be re-tokenized' if ref_model is not None else 'none was given'})."
+        )
+    if ref_model is not None:
+        return ModuleReference(trainer, ref_model)
+    if peft_config is not None or (not isinstance(policy, str) and is_peft_model(policy)):
+        return AdapterReference(trainer)
+    return InitialPolicyReference(trainer)
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared pieces
+
+
+def policy_collator(collator):
+    """TRL's collator, without the wrappers that add stored values and selection masks."""
+    while hasattr(collator, "inner"):
+        collator = collator.inner
+    return collator
+
+
+def precompute_engine(trainer):
+    """TRL's DeepSpeed inference engine over the policy, built once and reused (as TRL's own precompute does)."""
+    from trl.models.utils import prepare_deepspeed
+
+    if trainer._precompute_engine is None:
+        trainer._precompute_engine = prepare_deepspeed(trainer.model, trainer.accelerator)
+    return trainer._precompute_engine
+
+
+def sequence_logps(trainer, model, sequences):
+    return reference_scoring.sequence_completion_logps(
+        model, sequences, device=trainer.accelerator.device, context=trainer.compute_loss_context_manager
+    )
+
+
+def cross_tokenizer_scorer(trainer, other_path: str, values_of) -> reference_cache.RowScorer:
+    return reference_scoring.cross_tokenizer_scorer(
+        policy_tokenizer=trainer._tokenizer,
+        other_tokenizer=AutoTokenizer.from_pretrained(other_path, trust_remote_code=trainer.args.trust_remote_code),
+        policy_collator=policy_collator(trainer.data_collator),
+        truncation_mode=trainer.args.truncation_mode,
+        values_of=values_of,
+    )
+
+
+def mapping_identity(trainer, other_path: str) -> dict:
+    return reference_scoring.mapping_components(
+        other_path, enabled=trainer.args.map_across_tokenizers, trust_remote_code=trainer.args.trust_remote_code
+    )
