@@ -101,6 +101,24 @@ def tiny_model_dir(tmp_path_factory, tiny_tokenizer):
     return str(path)
 
 
+def saved_model(path, tokenizer, *, seed: int, **shape) -> str:
+    build_model(tokenizer, seed=seed, **shape).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture
+def ref_dir(tmp_path, tiny_tokenizer):
+    """A reference that differs from the policy (another seed), saved with the same tokenizer."""
+    return saved_model(tmp_path / "ref", tiny_tokenizer, seed=7)
+
+
+@pytest.fixture
+def oracle_dirs(tmp_path, tiny_tokenizer):
+    """SePO's oracle and the model it was trained from: two other seeds, the policy's tokenizer."""
+    return {name: saved_model(tmp_path / name, tiny_tokenizer, seed=seed) for name, seed in (("oracle", 7), ("oracle_ref", 8))}
+
+
 @pytest.fixture
 def bitsandbytes():
     """bitsandbytes, which `make install` puts in .venv/extras; a missing one is a failure, not a skip."""

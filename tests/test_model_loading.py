@@ -14,8 +14,8 @@ from transformers import PreTrainedModel
 from selective_po import SelectiveDPOConfig, SePOConfig
 from selective_po.cli import parse_train_args
 from selective_po.references import reference_load_kwargs
-from test_reference_cache import make, ref_dir  # noqa: F401  (ref_dir is a fixture)
-from test_sepo_trainer import make as make_sepo, oracle_dirs  # noqa: F401  (oracle_dirs is a fixture)
+from test_reference_cache import make
+from test_sepo_trainer import make as make_sepo
 
 
 def test_trust_remote_code_is_off_by_default(tmp_path):
@@ -42,7 +42,7 @@ def weight_loads(monkeypatch):
 
 
 @pytest.mark.parametrize("setup", ["live-reference-path", "trl-reference-copy", "sepo-oracles"])
-def test_every_weight_load_uses_safetensors_and_no_remote_code(tmp_path, tiny_model_dir, ref_dir, oracle_dirs, weight_loads, setup):  # noqa: F811
+def test_every_weight_load_uses_safetensors_and_no_remote_code(tmp_path, tiny_model_dir, ref_dir, oracle_dirs, weight_loads, setup):
     if setup == "live-reference-path":
         make(tmp_path, tiny_model_dir, ref=ref_dir, precompute=False)
         expected = {tiny_model_dir, ref_dir}

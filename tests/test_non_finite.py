@@ -14,8 +14,8 @@ import torch
 
 from selective_po import references as trainer_module
 from selective_po.reference_cache import PerTokenReferenceCollator
-from test_reference_cache import make, ref_dir  # noqa: F401  (ref_dir is a fixture)
-from test_sepo_trainer import make as make_sepo, oracle_dirs  # noqa: F401  (oracle_dirs is a fixture)
+from test_reference_cache import make
+from test_sepo_trainer import make as make_sepo
 
 
 def edit_shard(path, *, row: int, column: str, token: int, value: float) -> None:
@@ -33,7 +33,7 @@ def edit_shard(path, *, row: int, column: str, token: int, value: float) -> None
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("-inf")], ids=["nan", "-inf"])
-def test_a_non_finite_stored_value_is_refused_when_read(tmp_path, tiny_model_dir, ref_dir, monkeypatch, value):  # noqa: F811
+def test_a_non_finite_stored_value_is_refused_when_read(tmp_path, tiny_model_dir, ref_dir, monkeypatch, value):
     monkeypatch.setattr(trainer_module, "REFERENCE_SHARD_ROWS", 3)  # 8 rows: shards of 3, 3, 2
     path = make(tmp_path, tiny_model_dir, ref=ref_dir).reference_stores["train"]
     edit_shard(path / "shard-00001.parquet", row=5, column="ref_rejected_token_logps", token=2, value=value)
@@ -83,7 +83,7 @@ def loss_of_first_batch(trainer):
     return trainer.compute_loss(trainer.model, batch)
 
 
-def test_non_finite_live_scores_stop_selective_dpo(tmp_path, tiny_model_dir, ref_dir, monkeypatch):  # noqa: F811
+def test_non_finite_live_scores_stop_selective_dpo(tmp_path, tiny_model_dir, ref_dir, monkeypatch):
     trainer = make(tmp_path, tiny_model_dir, ref=ref_dir, precompute=False)
     trainer.state.global_step = 4
     corrupt_reference(trainer, monkeypatch, row=1, completion_index=2, side="rejected")
@@ -91,13 +91,13 @@ def test_non_finite_live_scores_stop_selective_dpo(tmp_path, tiny_model_dir, ref
         loss_of_first_batch(trainer)
 
 
-def test_non_finite_values_outside_the_completion_are_ignored(tmp_path, tiny_model_dir, ref_dir, monkeypatch):  # noqa: F811
+def test_non_finite_values_outside_the_completion_are_ignored(tmp_path, tiny_model_dir, ref_dir, monkeypatch):
     trainer = make(tmp_path, tiny_model_dir, ref=ref_dir, precompute=False)
     corrupt_reference(trainer, monkeypatch, row=0, completion_index=-1, side="chosen")  # a prompt position
     assert torch.isfinite(loss_of_first_batch(trainer))
 
 
-def test_non_finite_oracle_rewards_stop_sepo(tmp_path, tiny_model_dir, oracle_dirs):  # noqa: F811
+def test_non_finite_oracle_rewards_stop_sepo(tmp_path, tiny_model_dir, oracle_dirs):
     trainer = make_sepo(tmp_path, tiny_model_dir, oracle_dirs)
     trainer.model.train()
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])

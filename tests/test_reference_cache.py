@@ -20,15 +20,6 @@ from selective_po.reference_cache import PerTokenReferenceCollator, ReferenceLog
 from test_trainer import COMMON, one_batch_loss
 
 
-@pytest.fixture
-def ref_dir(tmp_path, tiny_tokenizer):
-    """A reference that differs from the policy (another seed), saved with the same tokenizer."""
-    path = tmp_path / "ref"
-    build_model(tiny_tokenizer, seed=7).save_pretrained(path)
-    tiny_tokenizer.save_pretrained(path)
-    return str(path)
-
-
 def make(tmp_path, model_dir, *, ref=None, precompute=True, dataset=None, **overrides):
     args = SelectiveDPOConfig(
         output_dir=str(tmp_path / "out"),

@@ -118,6 +118,38 @@ def test_a_pretrained_adapter_is_its_own_ref_adapter_and_keys_the_entry(tmp_path
     assert keys[0].startswith("ref:") and keys[0] != keys[1] and stores[0] != stores[1]
 
 
+@pytest.mark.parametrize("kind", ["ref-model", "lora-init-false", "prompt-tuning", "ref-adapter"])
+def test_stored_values_give_the_live_references_step(tmp_path, tiny_tokenizer, kind):
+    """The same step, live or from stored values, for every kind of reference the object can be."""
+    from peft import get_peft_model
+    from test_trainer import one_batch_loss
+
+    results = []
+    for stored in (False, True):
+        policy, extra = build_model(tiny_tokenizer, seed=1), {}
+        if kind == "ref-model":
+            extra["ref_model"] = build_model(tiny_tokenizer, seed=2)
+        elif kind == "ref-adapter":
+            torch.manual_seed(5)
+            policy = get_peft_model(policy, lora_not_a_no_op())
+        else:
+            extra["peft_config"] = lora_not_a_no_op() if kind == "lora-init-false" else prompt_tuning()
+        trainer = SelectiveDPOTrainer(
+            model=policy, args=args_for(tmp_path / str(stored), precompute_ref_log_probs=stored), processing_class=tiny_tokenizer,
+            train_dataset=preference_dataset(4), **extra,
+        )  # fmt: skip
+        results.append(one_batch_loss(trainer))
+    (live_loss, live_grads, live_metrics), (loss, grads, metrics) = results
+    torch.testing.assert_close(loss, live_loss, rtol=1e-5, atol=1e-6)
+    assert grads.keys() == live_grads.keys() and grads
+    for name in grads:
+        torch.testing.assert_close(grads[name], live_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+    kept = metrics["selection/kept_share_chosen"]
+    assert kept == live_metrics["selection/kept_share_chosen"]
+    # A pretrained adapter's "ref" copy is the policy itself at step 0: every score 0, every token kept.
+    assert kept == 1.0 if kind == "ref-adapter" else kept < 1.0
+
+
 def train_a_little(trainer, steps=2):
     trainer.args.max_steps, trainer.args.learning_rate, trainer.args.save_strategy = steps, 5e-2, "no"
     trainer.create_optimizer_and_scheduler(num_training_steps=steps)
@@ -202,21 +234,3 @@ def test_a_late_evaluate_under_sepo_scores_with_the_oracle_pair(tmp_path, tiny_m
     train_a_little(trainer, steps=1)
     metrics = trainer.evaluate(eval_dataset=preference_dataset().select(range(4, 8)))
     assert 0.0 < metrics["eval_selection/kept_share_chosen"] < 1.0
-
-
-@pytest.fixture
-def ref_dir(tmp_path, tiny_tokenizer):
-    path = tmp_path / "ref"
-    build_model(tiny_tokenizer, seed=7).save_pretrained(path)
-    tiny_tokenizer.save_pretrained(path)
-    return str(path)
-
-
-@pytest.fixture
-def oracle_dirs(tmp_path, tiny_tokenizer):
-    paths = {}
-    for name, seed in (("oracle", 7), ("oracle_ref", 8)):
-        paths[name] = tmp_path / name
-        build_model(tiny_tokenizer, seed=seed).save_pretrained(paths[name])
-        tiny_tokenizer.save_pretrained(paths[name])
-    return {k: str(v) for k, v in paths.items()}

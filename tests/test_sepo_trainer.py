@@ -11,16 +11,6 @@ from selective_po.reference_cache import ReferenceLogpsStore
 from test_trainer import COMMON, one_batch_loss
 
 
-@pytest.fixture
-def oracle_dirs(tmp_path, tiny_tokenizer):
-    paths = {}
-    for name, seed in (("oracle", 7), ("oracle_ref", 8)):
-        paths[name] = tmp_path / name
-        build_model(tiny_tokenizer, seed=seed).save_pretrained(paths[name])
-        tiny_tokenizer.save_pretrained(paths[name])
-    return {k: str(v) for k, v in paths.items()}
-
-
 def make(tmp_path, model_dir, oracle_dirs, **overrides):
     args = SePOConfig(
         output_dir=str(tmp_path / "out"),

@@ -16,7 +16,7 @@ import torch
 from datasets import Dataset
 from trl import DPOConfig, DPOTrainer
 
-from conftest import PAIRS, build_model, build_tokenizer, preference_dataset
+from conftest import PAIRS, build_model, build_tokenizer, preference_dataset, saved_model
 from selective_po import SelectiveDPOConfig, SelectiveDPOTrainer, SePOConfig, SePOTrainer
 from test_trainer import COMMON, one_batch_loss
 
@@ -195,12 +195,7 @@ def test_disable_dropout_reaches_the_policy_and_every_reference(tmp_path, tiny_t
 @pytest.fixture
 def wide_dirs(tmp_path, tiny_tokenizer):
     """A policy and a reference 64 wide: bitsandbytes' CPU kernels pack 4-bit weights in blocks of 64 values."""
-    paths = []
-    for name, seed in (("policy64", 0), ("ref64", 7)):
-        build_model(tiny_tokenizer, seed=seed, hidden=64).save_pretrained(tmp_path / name)
-        tiny_tokenizer.save_pretrained(tmp_path / name)
-        paths.append(str(tmp_path / name))
-    return paths
+    return [saved_model(tmp_path / name, tiny_tokenizer, seed=seed, hidden=64) for name, seed in (("policy64", 0), ("ref64", 7))]
 
 
 def test_quantization_reaches_the_policy_and_the_reference_and_keys_the_values(tmp_path, wide_dirs, bitsandbytes):
@@ -372,21 +367,3 @@ def test_rows_whose_prompt_fills_max_length_are_dropped_as_trl_drops_them(tmp_pa
         row["prompt"] = rows[3]["prompt"]
     with pytest.raises(ValueError, match=r"Every row of the train dataset \(8\) has a prompt of max_length=64 tokens or more"):
         SelectiveDPOTrainer(model=tiny_model_dir, args=args, train_dataset=Dataset.from_list(rows))
-
-
-@pytest.fixture
-def ref_dir(tmp_path, tiny_tokenizer):
-    path = tmp_path / "ref"
-    build_model(tiny_tokenizer, seed=7).save_pretrained(path)
-    tiny_tokenizer.save_pretrained(path)
-    return str(path)
-
-
-@pytest.fixture
-def oracle_dirs(tmp_path, tiny_tokenizer):
-    paths = {}
-    for name, seed in (("oracle", 7), ("oracle_ref", 8)):
-        paths[name] = tmp_path / name
-        build_model(tiny_tokenizer, seed=seed).save_pretrained(paths[name])
-        tiny_tokenizer.save_pretrained(paths[name])
-    return {k: str(v) for k, v in paths.items()}

@@ -75,7 +75,7 @@ SELECTIVE_DPO: dict[str, Verdict] = {
     "label_smoothing": Refused(
         "any value but 0: TRL's `sigmoid` loss, the one applied to the kept tokens, ignores it",
         "0, or one of TRL's loss types that read it (`robust`, `exo_pair`, `aot`, `aot_unpaired`)",
-        example={"label_smoothing": 0.1},
+        example={"label_smoothing": 0.1}, tests=(T + "test_label_smoothing_is_refused_where_trls_sigmoid_ignores_it",),
     ),
     "ld_alpha": Refused("any value", "`None`: LD-DPO's length weighting of whole responses", example={"ld_alpha": 0.5}),
     "loss_type": Honoured(
@@ -107,7 +107,7 @@ SELECTIVE_DPO: dict[str, Verdict] = {
         "The reference scores the data once, before training, and is not kept in memory while training. It stores "
         "every token's log-prob (TRL stores one sum per response), from exactly the model a live run would use.",
         (STEP + "[precompute_ref_log_probs]", REFERENCES + "test_an_explicit_ref_model_is_what_is_stored_and_then_freed",
-         REFERENCES + "test_peft_stores_the_base_model_with_the_adapter_off",
+         REFERENCES + "test_peft_stores_the_base_model_with_the_adapter_off", REFERENCES + "test_stored_values_give_the_live_references_step",
          "tests/test_reference_cache.py::test_stored_values_reproduce_the_live_reference"),
     ),  # fmt: skip
     "ref_model_mixup_alpha": Honoured(
@@ -184,7 +184,8 @@ SELECTIVE_DPO: dict[str, Verdict] = {
         "The reference is the base model with the adapter off (or TRL's frozen `\"ref\"` copy of a pretrained adapter), "
         "live and stored, and the stored values are keyed by that adapter state.",
         ("tests/test_trainer.py::test_peft_reference_is_the_base_model_as_in_trl", REFERENCES + "test_peft_stores_the_base_model_with_the_adapter_off",
-         REFERENCES + "test_a_pretrained_adapter_is_its_own_ref_adapter_and_keys_the_entry"),
+         REFERENCES + "test_a_pretrained_adapter_is_its_own_ref_adapter_and_keys_the_entry",
+         REFERENCES + "test_stored_values_give_the_live_references_step"),
     ),  # fmt: skip
     # ----- TrainingArguments fields this package reads or sets -----
     "bf16": Honoured(
@@ -258,7 +259,8 @@ SEPO: dict[str, Verdict] = {
         (T + "test_a_mixture_of_experts_carries_trls_load_balancing_loss",),
     ),
     "label_smoothing": Refused(
-        "any value but 0: SePO's loss has no label smoothing", "0", example={"label_smoothing": 0.1}
+        "any value but 0: SePO's loss has no label smoothing", "0", example={"label_smoothing": 0.1},
+        tests=(T + "test_label_smoothing_is_refused_where_trls_sigmoid_ignores_it",),
     ),
 }
 
@@ -276,6 +278,15 @@ def _cell(verdict: Verdict) -> str:
     if isinstance(verdict, Refused):
         return f"**refused** when {verdict.when}; use {verdict.instead}"
     return f"not applicable: {verdict.reason}"
+
+
+def _checks(verdict: Verdict) -> list[str]:
+    """The tests behind a verdict, for the table; a refused example value is built by the parity test."""
+    entries = [f"`{test.removeprefix('tests/')}`" for test in getattr(verdict, "tests", ())]
+    if isinstance(verdict, Refused) and verdict.example:
+        values = ", ".join(f"{k}={v!r}" for k, v in verdict.example.items())
+        entries.append(f"`test_parity.py::test_every_refusal_at_config_time_names_the_field` (`{values}`)")
+    return entries
 
 
 def markdown(sections: dict[str, list[str]]) -> str:
@@ -298,10 +309,11 @@ def markdown(sections: dict[str, list[str]]) -> str:
         *[f"| {method} | {c['honoured']} | {c['refused']} | {c['not applicable']} |" for method, c in totals.items()],
     ]
     for title, names in sections.items():
-        lines += ["", f"## {title}", "", "| option | Selective-DPO | SePO |", "| --- | --- | --- |"]
+        lines += ["", f"## {title}", "", "| option | Selective-DPO | SePO | checked by |", "| --- | --- | --- | --- |"]
         for name in sorted(names):
             cells = [_cell(verdicts[name]).replace("|", "\\|") for verdicts in METHODS.values()]
-            lines.append(f"| `{name}` | {cells[0]} | {'same' if cells[1] == cells[0] else cells[1]} |")
+            checked = "<br>".join(dict.fromkeys(entry for verdicts in METHODS.values() for entry in _checks(verdicts[name])))
+            lines.append(f"| `{name}` | {cells[0]} | {'same' if cells[1] == cells[0] else cells[1]} | {checked} |")
     return "\n".join(lines) + "\n"
 
 
