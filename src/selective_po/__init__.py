@@ -1,9 +1,10 @@
 """selective-po: token-selective preference optimization on top of TRL.
 
 Data flows one way, one module per stage:
-    data.py (preference pairs) -> TRL tokenization -> per-token log-probs (trainer.py; the
-    reference's may be stored once by reference_cache.py) -> scoring.py (token scores) -> selection.py (keep mask) -> losses.py (per-example loss)
-    -> trainer.py (wires it into TRL's DPOTrainer)
+    data.py (preference pairs) -> TRL tokenization -> per-token log-probs (the policy's in trainer.py;
+    the reference side's in references.py, live or stored once by reference_cache.py) -> scoring.py
+    (token scores) -> selection.py (keep mask) -> losses.py (per-example loss) -> trainer.py (wires it
+    into TRL's DPOTrainer). parity.py says what each TRL option does under the selective losses.
 """
 
 import warnings

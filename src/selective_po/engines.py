@@ -99,10 +99,17 @@ def inference_model(trainer):
     from torch.distributed.tensor import DTensor
     from trl.models.utils import prepare_fsdp
 
-    from .references import precompute_engine
-
     if trainer.is_deepspeed_enabled:
         return trainer.model_wrapped if trainer.deepspeed is not None else precompute_engine(trainer)
     if trainer.is_fsdp_enabled and not any(isinstance(p, DTensor) for p in trainer.model.parameters()):
         trainer.model = prepare_fsdp(trainer.model, trainer.accelerator)
     return trainer.model
+
+
+def precompute_engine(trainer):
+    """TRL's DeepSpeed inference engine over the policy, built once and reused (as TRL's own precompute does)."""
+    from trl.models.utils import prepare_deepspeed
+
+    if trainer._precompute_engine is None:
+        trainer._precompute_engine = prepare_deepspeed(trainer.model, trainer.accelerator)
+    return trainer._precompute_engine

@@ -37,6 +37,7 @@ from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import create_model_from_path, get_config_model_id, use_adapter
 
 from . import reference_cache, reference_scoring
+from .engines import precompute_engine
 from .models import cache_dir, check_model_folder, check_same_vocabulary, file_digest_memo, resolve_model_path
 from .progress import bar as progress_bar
 
@@ -486,15 +487,6 @@ def policy_collator(collator):
     while hasattr(collator, "inner"):
         collator = collator.inner
     return collator
-
-
-def precompute_engine(trainer):
-    """TRL's DeepSpeed inference engine over the policy, built once and reused (as TRL's own precompute does)."""
-    from trl.models.utils import prepare_deepspeed
-
-    if trainer._precompute_engine is None:
-        trainer._precompute_engine = prepare_deepspeed(trainer.model, trainer.accelerator)
-    return trainer._precompute_engine
 
 
 def sequence_logps(trainer, model, sequences):
