@@ -1,6 +1,7 @@
 # Two entry points, each installing what it needs into .venv first:
 #   make demo   Selective-DPO on the bundled model and data (CPU; about 4 min on 2 cores)
 #   make test   the test suite
+#   make docs   the documentation site, served at http://127.0.0.1:8000 (the tests build it with --strict)
 # torch is installed on its own, first, so that no other requirement pulls a multi-GB CUDA build;
 # on another machine pick its wheel index, e.g. `make demo TORCH_INDEX=https://download.pytorch.org/whl/cpu`.
 PYTHON ?= python3
@@ -15,7 +16,7 @@ STAMP := $(VENV)/.selective-po-installed
 EXTRAS := $(VENV)/extras
 BITSANDBYTES ?= bitsandbytes==0.50.2
 
-.PHONY: demo test install
+.PHONY: demo test docs install
 
 install: $(STAMP)
 
@@ -32,3 +33,6 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
+
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs serve

@@ -110,6 +110,11 @@ def test_the_grid_runs_reports_and_resumes_from_what_a_kill_leaves(tmp_path, tin
     assert "dpo/seed0: done" in listing and "dpo/seed1: to measure\n" in listing and "sdpo-dpo-ref/seed1: to run" in listing
 
     assert main(["compare", "--config", str(grid), "--resamples", "200"]) == 0
+    shown = capsys.readouterr()
+    # The terminal shows the table, not the runs' logged dicts: those are in each run's log.txt, resumed ones appended.
+    assert "### likelihood_accuracy" in shown.out and "'loss'" not in shown.out + shown.err and '"loss"' not in shown.out + shown.err
+    logged = [json.loads(line) for line in (stopped / "log.txt").read_text().splitlines() if line.startswith('{"step"')]
+    assert [entry["step"] for entry in logged if "loss" in entry] == [1, 2, 2]  # killed at step 2, then resumed from 1
     again = {r: (run_dir(config, *r) / "result.json").read_text() for r in finished}
     assert all(again[r] == finished[r] for r in finished if r != ("dpo", 1))  # finished runs were not redone
     assert json.loads(again[("dpo", 1)])["per_item"] == json.loads(finished[("dpo", 1)])["per_item"]  # measured again alike

@@ -1,7 +1,9 @@
-"""Every command the README shows runs, as written, and every `--help` prints.
+"""Every command the README and the documentation show runs, as written, and every `--help` prints.
 
-The README's ```bash blocks are read in order and each command line runs in one shared working
-folder, so later commands see what earlier ones wrote (`eval --model outputs/demo` after the demo).
+The ```bash blocks of the README, then of each docs page in the site's navigation order, are read
+in order and each command line runs in one shared working folder, so later commands see what
+earlier ones wrote (`eval --model outputs/demo` after the demo). A line shown on several pages runs
+once, where it first appears.
 Model names map onto tiny models built here, so each command runs in seconds:
 
 - the embedded `smollm2-135m-instruct` is a tiny model placed, with a valid manifest, where the
@@ -34,7 +36,8 @@ from selective_po.cli import COMMANDS, main
 
 REPO = Path(__file__).resolve().parents[1]
 NOT_RUN = "not run by the tests:"
-HUB_IDS = ("Qwen/Qwen2.5-0.5B-Instruct", "Qwen/Qwen2.5-1.5B-Instruct", "Qwen/Qwen2.5-7B-Instruct")
+HUB_IDS = ("Qwen/Qwen2.5-0.5B-Instruct", "Qwen/Qwen2.5-1.5B-Instruct", "Qwen/Qwen2.5-7B-Instruct",
+           "HuggingFaceTB/SmolLM2-135M-Instruct", "HuggingFaceTB/SmolLM2-1.7B-Instruct")
 
 
 def readme_commands(text: str) -> list[tuple[str, str | None]]:
@@ -52,13 +55,40 @@ def readme_commands(text: str) -> list[tuple[str, str | None]]:
     return commands
 
 
-COMMAND_LINES = readme_commands((REPO / "README.md").read_text())
+def doc_pages() -> list[Path]:
+    """The README, then every page of the site in its navigation order (mkdocs.yml)."""
+    def flatten(entries):
+        for entry in entries:
+            value = next(iter(entry.values())) if isinstance(entry, dict) else entry
+            yield from flatten(value) if isinstance(value, list) else [value]
+
+    nav = yaml.safe_load((REPO / "mkdocs.yml").read_text())["nav"]
+    return [REPO / "README.md", *(REPO / "docs" / page for page in flatten(nav))]
 
 
-def test_the_readme_shows_commands_and_marks_each_one_not_run():
-    assert len(COMMAND_LINES) >= 10
+def shown_commands() -> list[tuple[str, str, str | None]]:
+    """`(page, command line, reason it is not run or None)`, each line once, where it first appears."""
+    seen, commands = set(), []
+    for page in doc_pages():
+        for line, reason in readme_commands(page.read_text()):
+            if line not in seen:
+                seen.add(line)
+                commands.append((str(page.relative_to(REPO)), line, reason))
+    return commands
+
+
+SHOWN = shown_commands()
+COMMAND_LINES = [(line, reason) for _, line, reason in SHOWN]
+
+
+def test_the_docs_show_commands_and_mark_each_one_not_run():
+    pages = {page for page, _, _ in SHOWN}
+    assert len(COMMAND_LINES) >= 10 and {"README.md", "docs/getting-started.md", "docs/evaluation.md"} <= pages
     for line, reason in COMMAND_LINES:
         assert reason is None or len(reason) > 10, f"{line!r} is marked not run without saying why"
+    every_page = {str(p.relative_to(REPO)) for p in doc_pages()} | {"README.md"}
+    on_disk = {str(p.relative_to(REPO)) for p in (REPO / "docs").rglob("*.md")}
+    assert on_disk <= every_page, f"pages outside the navigation, whose commands nothing runs: {sorted(on_disk - every_page)}"
 
 
 def make_recipe(target: str) -> list[str]:
@@ -115,7 +145,7 @@ def in_workspace(workspace, monkeypatch):
     return workspace
 
 
-@pytest.mark.parametrize("line, reason", COMMAND_LINES, ids=[line[:60] for line, _ in COMMAND_LINES])
+@pytest.mark.parametrize("line, reason", COMMAND_LINES, ids=[f"{page}: {line[:60]}" for page, line, _ in SHOWN])
 def test_readme_command_runs_as_written(line, reason, in_workspace):
     if reason is not None:
         pytest.skip(f"README marks it {NOT_RUN} {reason}")

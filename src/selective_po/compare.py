@@ -25,6 +25,10 @@ whole or not at all); training saves checkpoints and resumes from the last compl
 deleted once the run's model is saved), so the grid can be killed at any point and run again. Outputs in `output_dir`: `compare.md`, `compare.json`,
 `compare.png`.
 
+The terminal shows the grid's progress bar (the run in progress and its step) and then the table.
+Everything a run prints (TRL's logged dicts, its progress bars, warnings) goes to its own folder's
+`log.txt`, `<output_dir>/<method>/seed<N>/log.txt`, appended across resumed attempts.
+
 `result.json` records a digest of the held-out pairs and prompts it was measured on. When they change
 (a grown test split, another `eval_pairs`), the next run measures every trained model again, without
 retraining; a report never pairs items of different held-out data.
@@ -32,11 +36,14 @@ retraining; a report never pairs items of different held-out data.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import hashlib
 import json
+import logging
 import math
 import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -202,13 +209,53 @@ def training_args(config: CompareConfig, method: Method, seed: int, base: str):
         raise ValueError(f"method {method.name!r}: {error} (fields come from {config_class.__name__})") from error
 
 
-def train_one(config: CompareConfig, method: Method, seed: int, base: str, train_pairs) -> dict:
+@contextlib.contextmanager
+def run_log(path: Path):
+    """Within the block, what one run prints goes to `path` (appended), not to the terminal: its stdout and
+    stderr, progress bars included, and the library loggers' messages. Bars opened before it keep their terminal."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8") as log:
+        consoles = (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__)
+        handlers = list(dict.fromkeys(h for name in ("", "transformers", "datasets", "accelerate", "trl", "selective_po")
+                                      for h in logging.getLogger(name).handlers if getattr(h, "stream", None) in consoles))  # fmt: skip
+        streams = [h.setStream(log) for h in handlers]
+        try:
+            with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+                yield
+        finally:
+            for handler, stream in zip(handlers, streams):
+                handler.setStream(stream)
+
+
+def _step_in_bar(progress, key: str):
+    """A trainer callback that shows the run's step in the grid's bar, and prints each logged dict as a JSON
+    line (inside `run_log`, into the run's log)."""
+    from transformers import TrainerCallback
+
+    class StepInBar(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            progress.set_postfix_str(f"{key}: step {state.global_step}/{state.max_steps}")
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            print(json.dumps({"step": state.global_step, **(logs or {})}), flush=True)
+
+    return StepInBar()
+
+
+def train_one(config: CompareConfig, method: Method, seed: int, base: str, train_pairs, *, progress=None) -> dict:
+    from transformers import ProgressCallback
+
     from .trainer import SelectiveDPOTrainer, SePOTrainer, last_complete_checkpoint
 
     args = training_args(config, method, seed, base)
     trainer_class = SePOTrainer if "sepo" in args.loss_type else SelectiveDPOTrainer
     start = time.perf_counter()
     trainer = trainer_class(model=base, args=args, train_dataset=train_pairs)
+    if progress is not None:  # the grid's bar says which step; the run's own bar and dicts go to its log
+        for callback in list(trainer.callback_handler.callbacks):
+            if isinstance(callback, ProgressCallback):
+                trainer.remove_callback(callback)
+        trainer.add_callback(_step_in_bar(progress, f"{method.name}/seed{seed}"))
     resume = None
     if Path(args.output_dir).is_dir():  # a run stopped part-way: go on from its last complete checkpoint
         try:
@@ -312,7 +359,7 @@ def run_grid(config: CompareConfig, *, seeds: list[int] | None = None, methods: 
     if config.train_pairs:
         train_pairs = train_pairs.select(range(min(config.train_pairs, len(train_pairs))))
     methods = {m.name: m for m in config.methods}
-    with bar(total=len(runs), desc="Compare grid", unit="run", initial=len(runs) - len(todo)) as progress:
+    with bar(total=len(runs), desc="Compare grid", unit="run", initial=len(runs) - len(todo), file=sys.stderr) as progress:
         for method, seed in todo:
             folder = run_dir(config, method, seed)
             key = f"{method}/seed{seed}"
@@ -325,11 +372,14 @@ def run_grid(config: CompareConfig, *, seeds: list[int] | None = None, methods: 
                     missing = [n for n in sorted(methods[method].depends_on()) if not (run_dir(config, n, seed) / "trained.json").is_file()]
                     if missing:
                         raise ValueError(f"{key} needs the model of {', '.join('@' + n for n in missing)} (seed {seed}), not trained yet: run it first.")
-                    trained = train_one(config, methods[method], seed, base, train_pairs)
+                    with run_log(folder / "log.txt"):
+                        trained = train_one(config, methods[method], seed, base, train_pairs, progress=progress)
                     atomic_write(folder / "trained.json", json.dumps(trained, indent=1).encode())
                     # The model is saved: its checkpoints (weights and optimizer state) are only for resuming.
                     shutil.rmtree(folder / "checkpoints", ignore_errors=True)
-            measured = measure_one(config, model_of(config, base, method, seed), reference, eval_pairs, prompts)
+            progress.set_postfix_str(f"{key}: measuring")
+            with run_log(folder / "log.txt"):
+                measured = measure_one(config, model_of(config, base, method, seed), reference, eval_pairs, prompts)
             result = {"method": method, "seed": seed, **trained, **measured, "measured_on": digest}
             atomic_write(folder / "result.json", json.dumps(result).encode())
             progress.update(1)

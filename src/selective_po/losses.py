@@ -92,15 +92,20 @@ def select_sdpo_tokens(
     """Score every response token and keep the top `1 - threshold` share of each response.
 
     Args:
-        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps: Shape `(B, T)`.
-        chosen_mask, rejected_mask: Shape `(B, T)`, bool. True on real response tokens.
+        policy_chosen_logps: Shape `(B, T)`. Policy log-prob of each chosen token.
+        policy_rejected_logps: Shape `(B, T)`. Policy log-prob of each rejected token.
+        ref_chosen_logps: Shape `(B, T)`. Reference log-prob of each chosen token.
+        ref_rejected_logps: Shape `(B, T)`. Reference log-prob of each rejected token.
+        chosen_mask: Shape `(B, T)`, bool. True on real chosen-response tokens.
+        rejected_mask: Shape `(B, T)`, bool. True on real rejected-response tokens.
         threshold: `sdpo_threshold` `q` in `[0, 1)`.
         rule: `scores`, a control (`random`, seeded by `generator`, or `all`), or `confidence`
             (ConfPO's `1 - p` policy scores, kept above their response's mean; `threshold` unused).
         count_rule: How many tokens `scores` keeps: `ceil` (`ceil((1 - q) n)`) or `quantile` (at or
             above the `q` quantile, as the official code).
-        chosen_given, rejected_given: Shape `(B, T)`, bool. With `rule="spans"`, the tokens the data
-            names; they are kept exactly (`threshold` unused), and the scores are only reported.
+        chosen_given: Shape `(B, T)`, bool. With `rule="spans"`, the chosen tokens the data names; they
+            are kept exactly (`threshold` unused), and the scores are only reported.
+        rejected_given: Shape `(B, T)`, bool. The same for the rejected response.
 
     Returns:
         `(chosen_scores, rejected_scores, chosen_keep, rejected_keep)`, each `(B, T)`; scores float32
@@ -133,10 +138,13 @@ def kept_token_sums(
     """Sum each response's log-probs over its selected tokens only.
 
     Args:
-        chosen_per_token_logps, rejected_per_token_logps: Shape `(B, T)`, policy log-probs.
-        ref_chosen_per_token_logps, ref_rejected_per_token_logps: Shape `(B, T)`, reference log-probs.
+        chosen_per_token_logps: Shape `(B, T)`, the policy's log-probs of the chosen tokens.
+        rejected_per_token_logps: Shape `(B, T)`, the policy's log-probs of the rejected tokens.
+        ref_chosen_per_token_logps: Shape `(B, T)`, the reference's log-probs of the chosen tokens.
+        ref_rejected_per_token_logps: Shape `(B, T)`, the reference's log-probs of the rejected tokens.
         threshold: `sdpo_threshold` `q`; the top `1 - q` share of each response's tokens is kept.
-        chosen_mask, rejected_mask: Shape `(B, T)`, bool; `None` means every position is a real token.
+        chosen_mask: Shape `(B, T)`, bool; `None` means every position is a real token.
+        rejected_mask: Shape `(B, T)`, bool; `None` means every position is a real token.
 
     Returns:
         `(chosen, rejected, ref_chosen, ref_rejected)`, each `(B,)`: log-probs summed over kept tokens.
@@ -224,7 +232,8 @@ def selective_dpo_loss(
         label_smoothing: cDPO's label-flip probability.
         rule: `scores`, a control (`random`, seeded by `generator`, or `all`), `confidence`, or `spans`.
         count_rule: `ceil` or `quantile` (see `select_sdpo_tokens`).
-        chosen_given, rejected_given: Shape `(B, T)`, bool: with `rule="spans"`, the tokens kept.
+        chosen_given: Shape `(B, T)`, bool: with `rule="spans"`, the chosen tokens kept.
+        rejected_given: Shape `(B, T)`, bool: with `rule="spans"`, the rejected tokens kept.
 
     Returns:
         A `SelectiveDPOOutput`; `losses` has shape `(B,)`.
@@ -284,8 +293,10 @@ def sepo_keep_masks(
     then scores only these positions.
 
     Args:
-        chosen_token_rewards, rejected_token_rewards: Shape `(B, T)`.
-        chosen_mask, rejected_mask: Shape `(B, T)`, bool. True on real response tokens.
+        chosen_token_rewards: Shape `(B, T)`. Oracle token rewards of the chosen response.
+        rejected_token_rewards: Shape `(B, T)`. Oracle token rewards of the rejected response.
+        chosen_mask: Shape `(B, T)`, bool. True on real chosen-response tokens.
+        rejected_mask: Shape `(B, T)`, bool. True on real rejected-response tokens.
 
     Returns:
         `(chosen_keep, rejected_keep)`, each `(B, T)` bool.
@@ -319,7 +330,8 @@ def sepo_loss(
         policy_rejected_logps: Shape `(B, T)`. Policy log-prob of each rejected token (with gradient).
         chosen_token_rewards: Shape `(B, T)`. Oracle token rewards `log p_oracle - log p_oracle_ref`.
         rejected_token_rewards: Shape `(B, T)`. Same for the rejected response.
-        chosen_mask, rejected_mask: Shape `(B, T)`, bool. True on real response tokens.
+        chosen_mask: Shape `(B, T)`, bool. True on real chosen-response tokens.
+        rejected_mask: Shape `(B, T)`, bool. True on real rejected-response tokens.
         chosen_share: `k_w`, share of chosen tokens kept (highest reward first), in `(0, 1]`.
         rejected_share: `k_l`, share of rejected tokens kept (lowest reward first), in `(0, 1]`.
         beta: Scale of the length-normalized log-likelihood `u`.
