@@ -337,12 +337,12 @@ class _PolicyState(Reference):
             return precompute_engine(trainer)
         return trainer.model
 
-    def _base_identity(self, keep=lambda name: True) -> dict:
+    def _base_identity(self, weights_hash) -> dict:
+        """The policy's identity: its files when it was loaded from a path, else `weights_hash()` of the module."""
         trainer = self.trainer
         if trainer._policy_path is not None:
             return files_identity(trainer._policy_path, model_load_kwargs(trainer.args) | trainer._policy_quantization)
-        model = trainer.accelerator.unwrap_model(trainer.model)
-        return module_identity(model, tensors_hash(model, keep))
+        return module_identity(trainer.accelerator.unwrap_model(trainer.model), weights_hash())
 
 
 class InitialPolicyReference(_PolicyState):
@@ -352,7 +352,8 @@ class InitialPolicyReference(_PolicyState):
         return self.trainer.ref_model if self.trainer.ref_model is not None else self._policy_module()
 
     def identity(self) -> dict:
-        return self._base_identity()
+        # A policy passed as a module: TRL hashed its weights (or its frozen copy's) before any engine sharded them.
+        return self._base_identity(lambda: self.trainer._precompute_model_hash)
 
     def scoring_problem(self) -> str | None:
         steps = self.trainer.state.global_step
@@ -369,6 +370,8 @@ class AdapterReference(_PolicyState):
     """A PEFT policy with no reference: the base model with the adapter disabled, or TRL's frozen `"ref"` copy
     of a pretrained adapter. Either is available at any time, during or after training."""
 
+    _identity = None  # computed on first use
+
     def _adapter(self) -> str | None:
         return "ref" if "ref" in self._peft_model().peft_config else None
 
@@ -382,9 +385,14 @@ class AdapterReference(_PolicyState):
         return self._policy_module()
 
     def identity(self) -> dict:
+        if self._identity is None:  # the base and a "ref" adapter are frozen: hash their weights once
+            self._identity = self._adapter_identity()
+        return self._identity
+
+    def _adapter_identity(self) -> dict:
         model, adapter = self._peft_model(), self._adapter()
         adapter_tags = tuple(f".{name}." for name in model.peft_config)
-        base = self._base_identity(keep=lambda name: not any(tag in name for tag in adapter_tags))
+        base = self._base_identity(lambda: tensors_hash(model, lambda name: not any(tag in name for tag in adapter_tags)))
         if adapter is None:
             return {**base, "adapter": "disabled"}
         return {**base, "adapter": "ref:" + tensors_hash(model, lambda name: ".ref." in name)}
@@ -423,26 +431,23 @@ class OraclePair(Reference):
         super().__init__(trainer)
         self.oracle, self.oracle_ref = FrozenModel(trainer, oracle, init_kwargs), FrozenModel(trainer, oracle_ref, init_kwargs)
 
-    def logps(self, inputs):
-        raise ValueError("SePO's oracle rewards are stored before training; a batch without them was not prepared by the trainer.")
+    def logps(self, inputs: dict) -> torch.Tensor:
+        """Token rewards `(2B, T-1)` of a batch on the device: the oracle's log-probs minus its reference's, in float32."""
+        mask = self.trainer._shared_prompt_mask
+        with torch.no_grad():
+            oracle = reference_scoring.forward_logps(self.oracle.module(), inputs, shared_prompt_mask=mask)
+            oracle_ref = reference_scoring.forward_logps(self.oracle_ref.module(), inputs, shared_prompt_mask=mask)
+        return oracle.float() - oracle_ref.float()
 
     def row_scorer(self):
+        if not self.trainer.args.map_across_tokenizers:
+            return super().row_scorer()
         trainer, oracle, oracle_ref = self.trainer, self.oracle.module(), self.oracle_ref.module()
-        if trainer.args.map_across_tokenizers:
-            def rewards(sequences):
-                return [a - b for a, b in zip(sequence_logps(trainer, oracle, sequences), sequence_logps(trainer, oracle_ref, sequences))]
 
-            return cross_tokenizer_scorer(trainer, self.oracle.path, rewards)
+        def rewards(sequences):
+            return [a - b for a, b in zip(sequence_logps(trainer, oracle, sequences), sequence_logps(trainer, oracle_ref, sequences))]
 
-        def forward(batch):
-            batch = trainer._prepare_inputs(batch)
-            with torch.no_grad(), trainer.compute_loss_context_manager():
-                mask = trainer._shared_prompt_mask
-                first = reference_scoring.forward_logps(oracle, batch, shared_prompt_mask=mask)
-                second = reference_scoring.forward_logps(oracle_ref, batch, shared_prompt_mask=mask)
-            return first.float() - second.float(), batch["completion_mask"][:, 1:].bool()
-
-        return reference_cache.collated_scorer(policy_collator(trainer.data_collator), forward)
+        return cross_tokenizer_scorer(trainer, self.oracle.path, rewards)
 
     def identity(self) -> dict:
         oracle, oracle_ref = self.oracle.identity(), self.oracle_ref.identity()
