@@ -49,23 +49,27 @@ SEPO_BETAS = {"sepo-beta01": 0.1, "sepo-beta03": 0.3, "sepo-beta1": 1.0}
 CLAIM_BASELINES = ("sdpo-dpo-ref", "sepo")
 
 PRESETS = {
-    # One run at a time on 2 CPU cores (about 7 minutes a run): every row, on 2 seeds (controls and the sweep on 1),
-    # measured on every held-out pair; no greedy prompts (the cuda preset has them).
+    # One run at a time on 2 CPU cores: one epoch over every training pair, every main row on 3 seeds and the random
+    # control on 1, measured on every held-out pair and prompt. DPO runs as Selective-DPO keeping every token
+    # (`selection_rule: all`), which is DPO's loss exactly, on the stored per-token values and the shared prompt.
+    # SePO's beta is not tuned here: 1.0, its default, which won the GPU preset's tuning (100 steps of 8).
     "cpu": {
         "data": ["--arithmetic_prompts", "1000", "--ifeval_prompts", "1000", "--test_share", "0.3", "--validation_share", "0.1",
                  "--samples_per_prompt", "8", "--temperature", "0.7", "--top_p", "0.9", "--prompts_per_chunk", "64",
                  "--extra_test_prompts", "80"],
-        "model": "smollm2-135m-instruct", "seeds": [0, 1], "control_seeds": [0], "sweep": True, "train_pairs": 160,
-        "eval_pairs": 0, "prompts": 0, "validation_pairs": 0, "eval_batch_size": 16,
-        "training": {"max_steps": 40, "per_device_train_batch_size": 4, "learning_rate": 2.0e-5},
+        "model": "smollm2-135m-instruct", "seeds": [0, 1, 2], "control_seeds": [0], "sweep": False, "sepo_controls": False,
+        "sepo_beta": 1.0, "dpo": {"loss_type": "sdpo", "selection_rule": "all"}, "train_pairs": 0, "eval_pairs": 0,
+        "prompts": 760, "validation_pairs": 0, "eval_batch_size": 16, "generation_batch_size": 64,
+        "training": {"max_steps": 68, "per_device_train_batch_size": 8, "learning_rate": 3.0e-5},
     },  # fmt: skip
-    # A GPU, several runs side by side: main rows on 5 seeds, controls and the sweep on 3.
+    # A GPU, several runs side by side: main rows on 5 seeds, controls and the sweep on 3; SePO's beta tuned first.
     "cuda": {
         "data": ["--arithmetic_prompts", "1000", "--ifeval_prompts", "1000", "--test_share", "0.3", "--validation_share", "0.1",
                  "--samples_per_prompt", "8", "--temperature", "0.7", "--top_p", "0.9", "--prompts_per_chunk", "64",
                  "--extra_test_prompts", "80"],
-        "model": "smollm2-135m-instruct", "seeds": [0, 1, 2, 3, 4], "control_seeds": [0, 1, 2], "sweep": True, "train_pairs": 0, "eval_pairs": 0, "prompts": 400,
-        "validation_pairs": 0, "eval_batch_size": 64,
+        "model": "smollm2-135m-instruct", "seeds": [0, 1, 2, 3, 4], "control_seeds": [0, 1, 2], "sweep": True,
+        "sepo_controls": True, "sepo_beta": None, "dpo": {"loss_type": "sigmoid"}, "train_pairs": 0, "eval_pairs": 0,
+        "prompts": 400, "validation_pairs": 0, "eval_batch_size": 64, "generation_batch_size": 64,
         "training": {"max_steps": 100, "per_device_train_batch_size": 8, "learning_rate": 1.0e-5},
     },  # fmt: skip
 }
@@ -83,10 +87,12 @@ def main_methods(preset: dict, sepo_beta: float | None) -> dict[str, dict]:
     """The main grid's methods; without SePO rows until its beta is tuned (`sepo_beta=None`)."""
     controls = {"seeds": preset["control_seeds"]}
     methods = {
-        "dpo": {"loss_type": "sigmoid"},
+        "dpo": dict(preset["dpo"]),
         "sdpo-init-ref": sdpo(0.4),
         "sdpo-dpo-ref": sdpo(0.4, ref_model_name_or_path="@dpo"),
         "confidence": {"loss_type": "sdpo", "selection_rule": "confidence"},
+        # Ours: the DPO model's scores of the start model, fixed before training; the start model stays the loss's reference.
+        "sdpo-fixed-scores": sdpo(0.4, selection_rule="scorer", scorer_model_name_or_path="@dpo"),
         "sdpo-dpo-ref-random": sdpo(0.4, ref_model_name_or_path="@dpo", selection_rule="random", **controls),
     }
     if preset["sweep"]:
@@ -95,8 +101,9 @@ def main_methods(preset: dict, sepo_beta: float | None) -> dict[str, dict]:
                 methods[f"sdpo-dpo-ref-k{round(k * 100)}"] = sdpo(k, ref_model_name_or_path="@dpo", **controls)
     if sepo_beta is not None:
         methods["sepo"] = sepo(0.3, sepo_beta)
-        methods["sepo-random"] = sepo(0.3, sepo_beta, selection_rule="random", **controls)
-        methods["sepo-all"] = sepo(1.0, sepo_beta, **controls)
+        if preset["sepo_controls"]:
+            methods["sepo-random"] = sepo(0.3, sepo_beta, selection_rule="random", **controls)
+            methods["sepo-all"] = sepo(1.0, sepo_beta, **controls)
     return methods
 
 
@@ -104,7 +111,7 @@ def grid_dict(preset: dict, dataset: str, output_dir: Path, methods: dict, **cha
     grid = {
         "model": preset["model"], "dataset": dataset, "train_split": "train", "eval_split": "test",
         "train_pairs": preset["train_pairs"], "eval_pairs": preset["eval_pairs"], "prompts": preset["prompts"],
-        "eval_batch_size": preset["eval_batch_size"], "seeds": preset["seeds"], "baseline": "dpo", "output_dir": str(output_dir),
+        "eval_batch_size": preset["eval_batch_size"], "generation_batch_size": preset["generation_batch_size"], "seeds": preset["seeds"], "baseline": "dpo", "output_dir": str(output_dir),
         "training": {"lr_scheduler_type": "constant", "beta": 0.1, "precompute_ref_log_probs": True, "bf16": False,
                      **preset["training"]},
         "methods": methods,
@@ -218,17 +225,8 @@ def schedule(tasks: list[dict], *, workers: int, logs: Path, on_done=None, comma
                 raise
 
 
-def experiment(opts) -> None:
-    preset = PRESETS[opts.preset]
-    out = Path(opts.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    dataset = opts.dataset
-    if opts.build_data and not opts.report_only:
-        dataset = str(out / "data")
-        command = [sys.executable, "-m", "selective_po", "build-pairs", "--model", preset["model"], "--output_dir", dataset, *preset["data"]]
-        print("$", " ".join(command[2:]), flush=True)
-        subprocess.run(command, check=True)
-    main_file, untuned_file, tune_file = out / "main.yaml", out / "main-untuned.yaml", out / "tune.yaml"
+def tuned_tasks(preset: dict, dataset: str, out: Path, main_file: Path, untuned_file: Path, tune_file: Path):
+    """The runs of the main grid and of SePO's tuning; the SePO rows join once the tuning is measured."""
     untuned = write_grid(untuned_file, grid_dict(preset, dataset, out / "main", main_methods(preset, None)))
     tune = write_grid(tune_file, tune_dict(preset, dataset, out))
     dpo_seed0 = f"{untuned.output_dir}:dpo/seed{preset['seeds'][0]}"
@@ -254,6 +252,27 @@ def experiment(opts) -> None:
     if all(t["done"] for t in tasks if t["key"] in tune_keys):
         state["pending_tune"].clear()
         tasks += sepo_tasks()
+    return tasks, on_done
+
+
+def experiment(opts) -> None:
+    preset = PRESETS[opts.preset]
+    out = Path(opts.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    dataset = opts.dataset
+    if opts.build_data and not opts.report_only:
+        dataset = str(out / "data")
+        command = [sys.executable, "-m", "selective_po", "build-pairs", "--model", preset["model"], "--output_dir", dataset, *preset["data"]]
+        print("$", " ".join(command[2:]), flush=True)
+        subprocess.run(command, check=True)
+    main_file, untuned_file, tune_file = out / "main.yaml", out / "main-untuned.yaml", out / "tune.yaml"
+    if preset["sepo_beta"] is not None:  # SePO's beta is given: one grid, nothing to tune first
+        tuned = False
+        config = write_grid(main_file, grid_dict(preset, dataset, out / "main", main_methods(preset, preset["sepo_beta"])))
+        tasks, on_done = tasks_of(config, main_file), None
+    else:
+        tuned = True
+        tasks, on_done = tuned_tasks(preset, dataset, out, main_file, untuned_file, tune_file)
     started, interrupted = time.time(), False
     try:
         failed = [] if opts.report_only else schedule(tasks, workers=opts.workers, logs=out / "logs", on_done=on_done)
@@ -263,7 +282,7 @@ def experiment(opts) -> None:
     docs = Path(opts.docs_dir) if opts.docs_dir else None
     main_grid = main_file if main_file.is_file() else untuned_file
     # The main grid against DPO, then the same runs against the rows the papers' claims compare with.
-    reports = [("tune", tune_file, None), ("main", main_grid, None), *((f"main-vs-{b}", main_grid, b) for b in CLAIM_BASELINES)]
+    reports = [*((("tune", tune_file, None),) if tuned else ()), ("main", main_grid, None), *((f"main-vs-{b}", main_grid, b) for b in CLAIM_BASELINES)]
     for name, grid_file, baseline in reports:
         config = CompareConfig.from_yaml(grid_file, **({"baseline": baseline} if baseline else {}))
         stem = "compare" if baseline is None else f"compare-vs-{baseline}"

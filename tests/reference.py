@@ -36,13 +36,18 @@ def reference_keep(scores: torch.Tensor, mask: torch.Tensor, threshold: float, t
     return torch.tensor(rows, dtype=torch.bool).reshape(mask.shape)
 
 
-def reference_sdpo(pc, pr, rc, rr, chosen_mask, rejected_mask, *, threshold, beta, label_smoothing=0.0):
+def reference_sdpo(pc, pr, rc, rr, chosen_mask, rejected_mask, *, threshold, beta, label_smoothing=0.0, scorer=None):
     """Selective-DPO per-example losses in float64, plus the keep masks.
 
     pc, pr: policy per-token log-probs (float64 leaves if gradients are wanted); rc, rr: reference.
+    scorer: `(sc, sr)`, the fixed-score variant: tokens ranked by `sc - rc` (chosen) and `rr - sr`
+    (rejected), the policy not involved; the loss is the same.
     """
-    chosen_scores = (rc - pc).detach()
-    rejected_scores = (pr - rr).detach()
+    if scorer is None:
+        chosen_scores = (rc - pc).detach()
+        rejected_scores = (pr - rr).detach()
+    else:
+        chosen_scores, rejected_scores = scorer[0] - rc, rr - scorer[1]
     keep_c = reference_keep(chosen_scores, chosen_mask, threshold)
     keep_r = reference_keep(rejected_scores, rejected_mask, threshold)
     losses = []

@@ -175,6 +175,12 @@ def test_a_grown_held_out_split_is_measured_again_without_training_again(tmp_pat
     weights = {m: (run_dir(config, m, 0) / "model" / "model.safetensors").stat().st_mtime_ns for m in trained}
     first = json.loads((run_dir(config, "dpo", 0) / "result.json").read_text())
     assert len(first["per_item"]["reward_accuracy"]) == 6
+    # The log-likelihood changes against the evaluation reference (the start model) make up the margin.
+    items, beta = first["per_item"], config.eval_beta
+    assert [beta * (c - r) for c, r in zip(items["chosen_logp_change"], items["rejected_logp_change"])] == pytest.approx(items["mean_margin"], abs=1e-6)
+    assert min(map(abs, items["chosen_logp_change"])) > 1e-3
+    base = json.loads((run_dir(config, "base", 0) / "result.json").read_text())["per_item"]
+    assert base["chosen_logp_change"] == pytest.approx([0.0] * 6, abs=1e-4)
 
     rows = preference_dataset().to_list()
     Path(config.dataset, "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:8]))  # two more held-out pairs

@@ -39,10 +39,17 @@ def test_every_run_of_each_preset_makes_a_valid_config(experiment, preset, tmp_p
                     assert args.oracle_ref_model_name_or_path == "start-model" and args.beta in (0.3, *experiment.SEPO_BETAS.values())
     main = CompareConfig.from_dict(grids["main"])
     seeds = {m.name: m.seeds for m in main.methods}
-    assert seeds["dpo"] == seeds["sepo"] == settings["seeds"] and seeds["sepo-random"] == settings["control_seeds"]
+    assert seeds["dpo"] == seeds["sepo"] == seeds["sdpo-fixed-scores"] == settings["seeds"]
+    assert seeds["sdpo-dpo-ref-random"] == settings["control_seeds"]
+    assert ("sepo-random" in seeds and "sepo-all" in seeds) == settings["sepo_controls"]
     assert [m for m in seeds if "-k" in m] == (["sdpo-dpo-ref-k20", "sdpo-dpo-ref-k60", "sdpo-dpo-ref-k80", "sdpo-dpo-ref-k100"] if settings["sweep"] else [])
     by_name = {m.name: m.fields for m in main.methods}
-    assert by_name["sdpo-dpo-ref"]["sdpo_threshold"] == 0.6 and by_name["sepo-all"]["sepo_chosen_share"] == 1.0
+    assert by_name["sdpo-dpo-ref"]["sdpo_threshold"] == 0.6
+    fixed = training_args(main, next(m for m in main.methods if m.name == "sdpo-fixed-scores"), 1, "start-model")
+    assert fixed.selection_rule == "scorer" and fixed.scorer_model_name_or_path.endswith("dpo/seed1/model")
+    assert fixed.ref_model_name_or_path is None  # the start model anchors the loss
+    dpo = training_args(main, next(m for m in main.methods if m.name == "dpo"), 0, "start-model")
+    assert dpo.loss_type == ["sigmoid"] or (dpo.selection_rule == "all" and dpo.precompute_ref_log_probs)
 
 
 def test_sepo_beta_is_chosen_by_validation_reward_accuracy_then_margin(experiment, tmp_path):
@@ -90,7 +97,7 @@ def test_the_scheduler_orders_parallelizes_and_contains_failures(experiment, tmp
 
 
 def test_runs_are_queued_first_dpo_then_seed_by_seed_main_rows_before_controls(experiment, tmp_path):
-    settings = experiment.PRESETS["cpu"]
+    settings = experiment.PRESETS["cuda"]  # the preset that tunes SePO's beta first
     main_file, tune_file = tmp_path / "main.yaml", tmp_path / "tune.yaml"
     main = experiment.write_grid(main_file, experiment.grid_dict(settings, "onpolicy-smollm2-large", tmp_path / "main",
                                                                  experiment.main_methods(settings, 1.0)))  # fmt: skip

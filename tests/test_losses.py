@@ -122,3 +122,37 @@ def test_mask_unimportant_tokens_without_masks_uses_every_position():
     chosen, *_ = SelectiveDPOTrainer.mask_unimportant_tokens(pc, pr, rc, rr, 0.6)
     top2 = (rc - pc).topk(2, dim=-1).indices
     torch.testing.assert_close(chosen, pc.gather(-1, top2).sum(-1))
+
+
+@pytest.mark.parametrize("threshold", [0.0, 0.6, 0.95])
+@pytest.mark.parametrize("shape", [(1, 1), (3, 47), (5, 9)])
+@pytest.mark.parametrize("grid", [False, True])
+def test_fixed_scores_match_reference_and_ignore_the_policy(threshold, shape, grid):
+    """rule='scorer': the kept tokens follow from the scorer and the reference alone, so two policies
+    keep the same tokens; loss and gradients as the float64 reference."""
+    beta = 0.2
+    pc, pr, rc, rr, cm, rm = make_inputs(*shape, side="right", seed=7 + sum(shape), grid=grid)
+    sc, sr, *_ = make_inputs(*shape, side="right", seed=11 + sum(shape), grid=grid)
+    pc.requires_grad_(), pr.requires_grad_()
+    fixed = dict(chosen_mask=cm, rejected_mask=rm, threshold=threshold, beta=beta, rule="scorer", scorer_chosen_logps=sc, scorer_rejected_logps=sr)
+    out = selective_dpo_loss(pc, pr, rc, rr, **fixed)
+    out.losses.sum().backward()
+    pc64, pr64 = pc.detach().double().requires_grad_(), pr.detach().double().requires_grad_()
+    ref_losses, keep_c, keep_r = reference_sdpo(
+        pc64, pr64, rc.double(), rr.double(), cm, rm, threshold=threshold, beta=beta, scorer=(sc.double(), sr.double())
+    )
+    ref_losses.sum().backward()
+    assert torch.equal(out.chosen_keep, keep_c) and torch.equal(out.rejected_keep, keep_r)
+    torch.testing.assert_close(out.losses.double(), ref_losses.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(pc.grad.double(), pc64.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(pr.grad.double(), pr64.grad, rtol=1e-5, atol=1e-6)
+    other = selective_dpo_loss(pc.detach() - 3.0 * torch.rand_like(pc), pr.detach(), rc, rr, **fixed)
+    assert torch.equal(other.chosen_keep, out.chosen_keep) and torch.equal(other.rejected_keep, out.rejected_keep)
+    torch.testing.assert_close(out.chosen_scores, (sc - rc).float())  # the scorer raised these chosen tokens
+    torch.testing.assert_close(out.rejected_scores, (rr - sr).float())  # and lowered these rejected ones
+
+
+def test_fixed_scores_need_the_scorer():
+    pc, pr, rc, rr, cm, rm = make_inputs(2, 5, side="right", seed=1)
+    with pytest.raises(ValueError, match="scorer's per-token log-probs"):
+        selective_dpo_loss(pc, pr, rc, rr, chosen_mask=cm, rejected_mask=rm, threshold=0.6, beta=0.1, rule="scorer")

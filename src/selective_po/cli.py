@@ -185,7 +185,7 @@ def score(script_args: TrainScriptArguments, training_args: SelectiveDPOConfig, 
     training_args.precompute_ref_log_probs = True
     trainer = build_trainer(script_args, training_args, model_args)
     for name, path in trainer.reference_stores.items():
-        trainer.accelerator.print(f"{name}: per-token reference log-probs stored in {path}")
+        trainer.accelerator.print(f"{name}: per-token log-probs stored in {path}")  # `train`, and `train/scorer`
     return trainer
 
 

@@ -58,9 +58,11 @@ from .progress import bar
 
 TOP_LEVEL = {
     "model", "dataset", "train_split", "eval_split", "train_pairs", "eval_pairs", "prompts", "max_new_tokens", "seeds",
-    "baseline", "output_dir", "reference", "eval_beta", "eval_batch_size", "training", "methods",
+    "baseline", "output_dir", "reference", "eval_beta", "eval_batch_size", "generation_batch_size", "training", "methods",
 }  # fmt: skip
-PAIR_METRICS = ("likelihood_accuracy", "reward_accuracy", "mean_margin")
+# Per held-out pair. The two changes are the model's log-likelihood of the whole chosen (rejected) response
+# minus the evaluation reference's (the start model, by default), in nats: DPO's known failure lowers both.
+PAIR_METRICS = ("likelihood_accuracy", "reward_accuracy", "mean_margin", "chosen_logp_change", "rejected_logp_change")
 PERCENT = {"likelihood_accuracy", "reward_accuracy", *TASK_METRICS.values()}
 
 
@@ -90,7 +92,8 @@ class CompareConfig:
     max_new_tokens: int = 96
     reference: str | None = None
     eval_beta: float = 0.1
-    eval_batch_size: int = 16  # pairs per scoring batch and prompts per generate call when measuring
+    eval_batch_size: int = 16  # pairs per scoring batch when measuring
+    generation_batch_size: int | None = None  # prompts per greedy generate call; None: eval_batch_size
     training: dict = field(default_factory=dict)
 
     @classmethod
@@ -290,11 +293,14 @@ def measure_one(config: CompareConfig, model_path: str, reference: str, eval_pai
         "likelihood_accuracy": evaluation.likelihood_correct.float().tolist(),
         "reward_accuracy": (evaluation.margins > 0).float().tolist(),
         "mean_margin": evaluation.margins.tolist(),
+        "chosen_logp_change": (evaluation.policy_chosen - evaluation.ref_chosen).tolist(),
+        "rejected_logp_change": (evaluation.policy_rejected - evaluation.ref_rejected).tolist(),
     }
     if prompts:
         outcomes = greedy_task_outcomes(
-            trainer.model, trainer._tokenizer, prompts, batch_size=config.eval_batch_size, max_new_tokens=config.max_new_tokens
-        )
+            trainer.model, trainer._tokenizer, prompts, batch_size=config.generation_batch_size or config.eval_batch_size,
+            max_new_tokens=config.max_new_tokens,
+        )  # fmt: skip
         per_item.update({metric: [float(passed) for passed in results] for metric, results in outcomes.items()})
     del trainer
     gc.collect()

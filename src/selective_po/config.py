@@ -104,7 +104,17 @@ class SelectiveDPOConfig(DPOConfig):
             "token probability; no second model scores them, and sdpo_threshold is unused), or `spans`: the tokens the "
             "data names, kept exactly (columns chosen_spans/rejected_spans: lists of [start, end) character spans of the "
             "response text; chosen_span/rejected_span: one span; or chosen_token_mask/rejected_token_mask: 0/1 per "
-            "response token; sdpo_threshold is unused)."
+            "response token; sdpo_threshold is unused), or `scorer` (this package's variant: the top 1 - sdpo_threshold "
+            "share by scores fixed before training, scorer - reference on chosen and reference - scorer on rejected "
+            "tokens, from `scorer_model_name_or_path`; needs precompute_ref_log_probs=True)."
+        },
+    )
+    scorer_model_name_or_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "With selection_rule='scorer': the model whose per-token log-probs, against the reference's, fix "
+            "the kept tokens before training (e.g. a DPO-trained copy of the policy); the reference still anchors the "
+            "loss. Stored once like the reference's values; it must have the policy's vocabulary."
         },
     )
     sdpo_count_rule: str = field(
@@ -179,6 +189,11 @@ class SelectiveDPOConfig(DPOConfig):
         if self.sdpo_count_rule not in COUNT_RULES:
             raise ValueError(f"sdpo_count_rule={self.sdpo_count_rule!r} is unknown. Allowed: {', '.join(COUNT_RULES)}.")
         if not self.uses_selection:
+            if self.scorer_model_name_or_path is not None:
+                raise ValueError(
+                    f"scorer_model_name_or_path picks the tokens of the selective losses; TRL's loss_type={self.loss_type} "
+                    "uses every token. Leave it unset, or use loss_type='sdpo' with selection_rule='scorer'."
+                )
             if self.map_across_tokenizers:
                 raise ValueError(
                     f"map_across_tokenizers=True applies to the selective losses' stored per-token values; TRL's "
@@ -191,6 +206,20 @@ class SelectiveDPOConfig(DPOConfig):
                 f"loss_type={self.loss_type}: `{self.loss_type[0]}` cannot be combined with other loss types; "
                 "use one selective loss type alone."
             )
+        if (self.selection_rule == "scorer") != (self.scorer_model_name_or_path is not None):
+            raise ValueError(
+                "selection_rule='scorer' needs scorer_model_name_or_path (the model whose scores fix the kept tokens)."
+                if self.selection_rule == "scorer"
+                else f"scorer_model_name_or_path={self.scorer_model_name_or_path!r} is used only with selection_rule='scorer' "
+                f"(selection_rule is {self.selection_rule!r}): set selection_rule='scorer' or leave it unset."
+            )
+        if self.selection_rule == "scorer" and not self.precompute_ref_log_probs:
+            raise ValueError(
+                "selection_rule='scorer' fixes the kept tokens before training from stored values: set "
+                "precompute_ref_log_probs=True."
+            )
+        if self.selection_rule == "scorer" and self.map_across_tokenizers:
+            raise ValueError("selection_rule='scorer' needs a scorer of the policy's tokenizer: leave map_across_tokenizers=False.")
         if not 0.0 <= self.sdpo_threshold < 1.0:
             raise ValueError(
                 f"sdpo_threshold={self.sdpo_threshold} is out of range: it must lie in [0, 1) (0.6 keeps the top 40% "
@@ -302,6 +331,11 @@ class SePOConfig(SelectiveDPOConfig):
             raise ValueError(
                 "SePO scores the oracle's token rewards once and trains without a reference: leave "
                 "precompute_ref_log_probs=True."
+            )
+        if self.selection_rule == "scorer":
+            raise ValueError(
+                "selection_rule='scorer' is Selective-DPO's fixed-score variant; SePO's oracle already fixes its tokens "
+                "before training: use selection_rule='scores' with oracle_model_name_or_path."
             )
         oracle_fields = ("oracle_model_name_or_path", "oracle_ref_model_name_or_path")
         if self.selection_rule in ORACLE_FREE_RULES:

@@ -26,6 +26,9 @@ With every token kept this is SimPO's form.
 Both take a selection `rule`: `scores` (the method), the controls `random` (the same number of
 tokens, drawn uniformly) and `all` (every completion token), or `confidence` (ConfPO: the tokens the
 policy itself is less sure of than its response's mean, no second model; Selective-DPO's loss only).
+Selective-DPO's loss also takes `scorer`, this package's variant: the scores are computed once from a
+scorer model S and the reference, `S - ref` on chosen and `ref - S` on rejected tokens, so the kept
+tokens are fixed by the data and a token the policy has learned stays in the loss.
 """
 
 from __future__ import annotations
@@ -88,6 +91,8 @@ def select_sdpo_tokens(
     count_rule: str = "ceil",
     chosen_given: Tensor | None = None,
     rejected_given: Tensor | None = None,
+    scorer_chosen_logps: Tensor | None = None,
+    scorer_rejected_logps: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Score every response token and keep the top `1 - threshold` share of each response.
 
@@ -106,6 +111,10 @@ def select_sdpo_tokens(
         chosen_given: Shape `(B, T)`, bool. With `rule="spans"`, the chosen tokens the data names; they
             are kept exactly (`threshold` unused), and the scores are only reported.
         rejected_given: Shape `(B, T)`, bool. The same for the rejected response.
+        scorer_chosen_logps: Shape `(B, T)`. With `rule="scorer"`, a scorer model's log-prob of each
+            chosen token; the scores are then `scorer - ref` (chosen) and `ref - scorer` (rejected),
+            fixed by the data: the policy's log-probs are not used.
+        scorer_rejected_logps: Shape `(B, T)`. The same for the rejected response.
 
     Returns:
         `(chosen_scores, rejected_scores, chosen_keep, rejected_keep)`, each `(B, T)`; scores float32
@@ -113,7 +122,12 @@ def select_sdpo_tokens(
     """
     if not 0.0 <= threshold < 1.0:
         raise ValueError(f"threshold (sdpo_threshold) must lie in [0, 1), got {threshold}.")
-    if rule == "confidence":
+    if rule == "scorer":
+        if scorer_chosen_logps is None or scorer_rejected_logps is None:
+            raise ValueError("rule='scorer' needs the scorer's per-token log-probs (scorer_chosen_logps, scorer_rejected_logps).")
+        # Selective-DPO's scores of the reference, with the scorer in the reference's place.
+        chosen_scores, rejected_scores = sdpo_token_scores(ref_chosen_logps, ref_rejected_logps, scorer_chosen_logps, scorer_rejected_logps)
+    elif rule == "confidence":
         chosen_scores, rejected_scores = confidence_token_scores(policy_chosen_logps), confidence_token_scores(policy_rejected_logps)
     else:
         chosen_scores, rejected_scores = sdpo_token_scores(
@@ -217,6 +231,8 @@ def selective_dpo_loss(
     count_rule: str = "ceil",
     chosen_given: Tensor | None = None,
     rejected_given: Tensor | None = None,
+    scorer_chosen_logps: Tensor | None = None,
+    scorer_rejected_logps: Tensor | None = None,
 ) -> SelectiveDPOOutput:
     """Selective-DPO loss: DPO on the top `1 - threshold` share of tokens of each response.
 
@@ -234,6 +250,8 @@ def selective_dpo_loss(
         count_rule: `ceil` or `quantile` (see `select_sdpo_tokens`).
         chosen_given: Shape `(B, T)`, bool: with `rule="spans"`, the chosen tokens kept.
         rejected_given: Shape `(B, T)`, bool: with `rule="spans"`, the rejected tokens kept.
+        scorer_chosen_logps: Shape `(B, T)`: with `rule="scorer"`, the scorer's log-prob of each chosen token.
+        scorer_rejected_logps: Shape `(B, T)`: the same for the rejected tokens.
 
     Returns:
         A `SelectiveDPOOutput`; `losses` has shape `(B,)`.
@@ -251,6 +269,8 @@ def selective_dpo_loss(
         count_rule=count_rule,
         chosen_given=chosen_given,
         rejected_given=rejected_given,
+        scorer_chosen_logps=scorer_chosen_logps,
+        scorer_rejected_logps=scorer_rejected_logps,
     )
     chosen_logps = masked_sum(policy_chosen_logps, chosen_keep)
     rejected_logps = masked_sum(policy_rejected_logps, rejected_keep)

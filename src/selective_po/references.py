@@ -174,6 +174,7 @@ class Reference:
     columns = (reference_cache.CHOSEN_COLUMN, reference_cache.REJECTED_COLUMN)  # stored dataset columns
     batch_key = "ref_per_token_logps"  # where the collator puts stored values in a batch
     description = "per-token reference log-probs"
+    store_label = ""  # appended to the dataset's name in `trainer.reference_stores`
 
     def __init__(self, trainer: SelectiveDPOTrainer):
         self.trainer = trainer
@@ -248,7 +249,7 @@ class Reference:
             )  # fmt: skip
             self.release()
         trainer.accelerator.wait_for_everyone()
-        trainer.reference_stores[name] = store.path
+        trainer.reference_stores[name + self.store_label] = store.path
         return reference_cache.attach_reference_logps(dataset, store)
 
 
@@ -291,6 +292,22 @@ class PathReference(Reference):
         return self.frozen.identity()
 
     def release(self) -> None:
+        self.frozen.release()
+
+
+class ScorerModel(PathReference):
+    """`scorer_model_name_or_path` (`selection_rule="scorer"`): its per-token log-probs are stored beside the
+    reference's, in columns of their own, and with them fix the kept tokens before training."""
+
+    columns = ("scorer_chosen_token_logps", "scorer_rejected_token_logps")
+    batch_key = "scorer_per_token_logps"
+    description = "per-token scorer log-probs"
+    store_label = "/scorer"
+
+    def __init__(self, trainer, path: str, *, init_kwargs: dict):
+        super().__init__(trainer, path, init_kwargs=init_kwargs, live=False)
+
+    def initial_scoring_done(self) -> None:
         self.frozen.release()
 
 
@@ -458,6 +475,15 @@ class OraclePair(Reference):
     def release(self) -> None:
         self.oracle.release()
         self.oracle_ref.release()
+
+
+def build_scorer(trainer, policy, args, *, processing_class, quantization_config) -> ScorerModel | None:
+    """The scorer of `selection_rule="scorer"`, or None for every other rule."""
+    if not (args.uses_selection and args.selection_rule == "scorer"):
+        return None
+    path = checked_path(args.scorer_model_name_or_path, field="scorer_model_name_or_path", policy=policy, args=args,
+                        processing_class=processing_class)  # fmt: skip
+    return ScorerModel(trainer, path, init_kwargs=reference_load_kwargs(args, policy, quantization_config))
 
 
 def build_reference(trainer, policy, ref_model, args, *, peft_config, processing_class, quantization_config) -> Reference:

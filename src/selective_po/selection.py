@@ -72,7 +72,7 @@ def top_share_mask(scores: Tensor, completion_mask: Tensor, *, keep_share: float
 
 
 
-SELECTION_RULES = ("scores", "random", "all", "confidence", "spans")
+SELECTION_RULES = ("scores", "random", "all", "confidence", "spans", "scorer")
 # How many tokens `scores` keeps: `ceil` (the module docstring) or `quantile` (the official Selective-DPO code).
 COUNT_RULES = ("ceil", "quantile")
 
@@ -155,7 +155,8 @@ def select_tokens(
     count_rule: str = "ceil",
     given: Tensor | None = None,
 ) -> Tensor:
-    """Keep mask `(B, T)` under a selection rule: by `scores` (highest first), `random`, `all`,
+    """Keep mask `(B, T)` under a selection rule: by `scores` (highest first; `scorer` is the same rule
+    on scores fixed before training), `random`, `all`,
     `confidence` (`scores` are then `1 - p` of each token: keep those above the sequence's mean), or
     `spans` (the tokens the data names, `given`: `(B, T)` bool).
 
@@ -165,9 +166,9 @@ def select_tokens(
     """
     if count_rule not in COUNT_RULES:
         raise ValueError(f"Unknown count rule {count_rule!r}; expected one of {COUNT_RULES}.")
-    if rule == "scores" and count_rule == "quantile":
+    if rule in ("scores", "scorer") and count_rule == "quantile":
         return quantile_mask(scores, completion_mask, quantile=1.0 - keep_share, tie_tolerance=SCORE_TIE_TOLERANCE)
-    if rule == "scores":
+    if rule in ("scores", "scorer"):
         return top_share_mask(scores, completion_mask, keep_share=keep_share, tie_tolerance=SCORE_TIE_TOLERANCE)
     if rule == "confidence":
         return above_mean_mask(scores, completion_mask, tie_tolerance=CONFIDENCE_TIE_TOLERANCE)

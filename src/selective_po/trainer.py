@@ -105,20 +105,23 @@ class SelectiveDPOTrainer(DPOTrainer):
         self._policy_quantization = {"quantization_config": quantization} if quantization is not None else {}
         self.reference_stores: dict[str, Path] = {}
         self.reference = self._build_reference(model, ref_model, args, kwargs)
+        self.scorer = references.build_scorer(
+            self, model, args, processing_class=kwargs.get("processing_class"), quantization_config=quantization
+        )  # fmt: skip
         self._random_seeds = RandomControlSeeds(args.seed, args.process_index)
         super().__init__(model, ref_model=self.reference.trl_ref_model() if self.reference else None, args=args, **kwargs)
-        if self.reference is not None:
-            self.reference.initial_scoring_done()
+        for scorer in (self.reference, self.scorer):
+            if scorer is not None:
+                scorer.initial_scoring_done()
         if self.pop_callback(ProgressCallback) is not None:  # the same bars, redrawn every second
             self.add_callback(TickingProgressCallback)
         if args.plot_curves:
             self.add_callback(PlotCurvesCallback())
         if args.uses_selection and args.selection_rule == "spans":
             self.data_collator = spans.SelectionMaskCollator(self.data_collator, truncation_mode=args.truncation_mode)
-        if self.precompute_ref_logps and args.uses_selection and self.reference is not None:
-            self.data_collator = PerTokenReferenceCollator(
-                self.data_collator, columns=self.reference.columns, output_key=self.reference.batch_key
-            )
+        for stored in (self.reference, self.scorer):
+            if self.precompute_ref_logps and args.uses_selection and stored is not None:
+                self.data_collator = PerTokenReferenceCollator(self.data_collator, columns=stored.columns, output_key=stored.batch_key)
 
     def _build_reference(self, model, ref_model, args, kwargs) -> references.Reference | None:
         return references.build_reference(
@@ -178,7 +181,7 @@ class SelectiveDPOTrainer(DPOTrainer):
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
-        stored = list(self.reference.columns) if self.reference is not None else []
+        stored = [column for model in (self.reference, self.scorer) if model is not None for column in model.columns]
         given = list(spans.MASK_COLUMNS) if self.args.selection_rule == "spans" else []
         self._signature_columns = list(dict.fromkeys(self._signature_columns + stored + given))
 
@@ -186,9 +189,10 @@ class SelectiveDPOTrainer(DPOTrainer):
         """Per-token values stored for the selective losses (TRL's own stores one sum per sequence)."""
         if not self.args.uses_selection:
             return super()._precompute_ref_logps(dataset, name, batch_size)
-        if self.reference is None:
-            return dataset  # nothing to score: the selection needs no second model
-        return self.reference.store(dataset, name=name, batch_size=batch_size)
+        for model in (self.reference, self.scorer):  # no reference: the selection needs no second model
+            if model is not None:
+                dataset = model.store(dataset, name=name, batch_size=batch_size)
+        return dataset
 
     # ----- the loss -----
 
@@ -282,11 +286,14 @@ class SelectiveDPOTrainer(DPOTrainer):
         ref_logps = self._reference_per_token_logps(inputs, shift_mask)
         chosen_mask, rejected_mask = shift_mask.chunk(2, dim=0)  # TRL's collator stacks [chosen; rejected]
         given = spans.given_keep(inputs, shift_mask) if self.args.selection_rule == "spans" else (None, None)
+        scorer = (None, None)
+        if self.scorer is not None:  # stored for every dataset the trainer scores (`_precompute_ref_logps`)
+            scorer = inputs[self.scorer.batch_key].to(shift_mask.device)[:, -shift_mask.size(1) :].chunk(2, dim=0)
         result = selective_dpo_loss(
             *policy_logps.chunk(2, dim=0), *ref_logps.chunk(2, dim=0), chosen_mask=chosen_mask, rejected_mask=rejected_mask,
             threshold=self.args.sdpo_threshold, beta=self.beta, rule=self.args.selection_rule,
             generator=self._selection_generator(), count_rule=self.args.sdpo_count_rule,
-            chosen_given=given[0], rejected_given=given[1],
+            chosen_given=given[0], rejected_given=given[1], scorer_chosen_logps=scorer[0], scorer_rejected_logps=scorer[1],
         )  # fmt: skip
         with torch.no_grad():  # sums first, then the difference, in TRL's order
             logratios = masked_sum(policy_logps, shift_mask) - masked_sum(ref_logps, shift_mask)  # (2B,)
