@@ -125,6 +125,15 @@ class SelectiveDPOConfig(DPOConfig):
             "q), as the official Selective-DPO code does, which is one token fewer whenever frac(q n) > q."
         },
     )
+    score_tie_tolerance: float | None = field(
+        default=None,
+        metadata={
+            "help": "Scores within this many nats below a response's cut count as tied with it and are kept. None: by "
+            "the dtype the log-probs are computed in (6e-5 for float32, 0.1 for fp16, 1.0 for bf16), twice the noise "
+            "floor measured in benchmarks/results/noise_floor.md, so a token is dropped only when the kept tokens outscore "
+            "it by more than that floor. Raise it where your kernels are noisier (the floor was measured on CPU)."
+        },
+    )
     map_across_tokenizers: bool = field(
         default=False,
         metadata={
@@ -220,6 +229,8 @@ class SelectiveDPOConfig(DPOConfig):
             )
         if self.selection_rule == "scorer" and self.map_across_tokenizers:
             raise ValueError("selection_rule='scorer' needs a scorer of the policy's tokenizer: leave map_across_tokenizers=False.")
+        if self.score_tie_tolerance is not None and not self.score_tie_tolerance >= 0.0:
+            raise ValueError(f"score_tie_tolerance={self.score_tie_tolerance} must be a number of nats >= 0 (None: by dtype).")
         if not 0.0 <= self.sdpo_threshold < 1.0:
             raise ValueError(
                 f"sdpo_threshold={self.sdpo_threshold} is out of range: it must lie in [0, 1) (0.6 keeps the top 40% "

@@ -33,14 +33,14 @@ tokens are fixed by the data and a token the policy has learned stays in the los
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from .scoring import confidence_token_scores, sdpo_token_scores
-from .selection import select_tokens
+from .selection import SCORE_TIE_TOLERANCE, select_tokens
 
 
 def masked_sum(per_token: Tensor, mask: Tensor) -> Tensor:
@@ -93,6 +93,7 @@ def select_sdpo_tokens(
     rejected_given: Tensor | None = None,
     scorer_chosen_logps: Tensor | None = None,
     scorer_rejected_logps: Tensor | None = None,
+    tie_tolerance: float = SCORE_TIE_TOLERANCE,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Score every response token and keep the top `1 - threshold` share of each response.
 
@@ -115,6 +116,7 @@ def select_sdpo_tokens(
             chosen token; the scores are then `scorer - ref` (chosen) and `ref - scorer` (rejected),
             fixed by the data: the policy's log-probs are not used.
         scorer_rejected_logps: Shape `(B, T)`. The same for the rejected response.
+        tie_tolerance: Scores this close below the cut count as tied with it (`selection.score_tie_tolerance`).
 
     Returns:
         `(chosen_scores, rejected_scores, chosen_keep, rejected_keep)`, each `(B, T)`; scores float32
@@ -133,10 +135,19 @@ def select_sdpo_tokens(
         chosen_scores, rejected_scores = sdpo_token_scores(
             policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps
         )
-    select = dict(keep_share=1.0 - threshold, rule=rule, generator=generator, count_rule=count_rule)
+    select = dict(keep_share=1.0 - threshold, rule=rule, generator=generator, count_rule=count_rule, tie_tolerance=tie_tolerance)
     chosen_keep = select_tokens(chosen_scores, chosen_mask, given=chosen_given, **select)  # (B, T)
     rejected_keep = select_tokens(rejected_scores, rejected_mask, given=rejected_given, **select)  # (B, T)
     return chosen_scores, rejected_scores, chosen_keep, rejected_keep
+
+
+def tied_tokens(scores: Tensor, completion_mask: Tensor, keep: Tensor, *, rule: str, **select) -> Tensor | None:
+    """Kept tokens `(B, T)` that only the tie tolerance keeps: `keep` minus the kept set with no tolerance.
+
+    `None` for rules without a score cut (`random`, `all`, `spans`, `confidence`'s mean)."""
+    if rule not in ("scores", "scorer"):
+        return None
+    return keep & ~select_tokens(scores, completion_mask, rule=rule, **{**select, "tie_tolerance": 0.0})
 
 
 def kept_token_sums(
@@ -191,6 +202,10 @@ class SelectiveLossOutput:
         rejected_scores: `(B, T)` same for the rejected response.
         chosen_keep: `(B, T)` bool, kept chosen tokens.
         rejected_keep: `(B, T)` bool, kept rejected tokens.
+        chosen_tied: `(B, T)` bool, kept chosen tokens whose score is below the cut by less than the
+            tie tolerance: kept because the scores' precision cannot rank them below it (`None` for
+            rules without a cut).
+        rejected_tied: `(B, T)` bool, the same for rejected tokens.
     """
 
     losses: Tensor
@@ -200,6 +215,8 @@ class SelectiveLossOutput:
     rejected_scores: Tensor
     chosen_keep: Tensor
     rejected_keep: Tensor
+    chosen_tied: Tensor | None = field(default=None, kw_only=True)
+    rejected_tied: Tensor | None = field(default=None, kw_only=True)
 
 
 @dataclass
@@ -233,6 +250,7 @@ def selective_dpo_loss(
     rejected_given: Tensor | None = None,
     scorer_chosen_logps: Tensor | None = None,
     scorer_rejected_logps: Tensor | None = None,
+    tie_tolerance: float = SCORE_TIE_TOLERANCE,
 ) -> SelectiveDPOOutput:
     """Selective-DPO loss: DPO on the top `1 - threshold` share of tokens of each response.
 
@@ -252,6 +270,7 @@ def selective_dpo_loss(
         rejected_given: Shape `(B, T)`, bool: with `rule="spans"`, the rejected tokens kept.
         scorer_chosen_logps: Shape `(B, T)`: with `rule="scorer"`, the scorer's log-prob of each chosen token.
         scorer_rejected_logps: Shape `(B, T)`: the same for the rejected tokens.
+        tie_tolerance: The scores' tie band in nats (`selection.score_tie_tolerance` of their dtype).
 
     Returns:
         A `SelectiveDPOOutput`; `losses` has shape `(B,)`.
@@ -271,6 +290,7 @@ def selective_dpo_loss(
         rejected_given=rejected_given,
         scorer_chosen_logps=scorer_chosen_logps,
         scorer_rejected_logps=scorer_rejected_logps,
+        tie_tolerance=tie_tolerance,
     )
     chosen_logps = masked_sum(policy_chosen_logps, chosen_keep)
     rejected_logps = masked_sum(policy_rejected_logps, rejected_keep)
@@ -280,7 +300,10 @@ def selective_dpo_loss(
     chosen_logratios = chosen_logps - ref_chosen
     rejected_logratios = rejected_logps - ref_rejected
     losses = dpo_sigmoid_loss(chosen_logratios, rejected_logratios, beta=beta, label_smoothing=label_smoothing)
+    select = dict(rule=rule, keep_share=1.0 - threshold, count_rule=count_rule)
     return SelectiveDPOOutput(
+        chosen_tied=tied_tokens(chosen_scores, chosen_mask, chosen_keep, **select),
+        rejected_tied=tied_tokens(rejected_scores, rejected_mask, rejected_keep, **select),
         losses=losses,
         chosen_logps=chosen_logps,
         rejected_logps=rejected_logps,
@@ -305,6 +328,7 @@ def sepo_keep_masks(
     rejected_share: float = 0.3,
     rule: str = "scores",
     generator: torch.Generator | None = None,
+    tie_tolerance: float = SCORE_TIE_TOLERANCE,
 ) -> tuple[Tensor, Tensor]:
     """SePO's kept tokens: the highest-reward `chosen_share` of chosen tokens, the lowest-reward
     `rejected_share` of rejected tokens (or a control `rule`).
@@ -317,11 +341,12 @@ def sepo_keep_masks(
         rejected_token_rewards: Shape `(B, T)`. Oracle token rewards of the rejected response.
         chosen_mask: Shape `(B, T)`, bool. True on real chosen-response tokens.
         rejected_mask: Shape `(B, T)`, bool. True on real rejected-response tokens.
+        tie_tolerance: The rewards' tie band in nats (`selection.score_tie_tolerance` of the dtype they came from).
 
     Returns:
         `(chosen_keep, rejected_keep)`, each `(B, T)` bool.
     """
-    select = dict(rule=rule, generator=generator)
+    select = dict(rule=rule, generator=generator, tie_tolerance=tie_tolerance)
     chosen_keep = select_tokens(chosen_token_rewards.detach().float(), chosen_mask, keep_share=chosen_share, **select)
     rejected_keep = select_tokens(-rejected_token_rewards.detach().float(), rejected_mask, keep_share=rejected_share, **select)
     return chosen_keep, rejected_keep  # (B, T) each
@@ -342,6 +367,7 @@ def sepo_loss(
     rule: str = "scores",
     generator: torch.Generator | None = None,
     keep: tuple[Tensor, Tensor] | None = None,
+    tie_tolerance: float = SCORE_TIE_TOLERANCE,
 ) -> SelectiveLossOutput:
     """SePO loss: reference-free, on the highest-reward chosen and lowest-reward rejected tokens.
 
@@ -359,6 +385,7 @@ def sepo_loss(
         rule: `scores`, or a control: `random` (seeded by `generator`) or `all`.
         keep: `(chosen_keep, rejected_keep)` from `sepo_keep_masks` when already chosen (the policy's log-probs
             may then be filled at the kept positions only); `None` selects here.
+        tie_tolerance: The rewards' tie band when selecting here (see `sepo_keep_masks`).
 
     Returns:
         A `SelectiveLossOutput` whose rewards are `u(y_w)` and `u(y_l)`; `losses` has shape `(B,)`.
@@ -369,13 +396,18 @@ def sepo_loss(
         keep = sepo_keep_masks(
             chosen_scores, rejected_scores, chosen_mask=chosen_mask, rejected_mask=rejected_mask,
             chosen_share=chosen_share, rejected_share=rejected_share, rule=rule, generator=generator,
+            tie_tolerance=tie_tolerance,
         )  # fmt: skip
     chosen_keep, rejected_keep = keep  # (B, T) each
     # An empty kept set has u = 0 (a zero sum over a count clamped to 1), never a division by zero.
     chosen_u = beta * masked_sum(policy_chosen_logps, chosen_keep) / chosen_keep.sum(-1).clamp(min=1)
     rejected_u = beta * masked_sum(policy_rejected_logps, rejected_keep) / rejected_keep.sum(-1).clamp(min=1)
     losses = -F.logsigmoid(chosen_u - rejected_u - gamma)
+    tied = (tied_tokens(chosen_scores, chosen_mask, chosen_keep, rule=rule, keep_share=chosen_share),
+            tied_tokens(-rejected_scores, rejected_mask, rejected_keep, rule=rule, keep_share=rejected_share))  # fmt: skip
     return SelectiveLossOutput(
+        chosen_tied=tied[0],
+        rejected_tied=tied[1],
         losses=losses,
         chosen_rewards=chosen_u.detach(),
         rejected_rewards=rejected_u.detach(),

@@ -6,11 +6,17 @@ largest score of its sequence is kept. Ties at the boundary are all kept, so a s
 more than `k` tokens; that is what makes "reference equals policy" (every score 0) keep every token
 and reduce the loss to plain DPO. A sequence with no completion tokens keeps nothing.
 
-Scores within `SCORE_TIE_TOLERANCE` (1e-5 nats) below the k-th count as ties. Float32 log-probs of
-the same model on the same tokens differ by about 1e-6 with the batch they were computed in (its
-padding and size change the kernels' summation order), so a reference stored once and the same
-model run live give scores of ~1e-6 instead of exact zeros; without the tolerance that noise, not
-the model, would pick the tokens.
+Scores less than a tie tolerance below the k-th count as ties, and the tolerance follows the dtype
+the log-probs were computed in (`TIE_TOLERANCES`). The same weights on the same tokens give other
+log-probs with the batch they run in (its padding, size and packing change the kernels' summation
+order); `benchmarks/noise_floor.py` measured the largest such difference on the bundled model at
+2.7e-5 nats in float32, 0.048 in float16 and 0.47 in bfloat16 (`benchmarks/results/noise_floor.md`).
+The tolerance is at least twice that floor. Then, if every score is within the floor of its exact
+value, every token the exact scores keep is kept, and a token is dropped only when at least k tokens
+of its response outscore it by more than the floor: noise never decides a drop. A stored reference
+and the same model run live (the first step with the default reference) keep every token in every
+dtype. The price is in bf16: tokens within 1 nat below the cut are all kept, so a response keeps more
+than its share wherever its scores are that close (logged as `selection/tied_share_*`).
 
 Everything is vectorized over the batch: one sort per call, no Python loop over rows, and padding
 may sit on either side because only the boolean mask says which positions are real.
@@ -28,9 +34,30 @@ from torch import Tensor
 # with a few decimals, so a true fractional part is far larger than this slack.
 _ROUNDING_SLACK = 1e-9
 # Score differences below this (in nats) are float32 noise of the log-probs, not information: ties.
-SCORE_TIE_TOLERANCE = 1e-5
+# Twice the float32 floor measured by benchmarks/noise_floor.py (2.7e-5), rounded up.
+SCORE_TIE_TOLERANCE = 6e-5
+# Per dtype the log-probs were computed in (`score_tie_tolerance`): at least twice each measured floor
+# (float16 0.048, bfloat16 0.47 nats; float64 is held to float32's).
+TIE_TOLERANCES = {torch.float32: SCORE_TIE_TOLERANCE, torch.float64: SCORE_TIE_TOLERANCE, torch.float16: 0.1, torch.bfloat16: 1.0}
 # The same for probabilities (ConfPO's `1 - p` scores): float32 noise of `exp(logp)` is far below this.
 CONFIDENCE_TIE_TOLERANCE = 1e-6
+
+
+def score_tie_tolerance(dtype: torch.dtype) -> float:
+    """The tie tolerance (nats) for scores from log-probs computed in `dtype` (`TIE_TOLERANCES`)."""
+    if dtype not in TIE_TOLERANCES:
+        raise ValueError(f"No tie tolerance is known for log-probs computed in {dtype}; set score_tie_tolerance.")
+    return TIE_TOLERANCES[dtype]
+
+
+def compute_dtypes(model, args) -> set[torch.dtype]:
+    """The dtypes a trainer's log-probs are computed in: the weights' floating dtype and any autocast."""
+    dtypes = {p.dtype for p in model.parameters() if p.dtype.is_floating_point} or {torch.float32}
+    if getattr(args, "bf16", False):
+        dtypes.add(torch.bfloat16)
+    if getattr(args, "fp16", False):
+        dtypes.add(torch.float16)
+    return dtypes
 
 
 def keep_counts(num_tokens: Tensor, keep_share: float) -> Tensor:
@@ -154,6 +181,7 @@ def select_tokens(
     generator: torch.Generator | None = None,
     count_rule: str = "ceil",
     given: Tensor | None = None,
+    tie_tolerance: float = SCORE_TIE_TOLERANCE,
 ) -> Tensor:
     """Keep mask `(B, T)` under a selection rule: by `scores` (highest first; `scorer` is the same rule
     on scores fixed before training), `random`, `all`,
@@ -162,14 +190,15 @@ def select_tokens(
 
     `random` and `all` are the controls that tell whether choosing by score helped. `count_rule`
     says how many tokens `scores` keeps: `ceil(keep_share * n)` or, with `quantile`, those at or
-    above the `1 - keep_share` quantile.
+    above the `1 - keep_share` quantile. `tie_tolerance` (nats) is the score rules' tie band: scores
+    from log-probs computed in bf16 need `score_tie_tolerance(torch.bfloat16)`.
     """
     if count_rule not in COUNT_RULES:
         raise ValueError(f"Unknown count rule {count_rule!r}; expected one of {COUNT_RULES}.")
     if rule in ("scores", "scorer") and count_rule == "quantile":
-        return quantile_mask(scores, completion_mask, quantile=1.0 - keep_share, tie_tolerance=SCORE_TIE_TOLERANCE)
+        return quantile_mask(scores, completion_mask, quantile=1.0 - keep_share, tie_tolerance=tie_tolerance)
     if rule in ("scores", "scorer"):
-        return top_share_mask(scores, completion_mask, keep_share=keep_share, tie_tolerance=SCORE_TIE_TOLERANCE)
+        return top_share_mask(scores, completion_mask, keep_share=keep_share, tie_tolerance=tie_tolerance)
     if rule == "confidence":
         return above_mean_mask(scores, completion_mask, tie_tolerance=CONFIDENCE_TIE_TOLERANCE)
     if rule == "random":

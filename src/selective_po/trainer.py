@@ -39,7 +39,7 @@ from .progress import TickingProgressCallback
 from .reference_cache import PerTokenReferenceCollator
 from .reference_scoring import NON_MODEL_KEYS
 from .scoring import confidence_token_scores
-from .selection import RandomControlSeeds, select_tokens
+from .selection import RandomControlSeeds, compute_dtypes, score_tie_tolerance, select_tokens
 
 logger = logging.get_logger(__name__)
 
@@ -113,6 +113,10 @@ class SelectiveDPOTrainer(DPOTrainer):
         for scorer in (self.reference, self.scorer):
             if scorer is not None:
                 scorer.initial_scoring_done()
+        self.tie_tolerance = args.score_tie_tolerance  # nats; selection counts scores this close to the cut as tied
+        if self.tie_tolerance is None:  # by the coarsest dtype the scored log-probs pass through
+            models = [m for m in (self.model, self.ref_model) if m is not None]
+            self.tie_tolerance = max(score_tie_tolerance(d) for m in models for d in compute_dtypes(m, args))
         if self.pop_callback(ProgressCallback) is not None:  # the same bars, redrawn every second
             self.add_callback(TickingProgressCallback)
         if args.plot_curves:
@@ -294,6 +298,7 @@ class SelectiveDPOTrainer(DPOTrainer):
             threshold=self.args.sdpo_threshold, beta=self.beta, rule=self.args.selection_rule,
             generator=self._selection_generator(), count_rule=self.args.sdpo_count_rule,
             chosen_given=given[0], rejected_given=given[1], scorer_chosen_logps=scorer[0], scorer_rejected_logps=scorer[1],
+            tie_tolerance=self.tie_tolerance,
         )  # fmt: skip
         with torch.no_grad():  # sums first, then the difference, in TRL's order
             logratios = masked_sum(policy_logps, shift_mask) - masked_sum(ref_logps, shift_mask)  # (2B,)
@@ -375,7 +380,7 @@ class SePOTrainer(SelectiveDPOTrainer):
         keep = sepo_keep_masks(
             chosen_rewards, rejected_rewards, chosen_mask=chosen_mask, rejected_mask=rejected_mask,
             chosen_share=self.args.sepo_chosen_share, rejected_share=self.args.sepo_rejected_share,
-            rule=self.args.selection_rule, generator=self._selection_generator(),
+            rule=self.args.selection_rule, generator=self._selection_generator(), tie_tolerance=self.tie_tolerance,
         )  # fmt: skip
         return torch.cat(keep)  # (2B, T-1)
 
@@ -401,7 +406,7 @@ class SePOTrainer(SelectiveDPOTrainer):
             chosen_logps, rejected_logps, chosen_rewards, rejected_rewards, chosen_mask=chosen_mask,
             rejected_mask=rejected_mask, chosen_share=self.args.sepo_chosen_share,
             rejected_share=self.args.sepo_rejected_share, beta=self.beta, gamma=self.args.sepo_gamma,
-            keep=score_mask.chunk(2, dim=0),
+            keep=score_mask.chunk(2, dim=0), tie_tolerance=self.tie_tolerance,
         )  # fmt: skip
         return result, result.chosen_rewards, result.rejected_rewards
 
