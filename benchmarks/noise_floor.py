@@ -1,6 +1,6 @@
 """The noise floor of per-token log-probs by dtype, and what it does to the kept tokens.
 
-    python benchmarks/noise_floor.py        # writes benchmarks/results/noise_floor.json and .md
+    python benchmarks/noise_floor.py        # writes docs/results/noise_floor.json and .md
 
 On the bundled model and the first 8 bundled arithmetic pairs, for float32, bfloat16 and float16
 weights (`model_init_kwargs: {dtype: ...}`), each through the trainer's own code:
@@ -11,7 +11,9 @@ weights (`model_init_kwargs: {dtype: ...}`), each through the trainer's own code
    - `alone_vs_batch`: each pair alone against inside its batch of 4;
    - `packed_vs_two_rows`: the packed shared-prompt row against the two-row forward;
    - `policy_vs_frozen_copy`: the policy against a frozen copy loaded from the same folder;
-   - `vs_float64`: the log-probs against the same weights run in float64 (this dtype's rounding).
+   - `vs_float64`: the log-probs against the same weights run in float64 (this dtype's rounding);
+   - for bf16 and fp16, `alone_vs_batch` and `vs_float64` again with the LM head in float32 (TRL's
+     `cast_lm_head_to_fp32`), which the trainer does not use: it shows how much of the floor the head makes.
    Each gives the largest |difference| over completion tokens, its 99th percentile and the share of
    tokens differing by more than 1e-5.
 2. **Step 0 with stored values** (the README's promise: the policy equals its reference, so every
@@ -71,7 +73,7 @@ def live(trainer, batch, *, layout: str | None = "trainer"):
 
 def differences(pairs) -> dict:
     """Statistics of |a - b| over the masked tokens of `(a, b, mask)` tensors."""
-    diff = torch.cat([(a.double() - b.double()).abs()[m] for a, b, m in pairs]).numpy()
+    diff = torch.cat([(a.double() - b.double()).abs()[m] if m is not None else (a.double() - b.double()).abs() for a, b, m in pairs]).numpy()
     return {"tokens": int(diff.size), "max_abs": float(diff.max()), "p99_abs": float(np.quantile(diff, 0.99)),
             "share_above_1e-5": float((diff > 1e-5).mean())}  # fmt: skip
 
@@ -102,7 +104,19 @@ def noise_floor(dtype: str, work: Path, float64_logps: list) -> tuple[dict, dict
     found["policy_vs_frozen_copy"] = differences(copies)
     if float64_logps:
         found["vs_float64"] = differences([(f, lv, m) for f, (_, lv, m) in zip(float64_logps, stored)])
-    found["floor"] = max(v["max_abs"] for v in found.values())
+    if dtype != "float32":  # the LM head in float32 (TRL's `cast_lm_head_to_fp32`), the body in this dtype
+        from trl.trainer.utils import add_fused_lm_head
+
+        add_fused_lm_head(trainer.model, cast_lm_head_to_fp32=True)
+        head = [live(trainer, b) for b in batches(trainer)]
+        per_pair = [live(trainer, b) for b in batches(trainer, size=1)]
+        found["alone_vs_batch_fp32_head"] = differences(
+            [(per_pair[i * 4 + j][0][side][per_pair[i * 4 + j][1][side]], lv[row][m[row]], None)
+             for i, (lv, m) in enumerate(head) for j in range(lv.size(0) // 2)
+             for side, row in ((0, j), (1, lv.size(0) // 2 + j))]
+        )  # fmt: skip
+        found["vs_float64_fp32_head"] = differences([(f, lv, m) for f, (lv, m) in zip(float64_logps, head)])
+    found["floor"] = max(v["max_abs"] for k, v in found.items() if not k.endswith("fp32_head"))  # the head the trainer runs
     # Step 0: the policy is its own (stored) reference.
     for name, tolerance in (("dtype_tolerance", score_tie_tolerance(getattr(torch, dtype))), ("old_tolerance", OLD_TOLERANCE)):
         kept, total = [0, 0], [0, 0]
@@ -229,7 +243,7 @@ def markdown(result: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--output", default="benchmarks/results/noise_floor.json")
+    parser.add_argument("--output", default="docs/results/noise_floor.json")
     parser.add_argument("--dtypes", nargs="*", default=list(DTYPES))
     opts = parser.parse_args()
     start = time.perf_counter()

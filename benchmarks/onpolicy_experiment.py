@@ -22,7 +22,8 @@ Runs are scheduled as a graph (a run waits for the models its `@name` fields nam
 tuning), `--workers` at a time, each in its own process (`compare`'s `run_grid` for one method and
 seed). Every finished run keeps its `result.json`, so a stopped experiment resumes where it stopped; a run
 measured on other held-out data than the dataset's now (a grown test split) is measured again, not retrained.
-Outputs: the grids' `compare.md/json/png` in `--output_dir`, copied to `--docs_dir`.
+Outputs: the grids' `compare.md/json/png` in `--output_dir`, copied to `--docs_dir` with every finished
+run's `result.json` (per-item outcomes, training curves, wall times) in `<preset>_runs.json`.
 """
 
 from __future__ import annotations
@@ -296,6 +297,9 @@ def experiment(opts) -> None:
             docs.mkdir(parents=True, exist_ok=True)
             for suffix in ("md", "json", "png"):
                 shutil.copy(Path(config.output_dir, f"{stem}.{suffix}"), docs / f"{opts.preset}_{name}.{suffix}")
+    if docs:  # every finished run's per-item outcomes, so a report needs none of output_dir
+        runs = finished_results(CompareConfig.from_yaml(main_grid))
+        atomic_write(docs / f"{opts.preset}_runs.json", json.dumps(runs, separators=(",", ":")).encode())
     if interrupted:
         raise SystemExit("Stopped before every run finished; the reports above cover the finished runs. Run again to resume.")
     if failed:

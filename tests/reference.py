@@ -18,7 +18,7 @@ def reference_keep_count(n: int, threshold: float) -> int:
 
 
 # Score differences of at most this much count as ties (selective_po.selection.SCORE_TIE_TOLERANCE).
-TIE_TOLERANCE = 6e-5
+TIE_TOLERANCE = 9e-5
 
 
 def reference_keep(scores: torch.Tensor, mask: torch.Tensor, threshold: float, tie_tolerance: float = TIE_TOLERANCE) -> torch.Tensor:

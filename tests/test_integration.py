@@ -44,3 +44,23 @@ def test_two_selective_dpo_steps_on_the_real_model(smollm2_path, tmp_path):
     assert all(torch.isfinite(torch.tensor(entry["loss"])) for entry in logs)
     assert logs[0]["selection/kept_share_chosen"] == 1.0  # policy == reference on the first step
     assert 0.4 <= logs[1]["selection/kept_share_chosen"] < 0.6
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_the_first_step_keeps_every_token_with_stored_values_in_both_dtypes(smollm2_path, tmp_path, dtype):
+    """The promise of the default reference: policy == reference, every score is noise, every token kept.
+    The values are stored in batches of 3 and the step runs a batch of 4, packed: another layout."""
+    pairs = load_preference_dataset("arithmetic", split="train").select(range(4))
+    args = SelectiveDPOConfig(
+        output_dir=str(tmp_path / "out"), report_to="none", per_device_train_batch_size=4, precompute_ref_log_probs=True,
+        precompute_ref_batch_size=3, ref_logps_cache_dir=str(tmp_path / "cache"), model_init_kwargs={"dtype": dtype},
+        sdpo_threshold=0.6, max_length=128, plot_curves=False,
+    )  # fmt: skip
+    trainer = SelectiveDPOTrainer(model=smollm2_path, args=args, train_dataset=pairs)
+    batch = trainer._prepare_inputs(trainer.data_collator([trainer.train_dataset[i] for i in range(4)]))
+    with torch.no_grad():
+        _, policy, mask = trainer._policy_forward(trainer.model, batch)
+        result, *_ = trainer._sdpo_step(batch, policy, mask, None)
+    noise = (policy.float() - batch["ref_per_token_logps"]).abs()[mask].max().item()
+    assert noise <= trainer.tie_tolerance / 2  # within the measured floor
+    assert torch.equal(result.chosen_keep, mask.chunk(2)[0]) and torch.equal(result.rejected_keep, mask.chunk(2)[1])

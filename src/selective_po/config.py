@@ -129,8 +129,8 @@ class SelectiveDPOConfig(DPOConfig):
         default=None,
         metadata={
             "help": "Scores within this many nats below a response's cut count as tied with it and are kept. None: by "
-            "the dtype the log-probs are computed in (6e-5 for float32, 0.1 for fp16, 1.0 for bf16), twice the noise "
-            "floor measured in benchmarks/results/noise_floor.md, so a token is dropped only when the kept tokens outscore "
+            "the dtype the log-probs are computed in (9e-5 for float32, 0.15 for fp16, 1.0 for bf16), twice the noise "
+            "floor measured in docs/results/noise_floor.md, so a token is dropped only when the kept tokens outscore "
             "it by more than that floor. Raise it where your kernels are noisier (the floor was measured on CPU)."
         },
     )
