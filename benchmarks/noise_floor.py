@@ -237,7 +237,7 @@ def markdown(result: dict) -> str:
         for name in ("before", "after"):
             row = rows[name]
             cells = [f"{b['flips']}/{b['tokens']} (+{b['kept_only_here']} -{b['dropped_only_here']})" for b in row["bins"]]
-            lines.append(f"| {dtype} | {row['tolerance']:.0e} ({name}) | {row['agreement']:.2%} | " + " | ".join(cells) + " |")
+            lines.append(f"| {dtype} | {row['tolerance']:g} ({name}) | {row['agreement']:.2%} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
