@@ -50,10 +50,11 @@ SEPO_BETAS = {"sepo-beta01": 0.1, "sepo-beta03": 0.3, "sepo-beta1": 1.0}
 CLAIM_BASELINES = ("sdpo-dpo-ref", "sepo")
 
 PRESETS = {
-    # One run at a time on 2 CPU cores: one epoch over every training pair, every main row on 3 seeds and the random
-    # control on 1, measured on every held-out pair and prompt. DPO runs as Selective-DPO keeping every token
-    # (`selection_rule: all`), which is DPO's loss exactly, on the stored per-token values and the shared prompt.
-    # SePO's beta is not tuned here: 1.0, its default, which won the GPU preset's tuning (100 steps of 8).
+    # One run at a time on 2 CPU cores: the GPU preset's budget (100 steps of 8, about 1.5 epochs over every training
+    # pair, learning rate 1e-5), every main row on 3 seeds and the random control on 1, measured on every held-out pair
+    # and prompt. One epoch at 3e-5 lowered DPO's greedy arithmetic accuracy (docs/results/cpu_budget_check_*.json).
+    # DPO runs as Selective-DPO keeping every token (`selection_rule: all`), which is DPO's loss exactly, on the stored
+    # per-token values and the shared prompt. SePO's beta is not tuned here: 1.0, which won the GPU preset's tuning.
     "cpu": {
         "data": ["--arithmetic_prompts", "1000", "--ifeval_prompts", "1000", "--test_share", "0.3", "--validation_share", "0.1",
                  "--samples_per_prompt", "8", "--temperature", "0.7", "--top_p", "0.9", "--prompts_per_chunk", "64",
@@ -61,7 +62,7 @@ PRESETS = {
         "model": "smollm2-135m-instruct", "seeds": [0, 1, 2], "control_seeds": [0], "sweep": False, "sepo_controls": False,
         "sepo_beta": 1.0, "dpo": {"loss_type": "sdpo", "selection_rule": "all"}, "train_pairs": 0, "eval_pairs": 0,
         "prompts": 760, "validation_pairs": 0, "eval_batch_size": 16, "generation_batch_size": 64,
-        "training": {"max_steps": 68, "per_device_train_batch_size": 8, "learning_rate": 3.0e-5},
+        "training": {"max_steps": 100, "per_device_train_batch_size": 8, "learning_rate": 1.0e-5},
     },  # fmt: skip
     # A GPU, several runs side by side: main rows on 5 seeds, controls and the sweep on 3; SePO's beta tuned first.
     "cuda": {
