@@ -153,6 +153,7 @@ def selected_tokens(
             chosen_scores, rejected_scores, chosen_keep, rejected_keep = select_sdpo_tokens(
                 *policy.chunk(2), *ref.chunk(2), chosen_mask=chosen_mask, rejected_mask=rejected_mask, threshold=threshold,
                 rule=rule, count_rule=trainer.args.sdpo_count_rule, chosen_given=given[0], rejected_given=given[1],
+                tie_tolerance=trainer.tie_tolerance,  # the kept tokens as training keeps them, in its dtype
             )  # fmt: skip
             chosen_ids, rejected_ids = batch["input_ids"][:, 1:].chunk(2)  # position t scores token t + 1
             sides = {

@@ -110,9 +110,9 @@ class SelectiveDPOTrainer(DPOTrainer):
         )  # fmt: skip
         self._random_seeds = RandomControlSeeds(args.seed, args.process_index)
         super().__init__(model, ref_model=self.reference.trl_ref_model() if self.reference else None, args=args, **kwargs)
-        for scorer in (self.reference, self.scorer):
-            if scorer is not None:
-                scorer.initial_scoring_done()
+        for stored in (self.reference, self.scorer):
+            if stored is not None:
+                stored.initial_scoring_done()
         self.tie_tolerance = args.score_tie_tolerance  # nats; selection counts scores this close to the cut as tied
         if self.tie_tolerance is None:  # by the coarsest dtype the scored log-probs pass through
             models = [m for m in (self.model, self.ref_model) if m is not None]
