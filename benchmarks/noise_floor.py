@@ -78,23 +78,27 @@ def differences(pairs) -> dict:
             "share_above_1e-5": float((diff > 1e-5).mean())}  # fmt: skip
 
 
+def alone_and_together(trainer, together: list) -> list:
+    """`(alone, in its batch, None)` per response: each pair run alone against its row of `together`,
+    the live `(logps, mask)` of the trainer's batches of 4, in order."""
+    alone = [live(trainer, b) for b in batches(trainer, size=1)]
+    out = []
+    for index, (values, mask) in enumerate(together):
+        half = values.size(0) // 2  # rows [chosen; rejected]
+        for j in range(half):
+            one, one_mask = alone[index * 4 + j]
+            for side, row in ((0, j), (1, half + j)):
+                out.append((one[side][one_mask[side]], values[row][mask[row]], None))
+    return out
+
+
 def noise_floor(dtype: str, work: Path, float64_logps: list) -> tuple[dict, dict]:
     trainer = trainer_for(dtype, work / f"floor-{dtype}")
     layout = trainer._shared_prompt_mask
     found, step0 = {}, {}
     stored = [(b["ref_per_token_logps"].float(), *live(trainer, b)) for b in batches(trainer)]
     found["stored_vs_live"] = differences([(s, lv, m) for s, lv, m in stored])
-    alone = []
-    per_pair = [live(trainer, b) for b in batches(trainer, size=1)]
-    for index, (_, together, mask) in enumerate(stored):
-        for j in range(together.size(0) // 2):
-            pair = index * 4 + j
-            one, one_mask = per_pair[pair]
-            for side, row in ((0, j), (1, together.size(0) // 2 + j)):
-                a = one[side][one_mask[side]]
-                b = together[row][mask[row]]
-                alone.append((a, b, torch.ones_like(a, dtype=torch.bool)))
-    found["alone_vs_batch"] = differences(alone)
+    found["alone_vs_batch"] = differences(alone_and_together(trainer, [(lv, m) for _, lv, m in stored]))
     two_rows = [(live(trainer, b, layout=None)[0], lv, m) for b, (_, lv, m) in zip(batches(trainer), stored)]
     found["packed_vs_two_rows" if layout else "two_rows_vs_two_rows"] = differences(two_rows)
     frozen = load_frozen(trainer._policy_path, accelerator=trainer.accelerator, init_kwargs=trainer.args.model_init_kwargs,
@@ -109,12 +113,7 @@ def noise_floor(dtype: str, work: Path, float64_logps: list) -> tuple[dict, dict
 
         add_fused_lm_head(trainer.model, cast_lm_head_to_fp32=True)
         head = [live(trainer, b) for b in batches(trainer)]
-        per_pair = [live(trainer, b) for b in batches(trainer, size=1)]
-        found["alone_vs_batch_fp32_head"] = differences(
-            [(per_pair[i * 4 + j][0][side][per_pair[i * 4 + j][1][side]], lv[row][m[row]], None)
-             for i, (lv, m) in enumerate(head) for j in range(lv.size(0) // 2)
-             for side, row in ((0, j), (1, lv.size(0) // 2 + j))]
-        )  # fmt: skip
+        found["alone_vs_batch_fp32_head"] = differences(alone_and_together(trainer, head))
         found["vs_float64_fp32_head"] = differences([(f, lv, m) for f, (lv, m) in zip(float64_logps, head)])
     found["floor"] = max(v["max_abs"] for k, v in found.items() if not k.endswith("fp32_head"))  # the head the trainer runs
     # Step 0: the policy is its own (stored) reference.
