@@ -129,6 +129,9 @@ def test_the_grid_runs_reports_and_resumes_from_what_a_kill_leaves(tmp_path, tin
     low, high = cell["difference_interval"]
     assert low <= cell["difference"] <= high
     assert "difference" not in summary["methods"]["dpo"]["reward_accuracy"]  # the baseline itself
+    for seed, mean in zip((0, 1), cell["per_seed"], strict=True):
+        result = json.loads((run_dir(config, "sdpo-dpo-ref", seed) / "result.json").read_text())
+        assert mean == pytest.approx(np.mean(result["per_item"]["reward_accuracy"]))
     assert (out / "compare.png").stat().st_size > 0
 
 

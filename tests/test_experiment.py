@@ -110,3 +110,40 @@ def test_runs_are_queued_first_dpo_then_seed_by_seed_main_rows_before_controls(e
     by_key = {t["key"].split(":")[-1]: t for t in tasks}
     assert by_key["sdpo-dpo-ref/seed1"]["deps"] == {f"{tmp_path / 'main'}:dpo/seed1"}
     assert by_key["sepo/seed0"]["deps"] == {f"{tmp_path / 'main'}:dpo/seed0"}
+
+
+def test_results_tables_are_the_reports_figures(tmp_path, capsys, monkeypatch):
+    """benchmarks/results_tables.py prints each report's means and paired differences, marks the intervals that
+    exclude 0, and gives as the smallest resolvable difference the median half-width over rows with every seed."""
+    spec = importlib.util.spec_from_file_location("results_tables", SCRIPT.parent / "results_tables.py")
+    tables = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tables)
+
+    def cell(mean, per_seed=None, diff=None):
+        out = {"mean": mean, "interval": [mean - 0.01, mean + 0.01]}
+        if per_seed:
+            out["per_seed"] = per_seed
+        if diff:
+            out["difference"], out["difference_interval"] = diff
+        return out
+
+    methods = {
+        "base": {"seeds": [0], "likelihood_accuracy": cell(0.5, [0.5], (-0.1, [-0.14, -0.06]))},
+        "dpo": {"seeds": [0, 1, 2], "likelihood_accuracy": cell(0.6, [0.59, 0.6, 0.61])},
+        "sdpo-dpo-ref": {"seeds": [0, 1, 2], "likelihood_accuracy": cell(0.61, [0.6, 0.61, 0.62], (0.01, [-0.02, 0.04]))},
+        "confidence": {"seeds": [0, 1, 2], "likelihood_accuracy": cell(0.62, [0.62] * 3, (0.02, [0.01, 0.03]))},
+        "sdpo-dpo-ref-random": {"seeds": [0], "likelihood_accuracy": cell(0.55, [0.55], (-0.05, [-0.2, 0.1]))},
+    }
+    path = tmp_path / "compare.json"
+    path.write_text(json.dumps({"summary": {"metrics": ["likelihood_accuracy"], "methods": methods}}))
+    report = json.loads(path.read_text()) | {"baseline": "dpo"}
+    shown = tables.table([report], ("likelihood_accuracy",))
+    assert "| DPO | 0,1,2 | 60.0% |  |" in shown
+    assert "| Selective-DPO, DPO model as reference, k=40% | 0,1,2 | 61.0% | +1.0 [−2.0, +4.0] |" in shown
+    assert "| ConfPO (confidence) | 0,1,2 | 62.0% | **+2.0 [+1.0, +3.0]** |" in shown  # excludes 0
+    spread = tables.seed_spread(report, ("likelihood_accuracy",))
+    # rows on every seed but the baseline: half-widths 3.0 and 1.0 points; the one-seed control is left out
+    assert "| likelihood acc. | 59.0% / 60.0% / 61.0% | 60.0% / 61.0% / 62.0% | 62.0% / 62.0% / 62.0% | 2.0 points |" in spread
+    monkeypatch.setattr(sys, "argv", ["results_tables.py", str(path)])
+    tables.main()
+    assert "Seed spread" in capsys.readouterr().out

@@ -128,3 +128,33 @@ def test_page_in_a_real_headless_browser(tmp_path, tiny_tokenizer):
     assert "script" not in dom.tags and "img" not in dom.tags
     assert dom.kept == sum(t.kept for view in views for t in view.chosen + view.rejected) > 0
     assert "XSS-PROBE" in result.stdout  # the payloads are on the page, as text
+
+
+def test_inspect_shows_a_scorers_fixed_scores_whatever_the_policy(tmp_path, tiny_model_dir, ref_dir):
+    """`--selection_rule scorer`: the kept tokens are the trainer's fixed-score selection, the same for any --model."""
+    pages = []
+    for policy in (tiny_model_dir, ref_dir):
+        out = tmp_path / f"{len(pages)}.html"
+        command = ["inspect", "--model", policy, "--ref_model", tiny_model_dir, "--selection_rule", "scorer", "--scorer", ref_dir]
+        assert main([*command, "--pairs", "3", "--output", str(out)]) == 0
+        parser = TagCounter()
+        parser.feed(out.read_text())
+        pages.append((parser.counts, parser.kept))
+    assert pages[0] == pages[1] and 0 < pages[0][1]
+    # the same counts as the trainer's own selection
+    args = SelectiveDPOConfig(output_dir=str(tmp_path / "t"), report_to="none", selection_rule="scorer", sdpo_threshold=0.6,
+                              scorer_model_name_or_path=ref_dir, precompute_ref_log_probs=True)  # fmt: skip
+    from selective_po.cli import load_preference_split
+
+    rows = load_preference_split("arithmetic", None)[0].select(range(3))  # what the command showed
+    trainer = SelectiveDPOTrainer(model=tiny_model_dir, args=args, train_dataset=rows, eval_dataset=rows)
+    views = collect_pair_views(trainer, threshold=0.6, rule="scorer")
+    assert pages[0][0] == [sum(t.kept for t in side) for view in views for side in (view.chosen, view.rejected)]
+
+
+def test_inspect_scorer_rule_and_scorer_come_together(tmp_path, tiny_model_dir):
+    import pytest
+
+    for extra in (["--selection_rule", "scorer"], ["--scorer", tiny_model_dir]):
+        with pytest.raises(SystemExit):
+            main(["inspect", "--model", tiny_model_dir, "--output", str(tmp_path / "x.html"), *extra])

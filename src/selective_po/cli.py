@@ -367,8 +367,9 @@ def inspect_parser() -> argparse.ArgumentParser:
         prog="selective-po inspect",
         description="Write a self-contained HTML page showing, for some pairs, every response token shaded by its "
         "Selective-DPO score under --model and --ref_model (ConfPO's 1 - p with --selection_rule confidence), with "
-        "the tokens kept outlined: at --sdpo_threshold, below the mean probability (confidence), or the data's own "
-        "spans (spans: chosen_spans/rejected_spans, chosen_span/rejected_span or *_token_mask columns).",
+        "the tokens kept outlined: at --sdpo_threshold, below the mean probability (confidence), the data's own "
+        "spans (spans: chosen_spans/rejected_spans, chosen_span/rejected_span or *_token_mask columns), or the "
+        "fixed scores of --scorer against --ref_model (scorer: Selective-DPO with fixed scores; --model plays no part).",
     )
     parser.add_argument("--model", required=True, help="the policy (folder, hub id or embedded name)")
     parser.add_argument("--ref_model", default=DEFAULT_MODEL, help="the reference")
@@ -376,7 +377,9 @@ def inspect_parser() -> argparse.ArgumentParser:
     parser.add_argument("--split", help=SPLIT_HELP)
     parser.add_argument("--pairs", type=COUNT_OR_ALL, default=8, help="how many pairs of the split to show (0: all)")
     parser.add_argument("--sdpo_threshold", type=THRESHOLD, default=0.6, help="tokens kept at this threshold are outlined")
-    parser.add_argument("--selection_rule", choices=("scores", "confidence", "spans"), default="scores", help="which tokens are outlined")
+    parser.add_argument("--selection_rule", choices=("scores", "confidence", "spans", "scorer"), default="scores",
+                        help="which tokens are outlined")  # fmt: skip
+    parser.add_argument("--scorer", help="with --selection_rule scorer: the scorer model (e.g. a DPO-trained copy of --ref_model)")
     parser.add_argument("--output", default="inspect.html", help="the HTML file to write")
     return parser
 
@@ -390,7 +393,10 @@ def inspect_pairs(argv: list[str]) -> Path:
     from .files import atomic_write
     from .trainer import SelectiveDPOTrainer
 
-    opts = inspect_parser().parse_args(argv)
+    parser = inspect_parser()
+    opts = parser.parse_args(argv)
+    if (opts.selection_rule == "scorer") != (opts.scorer is not None):
+        parser.error("--scorer names the scorer of --selection_rule scorer, and that rule needs it: give both or neither.")
     rows, split = load_preference_split(opts.dataset, opts.split)
     if opts.pairs:
         rows = rows.select(range(min(opts.pairs, len(rows))))
@@ -398,11 +404,13 @@ def inspect_pairs(argv: list[str]) -> Path:
         args = SelectiveDPOConfig(
             output_dir=tmp, ref_model_name_or_path=opts.ref_model, sdpo_threshold=opts.sdpo_threshold,
             precompute_ref_log_probs=True, report_to="none", selection_rule=opts.selection_rule,
+            scorer_model_name_or_path=opts.scorer,
         )  # fmt: skip
         trainer = SelectiveDPOTrainer(model=resolve_model_path(opts.model), args=args, train_dataset=rows, eval_dataset=rows)
         views = collect_pair_views(trainer, threshold=opts.sdpo_threshold, rule=opts.selection_rule)
+    scored = f"scorer {opts.scorer}" if opts.scorer else opts.model
     page = render_html(
-        views, title=f"Selected tokens: {opts.model} vs {opts.ref_model}", threshold=opts.sdpo_threshold,
+        views, title=f"Selected tokens: {scored} vs {opts.ref_model}", threshold=opts.sdpo_threshold,
         description=f"Data: {opts.dataset}, split {split!r}, first {len(views)} pairs; kept tokens: {opts.selection_rule}.",
     )  # fmt: skip
     output = Path(opts.output)

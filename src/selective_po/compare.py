@@ -395,8 +395,8 @@ def run_grid(config: CompareConfig, *, seeds: list[int] | None = None, methods: 
 
 
 def summarize(config: CompareConfig, results: dict[str, dict], *, resamples: int = 4000) -> dict:
-    """Per method and metric: mean over seeds and items with a bootstrap interval, and the paired
-    difference to the baseline (seeds both ran, the same items) with its interval."""
+    """Per method and metric: mean over seeds and items with a bootstrap interval, each seed's mean, and
+    the paired difference to the baseline (seeds both ran, the same items) with its interval."""
     by_method: dict[str, dict[int, dict]] = {}
     for result in results.values():
         by_method.setdefault(result["method"], {})[result["seed"]] = result["per_item"]
@@ -409,7 +409,8 @@ def summarize(config: CompareConfig, results: dict[str, dict], *, resamples: int
             if not all(metric in per_item for per_item in seeds.values()):
                 continue
             values = np.array([seeds[s][metric] for s in sorted(seeds)], dtype=np.float64)  # (S, N)
-            cell = {"mean": float(values.mean()), "interval": paired_bootstrap_interval(values, resamples=resamples)}
+            cell = {"mean": float(values.mean()), "interval": paired_bootstrap_interval(values, resamples=resamples),
+                    "per_seed": values.mean(axis=1).tolist()}  # the seed spread, beside the interval it widens
             if method != config.baseline:
                 # The untrained start model is the same for every seed: pair it with each baseline seed.
                 shared = sorted(baseline) if method == "base" else sorted(set(seeds) & set(baseline))

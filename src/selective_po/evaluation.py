@@ -134,11 +134,15 @@ def selected_tokens(
     """Per pair of `rows` (default: `trainer.eval_dataset`, tokenized by the trainer): the row, and
     for each side its completion tokens' ids, scores and keep flags (numpy, one entry per scored
     token), from the trainer's own batches and selection code. `rule`: `scores` (Selective-DPO's
-    reference gap), `confidence` (ConfPO), or `spans` (the tokens the data names, beside Selective-DPO's
-    scores; the trainer must be built with `selection_rule="spans"`). `desc` shows a progress bar.
+    reference gap), `confidence` (ConfPO), `spans` (the tokens the data names, beside Selective-DPO's
+    scores; the trainer must be built with `selection_rule="spans"`) or `scorer` (the fixed scores of a
+    trainer built with `selection_rule="scorer"`). `desc` shows a progress bar.
     """
-    if rule not in ("scores", "confidence", "spans"):
-        raise ValueError(f"rule={rule!r}: tokens are selected by 'scores', 'confidence' or 'spans'.")
+    if rule not in ("scores", "confidence", "spans", "scorer"):
+        raise ValueError(f"rule={rule!r}: tokens are selected by 'scores', 'confidence', 'spans' or 'scorer'.")
+    if rule == "scorer" and trainer.scorer is None:
+        raise ValueError("rule='scorer' shows a scorer's fixed scores: build the trainer with selection_rule='scorer' and "
+                         "scorer_model_name_or_path.")  # fmt: skip
     dataset = trainer.eval_dataset if rows is None else rows
     was_training = trainer.model.training
     trainer.model.eval()
@@ -150,9 +154,11 @@ def selected_tokens(
             _, policy, ref, mask = trainer.per_token_logps(trainer.inference_model(), batch)
             chosen_mask, rejected_mask = mask.chunk(2)
             given = spans.given_keep(batch, mask) if rule == "spans" else (None, None)
+            scorer = trainer._scorer_per_token_logps(batch, mask) if rule == "scorer" else (None, None)
             chosen_scores, rejected_scores, chosen_keep, rejected_keep = select_sdpo_tokens(
                 *policy.chunk(2), *ref.chunk(2), chosen_mask=chosen_mask, rejected_mask=rejected_mask, threshold=threshold,
                 rule=rule, count_rule=trainer.args.sdpo_count_rule, chosen_given=given[0], rejected_given=given[1],
+                scorer_chosen_logps=scorer[0], scorer_rejected_logps=scorer[1],
                 tie_tolerance=trainer.tie_tolerance,  # the kept tokens as training keeps them, in its dtype
             )  # fmt: skip
             chosen_ids, rejected_ids = batch["input_ids"][:, 1:].chunk(2)  # position t scores token t + 1

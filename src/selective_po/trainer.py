@@ -245,6 +245,13 @@ class SelectiveDPOTrainer(DPOTrainer):
             )
         return self.reference.logps(inputs)
 
+    def _scorer_per_token_logps(self, inputs: dict, shift_mask: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The scorer's stored per-token log-probs, `(B, T-1)` chosen and rejected; `(None, None)` without a scorer."""
+        if self.scorer is None:
+            return None, None
+        # Stored for every dataset the trainer scores (`_precompute_ref_logps`), so never run live.
+        return inputs[self.scorer.batch_key].to(shift_mask.device)[:, -shift_mask.size(1) :].chunk(2, dim=0)
+
     def _compute_loss(self, model, inputs, return_outputs):
         variant = self._variants.get(self.loss_types[0]) if len(self.loss_types) == 1 else None
         if variant is None:  # TRL's own losses, with the LM head projecting completion positions only
@@ -290,9 +297,7 @@ class SelectiveDPOTrainer(DPOTrainer):
         ref_logps = self._reference_per_token_logps(inputs, shift_mask)
         chosen_mask, rejected_mask = shift_mask.chunk(2, dim=0)  # TRL's collator stacks [chosen; rejected]
         given = spans.given_keep(inputs, shift_mask) if self.args.selection_rule == "spans" else (None, None)
-        scorer = (None, None)
-        if self.scorer is not None:  # stored for every dataset the trainer scores (`_precompute_ref_logps`)
-            scorer = inputs[self.scorer.batch_key].to(shift_mask.device)[:, -shift_mask.size(1) :].chunk(2, dim=0)
+        scorer = self._scorer_per_token_logps(inputs, shift_mask)
         result = selective_dpo_loss(
             *policy_logps.chunk(2, dim=0), *ref_logps.chunk(2, dim=0), chosen_mask=chosen_mask, rejected_mask=rejected_mask,
             threshold=self.args.sdpo_threshold, beta=self.beta, rule=self.args.selection_rule,
