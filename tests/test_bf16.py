@@ -71,6 +71,28 @@ def test_the_tie_tolerance_follows_the_compute_dtype(tmp_path, tiny_model_dir, t
         SelectiveDPOConfig(output_dir="unused", score_tie_tolerance=-1.0)
 
 
+def test_the_tie_tolerance_covers_stored_values_made_in_another_dtype(tmp_path, tiny_model_dir, tiny_tokenizer):
+    """A float32 policy whose stored reference or scorer values were computed in bf16 ranks bf16 noise: it gets
+    bf16's tolerance, from a `ref_model` module (freed once stored) or a checkpoint loaded with `dtype: auto`."""
+    bf16_dir = tmp_path / "bf16"
+    build_model(tiny_tokenizer, seed=3).to(torch.bfloat16).save_pretrained(bf16_dir)
+    tiny_tokenizer.save_pretrained(bf16_dir)
+
+    def trainer(ref_model=None, **fields):
+        args = SelectiveDPOConfig(output_dir=str(tmp_path / "out"), precompute_ref_log_probs=True,
+                                  ref_logps_cache_dir=str(tmp_path / "cache"), **{**COMMON, **fields})  # fmt: skip
+        return SelectiveDPOTrainer(model=tiny_model_dir, ref_model=ref_model, args=args, train_dataset=preference_dataset(4))
+
+    module = trainer(ref_model=build_model(tiny_tokenizer, seed=3).to(torch.bfloat16))
+    assert module.ref_model is None and module.tie_tolerance == TIE_TOLERANCES[torch.bfloat16]
+    auto = {"model_init_kwargs": {"dtype": "auto"}}  # the policy's checkpoint is float32, the others' bf16
+    assert trainer(ref_model_name_or_path=str(bf16_dir), **auto).tie_tolerance == TIE_TOLERANCES[torch.bfloat16]
+    scorer = trainer(selection_rule="scorer", scorer_model_name_or_path=str(bf16_dir), **auto)
+    assert scorer.tie_tolerance == TIE_TOLERANCES[torch.bfloat16]
+    # TRL's default dtype loads every checkpoint in float32, whatever it was saved in
+    assert trainer(ref_model_name_or_path=str(bf16_dir)).tie_tolerance == TIE_TOLERANCES[torch.float32]
+
+
 # ----- one bf16 step against the float64 reference, same weights and batch -----
 
 

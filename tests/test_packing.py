@@ -10,7 +10,7 @@ from trl.trainer.utils import add_fused_lm_head
 from conftest import build_model, build_tokenizer, preference_dataset
 from selective_po import SelectiveDPOConfig, SelectiveDPOTrainer
 from selective_po.logprobs import compact_lm_head
-from selective_po.packing import pack_pairs, resolve_share_prompt, share_prompt_problem, shared_prompt_forward
+from selective_po.packing import pack_pairs, packed_model_problem, resolve_share_prompt, share_prompt_problem, shared_prompt_forward
 from test_trainer import COMMON, one_batch_loss
 
 OUTPUTS = ("log_probs", "entropy", "mean_logits", "is_top1")
@@ -109,6 +109,28 @@ def test_on_by_default_where_exact_and_refused_where_not(tmp_path, tiny_model_di
     config._attn_implementation = "flash_attention_2"
     assert "flash_attention_2" in share_prompt_problem(model_config=config, truncation_mode="keep_start", padding_free=False,
                                                        extra_inputs=False)  # fmt: skip
+
+
+@pytest.mark.parametrize("stored", [False, True])
+def test_a_reference_side_model_that_cannot_run_packed_is_refused(tmp_path, tiny_model_dir, tiny_tokenizer, stored):
+    """The policy (sdpa) settles share_prompt; a reference loaded with eager attention would get a bool mask it reads
+    as additive, and a model with sliding-window layers a mask that drops its window: both are refused by name."""
+    from transformers import AutoModelForCausalLM
+
+    eager = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="eager")
+    options = {"precompute_ref_log_probs": True, "ref_logps_cache_dir": str(tmp_path / "cache")} if stored else {}
+    args = SelectiveDPOConfig(output_dir=str(tmp_path / "out"), **{**COMMON, **options})
+    with pytest.raises(ValueError, match="'ref_model' cannot run the pairs as shared-prompt rows.*'eager'.*share_prompt=False"):
+        trainer = SelectiveDPOTrainer(model=tiny_model_dir, ref_model=eager, args=args, train_dataset=preference_dataset(4))
+        one_batch_loss(trainer)  # the live reference is checked at its first forward
+    args = SelectiveDPOConfig(output_dir=str(tmp_path / "out"), share_prompt=False, **{**COMMON, **options})
+    two_rows = SelectiveDPOTrainer(model=tiny_model_dir, ref_model=eager, args=args, train_dataset=preference_dataset(4))
+    assert torch.isfinite(one_batch_loss(two_rows)[0])
+    config = build_model(tiny_tokenizer).config
+    config._attn_implementation, config.layer_types = "sdpa", ["sliding_attention", "full_attention"]
+    assert "sliding-window" in packed_model_problem(config, "bool")
+    config.layer_types = None
+    assert packed_model_problem(config, "bool") is None and "'sdpa'" in packed_model_problem(config, "additive")
 
 
 def test_different_prompts_in_a_pair_are_an_error():

@@ -137,8 +137,14 @@ def test_reference_with_another_vocabulary_is_an_error(tmp_path, tiny_model_dir)
     build_model(other_tokenizer).save_pretrained(ref_dir)
     other_tokenizer.save_pretrained(ref_dir)
     args = SelectiveDPOConfig(output_dir=str(tmp_path / "out"), ref_model_name_or_path=str(ref_dir), **COMMON)
-    with pytest.raises(ValueError, match="different vocabulary"):
+    with pytest.raises(ValueError, match="different vocabulary.*set map_across_tokenizers=True"):
         SelectiveDPOTrainer(model=tiny_model_dir, args=args, train_dataset=preference_dataset())
+    # A scorer's values are never mapped, so its error does not suggest it.
+    args = SelectiveDPOConfig(output_dir=str(tmp_path / "out"), selection_rule="scorer", scorer_model_name_or_path=str(ref_dir),
+                              precompute_ref_log_probs=True, **COMMON)  # fmt: skip
+    with pytest.raises(ValueError, match="different vocabulary.*A scorer's values are not mapped") as error:
+        SelectiveDPOTrainer(model=tiny_model_dir, args=args, train_dataset=preference_dataset())
+    assert "map_across_tokenizers=True" not in str(error.value)
 
 
 def test_ref_model_and_ref_path_together_is_an_error(tmp_path, tiny_tokenizer, tiny_model_dir):
@@ -217,3 +223,26 @@ def test_confidence_rule_and_quantile_count_reach_the_loss(tmp_path, tiny_tokeni
     assert metrics["selection/kept_share_chosen"] == pytest.approx(kept / int(mask.chunk(2)[0].sum()))
     keeps = {name: torch.cat([result.chosen_keep, result.rejected_keep]) for name, result in expected.items()}
     assert not torch.equal(keeps["this"], keeps["default"])  # the option changed the selection
+
+
+@pytest.mark.parametrize("share_prompt", [False, True])
+@pytest.mark.parametrize("rule", ["scores", "scorer", "spans"])
+def test_the_policy_forward_gets_only_model_inputs(tmp_path, tiny_model_dir, ref_dir, rule, share_prompt):
+    """The per-token values the collators add for the loss (stored reference, scorer, given spans) never reach the
+    model's forward, which for many models would take them silently as attention keyword arguments."""
+    from test_spans import with_answer_spans
+
+    options = {"scorer_model_name_or_path": ref_dir} if rule == "scorer" else {}
+    args = SelectiveDPOConfig(output_dir=str(tmp_path / "out"), selection_rule=rule, precompute_ref_log_probs=True,
+                              share_prompt=share_prompt, ref_logps_cache_dir=str(tmp_path / "cache"), **{**COMMON, **options})  # fmt: skip
+    trainer = SelectiveDPOTrainer(model=tiny_model_dir, args=args, train_dataset=with_answer_spans(preference_dataset(4)))
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
+    assert {"ref_per_token_logps", {"scorer": "scorer_per_token_logps", "spans": "selection_given"}.get(rule, "input_ids")} <= set(batch)
+    seen = []
+    hook = trainer.model.register_forward_pre_hook(lambda _, args, kwargs: seen.append(set(kwargs)), with_kwargs=True)
+    try:
+        one_batch_loss(trainer)
+    finally:
+        hook.remove()
+    model_inputs = {"input_ids", "attention_mask", "position_ids", "use_cache", "labels", "fused_lm_head", "shift_labels"}
+    assert seen and all(keys <= model_inputs for keys in seen), seen

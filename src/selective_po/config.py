@@ -228,7 +228,11 @@ class SelectiveDPOConfig(DPOConfig):
                 "precompute_ref_log_probs=True."
             )
         if self.selection_rule == "scorer" and self.map_across_tokenizers:
-            raise ValueError("selection_rule='scorer' needs a scorer of the policy's tokenizer: leave map_across_tokenizers=False.")
+            raise ValueError(
+                "selection_rule='scorer' compares the scorer's and the reference's log-probs on the policy's own tokens, so "
+                "both need the policy's tokenizer; map_across_tokenizers (a reference of another tokenizer) is not "
+                "supported with it. Leave map_across_tokenizers=False."
+            )
         if self.score_tie_tolerance is not None and not self.score_tie_tolerance >= 0.0:
             raise ValueError(f"score_tie_tolerance={self.score_tie_tolerance} must be a number of nats >= 0 (None: by dtype).")
         if not 0.0 <= self.sdpo_threshold < 1.0:

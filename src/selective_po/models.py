@@ -276,7 +276,7 @@ def _read_config(folder: Path) -> dict:
         return {}
 
 
-def check_same_vocabulary(policy_tokenizer, reference_tokenizer, *, reference_name: str) -> None:
+def check_same_vocabulary(policy_tokenizer, reference_tokenizer, *, reference_name: str, mappable: bool = True) -> None:
     """Raise if a reference-side model (reference, oracle) tokenizes differently from the policy.
 
     Token scores compare the models' log-probs of the same token ids, which only means something
@@ -294,9 +294,10 @@ def check_same_vocabulary(policy_tokenizer, reference_tokenizer, *, reference_na
         f"({len(reference_vocab)} vs {len(policy_vocab)} tokens; {only_policy} only in the policy's, "
         f"{only_reference} only in the other model's, {remapped} with different ids). Token scores compare the two "
         "models token by token, so use a model of the same tokenizer family (e.g. a larger model of the same "
-        "series, or a DPO-trained copy of the policy), or set map_across_tokenizers=True to move its values onto "
-        "the policy's tokens through character offsets."
-    )
+        "series, or a DPO-trained copy of the policy)"
+        + (", or set map_across_tokenizers=True to move its values onto the policy's tokens through character offsets."
+           if mappable else ". A scorer's values are not mapped across tokenizers.")
+    )  # fmt: skip
 
 
 @torch.no_grad()

@@ -191,8 +191,7 @@ def share_prompt_problem(*, model_config, truncation_mode: str, padding_free: bo
     if implementation not in MASK_KINDS:
         return (f"the attention implementation is {implementation!r}; a shared prompt needs one that applies a custom 4D "
                 f"mask as given ({', '.join(MASK_KINDS)})")  # fmt: skip
-    text_config = model_config.get_text_config()
-    if getattr(text_config, "use_sliding_window", False) or "sliding_attention" in (getattr(text_config, "layer_types", None) or ()):
+    if _has_sliding_window(model_config):
         return "the model has sliding-window layers, whose window a custom 4D mask would replace"
     if aux_loss_coef:
         # Routing is per token, so the log-probs would be exact; the load-balancing loss counts tokens, and TRL's
@@ -205,6 +204,23 @@ def share_prompt_problem(*, model_config, truncation_mode: str, padding_free: bo
         return "padding_free=True packs rows on its own"
     if extra_inputs:
         return "the batch has inputs besides token ids (e.g. images), which would need packing too"
+    return None
+
+
+def _has_sliding_window(model_config) -> bool:
+    text_config = model_config.get_text_config()
+    return bool(getattr(text_config, "use_sliding_window", False)) or "sliding_attention" in (getattr(text_config, "layer_types", None) or ())
+
+
+def packed_model_problem(model_config, mask_kind: str) -> str | None:
+    """Why a reference-side model (reference, scorer, oracle) cannot run the policy's packed rows, whose
+    mask is of form `mask_kind`, or `None` when it can: the policy alone settled `share_prompt`."""
+    implementation = getattr(model_config, "_attn_implementation", None)
+    if MASK_KINDS.get(implementation) != mask_kind:
+        needed = next(name for name, kind in MASK_KINDS.items() if kind == mask_kind)
+        return f"its attention implementation is {implementation!r}, not the policy's {needed!r} that the packed rows' mask is built for"
+    if _has_sliding_window(model_config):
+        return "it has sliding-window layers, whose window a custom 4D mask would replace"
     return None
 
 

@@ -34,7 +34,10 @@ from .packing import shared_prompt_forward
 from .reference_cache import ReferenceLogpsStore, RowScorer, ShardSpec, files_weights_hash, token_content_hash, tokenizer_hash
 
 # Batch keys that the collators add for the loss, not for the model's forward.
-NON_MODEL_KEYS = {"completion_mask", "ref_chosen_logps", "ref_rejected_logps", "ref_per_token_logps", "token_rewards"}
+NON_MODEL_KEYS = {
+    "completion_mask", "ref_chosen_logps", "ref_rejected_logps", "ref_per_token_logps", "token_rewards",
+    "scorer_per_token_logps", "selection_given",  # the fixed-scores and spans rules' per-token inputs
+}  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------

@@ -32,13 +32,14 @@ from typing import TYPE_CHECKING
 import torch
 from accelerate.utils import broadcast_object_list, is_peft_model
 from datasets import Dataset, IterableDataset
-from transformers import AutoTokenizer, ProcessorMixin
+from transformers import AutoTokenizer, PretrainedConfig, ProcessorMixin
 from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import create_model_from_path, get_config_model_id, use_adapter
 
 from . import reference_cache, reference_scoring
 from .engines import precompute_engine
 from .models import cache_dir, check_model_folder, check_same_vocabulary, file_digest_memo, resolve_model_path
+from .packing import packed_model_problem
 from .progress import bar as progress_bar
 
 if TYPE_CHECKING:
@@ -88,7 +89,7 @@ def reference_load_kwargs(args, policy, quantization_config=None) -> dict:
     return kwargs
 
 
-def check_tokenizer(policy, path: str, args, processing_class, *, name: str) -> None:
+def check_tokenizer(policy, path: str, args, processing_class, *, name: str, mappable: bool = True) -> None:
     """Fail before any loading or tokenization if a reference-side model tokenizes differently."""
     if isinstance(processing_class, ProcessorMixin):
         processing_class = processing_class.tokenizer
@@ -103,14 +104,14 @@ def check_tokenizer(policy, path: str, args, processing_class, *, name: str) -> 
             "tokenizer next to the model's weights."
         ) from error
     if not args.map_across_tokenizers:
-        check_same_vocabulary(processing_class, other, reference_name=name)
+        check_same_vocabulary(processing_class, other, reference_name=name, mappable=mappable)
 
 
-def checked_path(name: str, *, field: str, policy, args, processing_class) -> str:
+def checked_path(name: str, *, field: str, policy, args, processing_class, mappable: bool = True) -> str:
     """A reference-side model name resolved to a loadable path, its folder and tokenizer checked."""
     path = resolve_model_path(name)
     check_model_folder(path, trust_remote_code=args.trust_remote_code, field=field)
-    check_tokenizer(policy, path, args, processing_class, name=name)
+    check_tokenizer(policy, path, args, processing_class, name=name, mappable=mappable)
     return path
 
 
@@ -178,6 +179,7 @@ class Reference:
 
     def __init__(self, trainer: SelectiveDPOTrainer):
         self.trainer = trainer
+        self._packing_checked = False
 
     def trl_ref_model(self):
         """What TRL's `DPOTrainer` gets as `ref_model` (it disables dropout, adds the fused head, prepares it)."""
@@ -197,6 +199,26 @@ class Reference:
     def initial_scoring_done(self) -> None:
         """Called once the datasets given to the trainer are stored; training needs nothing else from it."""
 
+    def weight_dtypes(self) -> set[torch.dtype]:
+        """The floating dtypes of the weights behind its values, where they are not the policy's."""
+        return set()
+
+    def model_configs(self) -> dict[str, object]:
+        """The configs of the models behind its values that are not the policy, by name."""
+        return {}
+
+    def check_packable(self) -> None:
+        """Raise if a model behind its values cannot run the shared-prompt rows that the policy's config allowed."""
+        mask = self.trainer._shared_prompt_mask
+        if mask is None or self._packing_checked:
+            return
+        for name, config in self.model_configs().items():
+            problem = packed_model_problem(config, mask)
+            if problem is not None:
+                raise ValueError(f"{name!r} cannot run the pairs as shared-prompt rows, as the policy does: {problem}. "
+                                 "Set share_prompt=False.")  # fmt: skip
+        self._packing_checked = True
+
     def _module(self):
         raise NotImplementedError
 
@@ -206,6 +228,7 @@ class Reference:
     def logps(self, inputs: dict) -> torch.Tensor:
         """Per-token log-probs `(2B, T-1)` of a batch already on the device, without gradients."""
         trainer = self.trainer
+        self.check_packable()
         with torch.no_grad(), disable_gradient_checkpointing(trainer.model, trainer.args.gradient_checkpointing_kwargs):
             with self._state():
                 return reference_scoring.forward_logps(self._module(), inputs, shared_prompt_mask=trainer._shared_prompt_mask)
@@ -271,8 +294,20 @@ class FrozenModel:
     def release(self) -> None:
         self._loaded = None
 
+    def config(self):
+        """The loaded model's config (loading it if needed), under whatever engine wraps it."""
+        return self.trainer.accelerator.unwrap_model(self.module()).config
+
     def identity(self) -> dict:
         return files_identity(self.path, self.init_kwargs)
+
+    def weight_dtypes(self) -> set[torch.dtype]:
+        """The dtype its weights load in: `init_kwargs`' dtype (TRL's default float32), or the checkpoint's own for `auto`."""
+        dtype = self.init_kwargs.get("dtype", "float32")
+        if dtype is None or dtype == "auto":
+            saved = PretrainedConfig.get_config_dict(self.path)[0]
+            dtype = saved.get("dtype") or saved.get("torch_dtype") or "float32"
+        return {dtype if isinstance(dtype, torch.dtype) else getattr(torch, str(dtype).removeprefix("torch."))}
 
 
 class PathReference(Reference):
@@ -288,8 +323,16 @@ class PathReference(Reference):
     def _module(self):
         return self.trainer.ref_model if self.live else self.frozen.module()
 
+    def model_configs(self) -> dict[str, object]:
+        if self.live:
+            return {self.frozen.path: self.trainer.accelerator.unwrap_model(self.trainer.ref_model).config}
+        return {self.frozen.path: self.frozen.config()}
+
     def identity(self) -> dict:
         return self.frozen.identity()
+
+    def weight_dtypes(self) -> set[torch.dtype]:
+        return self.frozen.weight_dtypes()
 
     def release(self) -> None:
         self.frozen.release()
@@ -318,9 +361,17 @@ class ModuleReference(Reference):
         super().__init__(trainer)
         self.given, self.freed = module, False
         self._described = module_identity(module, "")  # dtype and quantization, known before TRL wraps it
+        self._dtypes = {p.dtype for p in module.parameters() if p.dtype.is_floating_point}
+        self._config = module.config
 
     def trl_ref_model(self):
         return self.given
+
+    def weight_dtypes(self) -> set[torch.dtype]:
+        return self._dtypes  # the module is freed once its values are stored
+
+    def model_configs(self) -> dict[str, object]:
+        return {"ref_model": self._config}
 
     def _module(self):
         return self.trainer.ref_model
@@ -433,6 +484,9 @@ class CrossTokenizerReference(Reference):
     def identity(self) -> dict:
         return {**self.frozen.identity(), **mapping_identity(self.trainer, self.frozen.path)}
 
+    def weight_dtypes(self) -> set[torch.dtype]:
+        return self.frozen.weight_dtypes()
+
     def release(self) -> None:
         self.frozen.release()
 
@@ -450,6 +504,7 @@ class OraclePair(Reference):
 
     def logps(self, inputs: dict) -> torch.Tensor:
         """Token rewards `(2B, T-1)` of a batch on the device: the oracle's log-probs minus its reference's, in float32."""
+        self.check_packable()
         mask = self.trainer._shared_prompt_mask
         with torch.no_grad():
             oracle = reference_scoring.forward_logps(self.oracle.module(), inputs, shared_prompt_mask=mask)
@@ -472,6 +527,12 @@ class OraclePair(Reference):
         return {"kind": "sepo-token-rewards", "oracle": oracle["reference"], "oracle_ref": oracle_ref["reference"],
                 "dtype": oracle["dtype"], **quantized, **mapping_identity(self.trainer, self.oracle.path)}  # fmt: skip
 
+    def weight_dtypes(self) -> set[torch.dtype]:
+        return self.oracle.weight_dtypes() | self.oracle_ref.weight_dtypes()
+
+    def model_configs(self) -> dict[str, object]:
+        return {self.oracle.path: self.oracle.config(), self.oracle_ref.path: self.oracle_ref.config()}
+
     def release(self) -> None:
         self.oracle.release()
         self.oracle_ref.release()
@@ -482,7 +543,7 @@ def build_scorer(trainer, policy, args, *, processing_class, quantization_config
     if not (args.uses_selection and args.selection_rule == "scorer"):
         return None
     path = checked_path(args.scorer_model_name_or_path, field="scorer_model_name_or_path", policy=policy, args=args,
-                        processing_class=processing_class)  # fmt: skip
+                        processing_class=processing_class, mappable=False)  # fmt: skip
     return ScorerModel(trainer, path, init_kwargs=reference_load_kwargs(args, policy, quantization_config))
 
 

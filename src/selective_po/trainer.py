@@ -114,9 +114,12 @@ class SelectiveDPOTrainer(DPOTrainer):
             if stored is not None:
                 stored.initial_scoring_done()
         self.tie_tolerance = args.score_tie_tolerance  # nats; selection counts scores this close to the cut as tied
-        if self.tie_tolerance is None:  # by the coarsest dtype the scored log-probs pass through
-            models = [m for m in (self.model, self.ref_model) if m is not None]
-            self.tie_tolerance = max(score_tie_tolerance(d) for m in models for d in compute_dtypes(m, args))
+        if self.tie_tolerance is None:  # by the coarsest dtype the scored log-probs pass through, stored ones included
+            dtypes = set().union(
+                *(compute_dtypes(m, args) for m in (self.model, self.ref_model) if m is not None),
+                *(stored.weight_dtypes() for stored in (self.reference, self.scorer) if stored is not None),
+            )
+            self.tie_tolerance = max(score_tie_tolerance(d) for d in dtypes)
         if self.pop_callback(ProgressCallback) is not None:  # the same bars, redrawn every second
             self.add_callback(TickingProgressCallback)
         if args.plot_curves:
@@ -262,8 +265,11 @@ class SelectiveDPOTrainer(DPOTrainer):
         outputs, policy_logps, shift_mask = self._policy_forward(model, inputs, score_mask)
         result, chosen_rewards, rejected_rewards = getattr(self, variant)(inputs, policy_logps, shift_mask, score_mask)
         where = f"training step {self.state.global_step + 1}" if self.model.training else f"evaluation after step {self.state.global_step}"
-        check_finite_scores(self.accelerator, result, *shift_mask.chunk(2, dim=0), where=where,
-                            description=self._score_description, remedy=self._score_remedy)  # fmt: skip
+        description, remedy = self._score_description, self._score_remedy
+        if self.scorer is not None:  # the fixed scores come from stored values only
+            description = "fixed token scores (scorer log-prob minus reference log-prob)"
+            remedy = "The scorer's or the reference's stored log-probs are not finite: check both models' weights."
+        check_finite_scores(self.accelerator, result, *shift_mask.chunk(2, dim=0), where=where, description=description, remedy=remedy)
         loss = result.losses.mean() * self.loss_weights[0]  # TRL's weight of a single loss type
         if self.aux_loss_enabled:
             loss = loss + self.router_aux_loss_coef * outputs.aux_loss
