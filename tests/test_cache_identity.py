@@ -73,3 +73,24 @@ def test_a_shard_copied_from_another_entry_is_refused(tmp_path, policies):
         shutil.copy(path_a / name, path_b / name)
     with pytest.raises(ValueError, match=rf"{path_b / 'shard-00000.json'} belongs to another cache entry \(field 'key'"):
         make(tmp_path, policies["B"])
+
+
+def test_a_file_replaced_with_its_size_and_mtime_kept_is_hashed_again(tmp_path):
+    """The checksum memo never serves the old digest for new content that a copy gave the old size and mtime."""
+    import os
+
+    from selective_po.files import FileDigests, sha256_file
+
+    weights, memo = tmp_path / "model.safetensors", tmp_path / "memo.json"
+    weights.write_bytes(b"A" * 64)
+    digests = FileDigests(memo)
+    first = digests(weights)
+    digests.save()
+    stat = weights.stat()
+    replacement = tmp_path / "new.safetensors"
+    replacement.write_bytes(b"B" * 64)  # same size
+    os.utime(replacement, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # what cp -p / rsync -a keep
+    os.replace(replacement, weights)
+    assert weights.stat().st_size == stat.st_size and weights.stat().st_mtime_ns == stat.st_mtime_ns
+    again = FileDigests(memo)
+    assert again(weights) == sha256_file(weights) != first

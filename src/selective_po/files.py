@@ -42,10 +42,11 @@ def read_json(path: str | os.PathLike | None) -> dict:
 
 
 class FileDigests:
-    """sha256 of files by content, memoized in a JSON file by (resolved path, size, mtime).
+    """sha256 of files by content, memoized in a JSON file by (resolved path, inode, size, mtime, ctime).
 
-    A file rewritten in place gets a new size or mtime and is hashed again; a damaged memo reads as
-    empty, so the worst it costs is hashing again.
+    A file rewritten or replaced is hashed again, even by a copy that keeps the old size and mtime
+    (`cp -p`, `rsync -a`, unpacking an archive): its inode or ctime, which no copy sets, moves. A
+    damaged memo reads as empty, so the worst it costs is hashing again.
     """
 
     def __init__(self, memo_path: str | os.PathLike | None):
@@ -56,7 +57,7 @@ class FileDigests:
     def __call__(self, path: str | os.PathLike) -> str:
         path = Path(path)
         stat = path.stat()
-        key = f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+        key = f"{path.resolve()}:{stat.st_ino}:{stat.st_size}:{stat.st_mtime_ns}:{stat.st_ctime_ns}"
         if key not in self.memo:
             self.memo[key] = sha256_file(path)
             self._changed = True
