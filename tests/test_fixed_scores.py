@@ -81,3 +81,17 @@ def test_sepo_refuses_the_scorer_rule():
     with pytest.raises(ValueError, match="SePO's oracle already fixes"):
         SePOConfig(output_dir="unused", selection_rule="scorer", scorer_model_name_or_path="x", oracle_model_name_or_path="a",
                    oracle_ref_model_name_or_path="b")  # fmt: skip
+
+
+@pytest.mark.parametrize("field", ["scorer_model_name_or_path", "ref_model_name_or_path"])
+def test_an_adapter_folder_as_a_reference_side_model_is_refused(tmp_path, tiny_model_dir, field):
+    """Values of a PEFT adapter depend on the base model it names inside, which no cache key would see."""
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text('{"base_model_name_or_path": "somewhere", "peft_type": "LORA"}')
+    (adapter / "adapter_model.safetensors").write_bytes(b"")
+    fields = {"selection_rule": "scorer", "scorer_model_name_or_path": str(adapter)} if field.startswith("scorer") else {
+        "ref_model_name_or_path": str(adapter)}
+    args = SelectiveDPOConfig(output_dir=str(tmp_path / "out"), precompute_ref_log_probs=True, **{**COMMON, **fields})
+    with pytest.raises(ValueError, match=f"{field}=.*is a PEFT adapter folder.*merge_and_unload"):
+        SelectiveDPOTrainer(model=tiny_model_dir, args=args, train_dataset=preference_dataset(4))

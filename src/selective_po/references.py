@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -110,6 +111,14 @@ def check_tokenizer(policy, path: str, args, processing_class, *, name: str, map
 def checked_path(name: str, *, field: str, policy, args, processing_class, mappable: bool = True) -> str:
     """A reference-side model name resolved to a loadable path, its folder and tokenizer checked."""
     path = resolve_model_path(name)
+    folder = Path(path).expanduser()
+    if (folder / "adapter_config.json").is_file() and not (folder / "config.json").is_file():
+        # Its values would depend on a base model named inside, which the cache key cannot see.
+        raise ValueError(
+            f"{field}={name!r} is a PEFT adapter folder (adapter_config.json, no config.json). Merge the adapter into "
+            "its base and save the whole model, e.g. `AutoPeftModelForCausalLM.from_pretrained(folder).merge_and_unload()"
+            ".save_pretrained(merged)`, and name the merged folder."
+        )
     check_model_folder(path, trust_remote_code=args.trust_remote_code, field=field)
     check_tokenizer(policy, path, args, processing_class, name=name, mappable=mappable)
     return path
