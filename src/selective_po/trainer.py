@@ -108,6 +108,9 @@ class SelectiveDPOTrainer(DPOTrainer):
         self.scorer = references.build_scorer(
             self, model, args, processing_class=kwargs.get("processing_class"), quantization_config=quantization
         )  # fmt: skip
+        if self.scorer is not None:  # the fixed scores come from stored values only
+            self._score_description = "fixed token scores (scorer log-prob minus reference log-prob)"
+            self._score_remedy = "The scorer's or the reference's stored log-probs are not finite: check both models' weights."
         self._random_seeds = RandomControlSeeds(args.seed, args.process_index)
         super().__init__(model, ref_model=self.reference.trl_ref_model() if self.reference else None, args=args, **kwargs)
         for stored in (self.reference, self.scorer):
@@ -265,11 +268,8 @@ class SelectiveDPOTrainer(DPOTrainer):
         outputs, policy_logps, shift_mask = self._policy_forward(model, inputs, score_mask)
         result, chosen_rewards, rejected_rewards = getattr(self, variant)(inputs, policy_logps, shift_mask, score_mask)
         where = f"training step {self.state.global_step + 1}" if self.model.training else f"evaluation after step {self.state.global_step}"
-        description, remedy = self._score_description, self._score_remedy
-        if self.scorer is not None:  # the fixed scores come from stored values only
-            description = "fixed token scores (scorer log-prob minus reference log-prob)"
-            remedy = "The scorer's or the reference's stored log-probs are not finite: check both models' weights."
-        check_finite_scores(self.accelerator, result, *shift_mask.chunk(2, dim=0), where=where, description=description, remedy=remedy)
+        check_finite_scores(self.accelerator, result, *shift_mask.chunk(2, dim=0), where=where,
+                            description=self._score_description, remedy=self._score_remedy)  # fmt: skip
         loss = result.losses.mean() * self.loss_weights[0]  # TRL's weight of a single loss type
         if self.aux_loss_enabled:
             loss = loss + self.router_aux_loss_coef * outputs.aux_loss
