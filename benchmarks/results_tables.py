@@ -11,7 +11,10 @@ The first report is the grid against DPO; each further one is the same runs agai
    start model (nats), and the margin;
 3. the seed spread: each seed's mean per metric, and the half-width of the paired intervals of the
    differences to the first baseline on rows with every seed. A difference smaller than that
-   half-width cannot exclude 0 with these seeds and items: it is the smallest these rows resolve.
+   half-width cannot exclude 0 with these seeds and items: it is the smallest these rows resolve;
+4. the verdicts: for each claim in `CLAIMS` whose two rows are in the reports, per metric, "holds"
+   when the paired interval lies on the claimed side of 0, "does not" when it lies on the other
+   side, "cannot tell" when it holds 0.
 """
 
 from __future__ import annotations
@@ -42,6 +45,19 @@ HEADINGS = {
     "chosen_logp_change": "chosen log-lik. change",
     "rejected_logp_change": "rejected log-lik. change",
 }
+# A claim is "<method> differs from <baseline> in the direction <sign>"; the metrics are those it is judged on,
+# generation first: the user's question is what the trained model generates.
+CLAIMS = (
+    ("Selective-DPO with a DPO-trained reference beats DPO", "sdpo-dpo-ref", "dpo", +1),
+    ("A stronger reference selects better: the start model as reference loses to the DPO model", "sdpo-init-ref", "sdpo-dpo-ref", -1),
+    ("Selected tokens beat random ones: random 40% loses to the scored 40% (DPO reference)", "sdpo-dpo-ref-random", "sdpo-dpo-ref", -1),
+    ("SePO beats DPO", "sepo", "dpo", +1),
+    ("ConfPO beats DPO", "confidence", "dpo", +1),
+    ("Instruction following: Selective-DPO (DPO reference) lowers IFEval against DPO", "sdpo-dpo-ref", "dpo", -1),
+    ("Our variant (fixed scores) beats DPO", "sdpo-fixed-scores", "dpo", +1),
+    ("Our variant (fixed scores) beats Selective-DPO with the DPO reference", "sdpo-fixed-scores", "sdpo-dpo-ref", +1),
+)
+CLAIM_METRICS = {"Instruction following": ("ifeval_pass_rate",)}
 PERCENT = {"greedy_accuracy_arithmetic", "ifeval_pass_rate", "likelihood_accuracy", "reward_accuracy"}
 
 
@@ -94,6 +110,30 @@ def seed_spread(report: dict, metrics: tuple[str, ...]) -> str:
     return "\n".join(lines)
 
 
+def verdict(interval: tuple[float, float], sign: int) -> str:
+    """"holds" if the paired interval of (method - baseline) lies on the `sign` side of 0, "does not" if on the other."""
+    low, high = interval
+    if low > 0 or high < 0:
+        return "holds" if (low > 0) == (sign > 0) else "does not"
+    return "cannot tell"
+
+
+def verdicts(reports: list[dict], metrics: tuple[str, ...]) -> str:
+    """One row per claim and metric whose method is measured in the report against the claim's baseline."""
+    by_baseline = {report["baseline"]: report["summary"]["methods"] for report in reports}
+    lines = ["| claim | metric | seeds | difference [95% interval] | verdict |", "| --- | --- | --- | --- | --- |"]
+    for claim, method, baseline, sign in CLAIMS:
+        row = by_baseline.get(baseline, {}).get(method)
+        if row is None:
+            continue
+        judged = next((m for prefix, m in CLAIM_METRICS.items() if claim.startswith(prefix)), metrics)
+        for metric in (m for m in judged if m in metrics and "difference" in row.get(m, {})):
+            cell = row[metric]
+            seeds = ",".join(map(str, row["seeds"]))
+            lines.append(f"| {claim} | {HEADINGS[metric]} | {seeds} | {difference(metric, cell)} | {verdict(cell['difference_interval'], sign)} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("reports", nargs="+", help="compare.json files of one grid: against DPO first, then other baselines")
@@ -116,6 +156,8 @@ def main() -> None:
     print(table(reports, present("chosen_logp_change", "rejected_logp_change", "mean_margin")))
     print(f"\n### Seed spread (each seed's mean) and the smallest difference the rows resolve (vs {reports[0]['baseline']})\n")
     print(seed_spread(reports[0], present(*GENERATION, "chosen_logp_change", "rejected_logp_change")))
+    print("\n### The claims, per metric: the paired interval of (row - baseline) and what it says\n")
+    print(verdicts(reports, present(*GENERATION)))
 
 
 if __name__ == "__main__":

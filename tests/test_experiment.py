@@ -144,6 +144,15 @@ def test_results_tables_are_the_reports_figures(tmp_path, capsys, monkeypatch):
     spread = tables.seed_spread(report, ("likelihood_accuracy",))
     # rows on every seed but the baseline: half-widths 3.0 and 1.0 points; the one-seed control is left out
     assert "| likelihood acc. | 59.0% / 60.0% / 61.0% | 60.0% / 61.0% / 62.0% | 62.0% / 62.0% / 62.0% | 2.0 points |" in spread
+    judged = tables.verdicts([report], ("likelihood_accuracy",))
+    assert "| ConfPO beats DPO | likelihood acc. | 0,1,2 | **+2.0 [+1.0, +3.0]** | holds |" in judged
+    assert "| Selective-DPO with a DPO-trained reference beats DPO | likelihood acc. | 0,1,2 | +1.0 [−2.0, +4.0] | cannot tell |" in judged
+    # the instruction-following claim is judged on IFEval alone, which this report lacks
+    assert "Instruction following" not in judged
+    # claims against a baseline no report has are left out, not judged against another one
+    assert "random 40%" not in judged and "stronger reference" not in judged
+    assert tables.verdict((0.01, 0.03), -1) == "does not" and tables.verdict((-0.03, -0.01), -1) == "holds"
     monkeypatch.setattr(sys, "argv", ["results_tables.py", str(path)])
     tables.main()
-    assert "Seed spread" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "Seed spread" in out and "| holds |" in out
