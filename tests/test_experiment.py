@@ -156,3 +156,26 @@ def test_results_tables_are_the_reports_figures(tmp_path, capsys, monkeypatch):
     tables.main()
     out = capsys.readouterr().out
     assert "Seed spread" in out and "| holds |" in out
+
+
+def test_kept_tokens_splits_each_change_into_the_scorers_kept_share_and_the_rest():
+    """benchmarks/kept_tokens.py: the kept part is the change summed over the top share of the DPO model's
+    Selective-DPO score of the start model, the other part the rest; both add up to the response's change."""
+    spec = importlib.util.spec_from_file_location("kept_tokens", SCRIPT.parent / "kept_tokens.py")
+    kept = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(kept)
+    import torch
+
+    t = lambda *v: torch.tensor(v, dtype=torch.float64)  # noqa: E731
+    start = {"chosen": [t(-1.0, -2.0, -3.0, -1.0, -0.5), t(-1.0, -1.0)], "rejected": [t(-2.0, -2.0, -2.0), t(-1.0, -4.0, -1.0)]}
+    # chosen scores (scorer - start): row 0 [2, 0, 1, 0.5, 0], top 40% of 5 = 2 tokens: positions 0 and 2
+    scorer = {"chosen": [t(1.0, -2.0, -2.0, -0.5, -0.5), t(-0.5, -2.0)], "rejected": [t(-3.0, -2.0, -5.0), t(-1.0, -4.5, -0.5)]}
+    trained = {side: [r + torch.arange(1, len(r) + 1, dtype=torch.float64) for r in rows] for side, rows in start.items()}
+    out = kept.kept_and_other_changes(start, scorer, trained, keep_share=0.4, ends={"chosen": [4, 1], "rejected": [2, 1]})
+    assert out["chosen"]["kept"] == pytest.approx([1 + 3, 1]) and out["chosen"]["other"] == pytest.approx([2 + 4 + 5, 2])
+    # rejected scores (start - scorer): row 0 [1, 0, 3] keeps 2 of 3 (ceil 1.2): positions 2 and 0; row 1 [0, 0.5, -0.5]: 1 and 0
+    assert out["rejected"]["kept"] == pytest.approx([3 + 1, 2 + 1]) and out["rejected"]["other"] == pytest.approx([2, 3])
+    assert out["chosen"]["end"] == pytest.approx([5, 2]) and out["chosen"]["end_kept"] == [0.0, 0.0]
+    assert out["rejected"]["end"] == pytest.approx([3, 2]) and out["rejected"]["end_kept"] == [1.0, 1.0]
+    with pytest.raises(ValueError, match="no end-of-turn"):
+        kept.first_end([5, 6, 7], 1, end_id=2)
