@@ -95,7 +95,7 @@ def first_end(ids: list[int], prompt_len: int, end_id: int) -> int:
     """Index, among the completion tokens, of the first end-of-turn token."""
     completion = ids[prompt_len:]
     if end_id not in completion:
-        raise ValueError("A response has no end-of-turn token after the chat template; nothing to measure there.")
+        raise ValueError(f"A response has no end-of-turn token (id {end_id}) after the chat template; nothing to measure there.")
     return completion.index(end_id)
 
 
@@ -110,7 +110,6 @@ def main() -> None:
     parser.add_argument("--output_json", default="docs/results/kept_tokens.json")
     opts = parser.parse_args()
 
-    torch.set_grad_enabled(False)
     config = CompareConfig.from_yaml(opts.grid)
     pairs, prompts = load_held_out(config)
     step = max(1, len(pairs) // opts.pairs) if opts.pairs else 1

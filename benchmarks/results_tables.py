@@ -45,19 +45,18 @@ HEADINGS = {
     "chosen_logp_change": "chosen log-lik. change",
     "rejected_logp_change": "rejected log-lik. change",
 }
-# A claim is "<method> differs from <baseline> in the direction <sign>"; the metrics are those it is judged on,
-# generation first: the user's question is what the trained model generates.
+# A claim is "<method> differs from <baseline> in the direction <sign>", judged on the given metrics (None: every
+# measured one, generation first: the user's question is what the trained model generates).
 CLAIMS = (
-    ("Selective-DPO with a DPO-trained reference beats DPO", "sdpo-dpo-ref", "dpo", +1),
-    ("A stronger reference selects better: the start model as reference loses to the DPO model", "sdpo-init-ref", "sdpo-dpo-ref", -1),
-    ("Selected tokens beat random ones: random 40% loses to the scored 40% (DPO reference)", "sdpo-dpo-ref-random", "sdpo-dpo-ref", -1),
-    ("SePO beats DPO", "sepo", "dpo", +1),
-    ("ConfPO beats DPO", "confidence", "dpo", +1),
-    ("Instruction following: Selective-DPO (DPO reference) lowers IFEval against DPO", "sdpo-dpo-ref", "dpo", -1),
-    ("Our variant (fixed scores) beats DPO", "sdpo-fixed-scores", "dpo", +1),
-    ("Our variant (fixed scores) beats Selective-DPO with the DPO reference", "sdpo-fixed-scores", "sdpo-dpo-ref", +1),
+    ("Selective-DPO with a DPO-trained reference beats DPO", "sdpo-dpo-ref", "dpo", +1, None),
+    ("A stronger reference selects better: the start model as reference loses to the DPO model", "sdpo-init-ref", "sdpo-dpo-ref", -1, None),
+    ("Selected tokens beat random ones: random 40% loses to the scored 40% (DPO reference)", "sdpo-dpo-ref-random", "sdpo-dpo-ref", -1, None),
+    ("SePO beats DPO", "sepo", "dpo", +1, None),
+    ("ConfPO beats DPO", "confidence", "dpo", +1, None),
+    ("Instruction following: Selective-DPO (DPO reference) lowers IFEval against DPO", "sdpo-dpo-ref", "dpo", -1, ("ifeval_pass_rate",)),
+    ("Our variant (fixed scores) beats DPO", "sdpo-fixed-scores", "dpo", +1, None),
+    ("Our variant (fixed scores) beats Selective-DPO with the DPO reference", "sdpo-fixed-scores", "sdpo-dpo-ref", +1, None),
 )
-CLAIM_METRICS = {"Instruction following": ("ifeval_pass_rate",)}
 PERCENT = {"greedy_accuracy_arithmetic", "ifeval_pass_rate", "likelihood_accuracy", "reward_accuracy"}
 
 
@@ -122,12 +121,11 @@ def verdicts(reports: list[dict], metrics: tuple[str, ...]) -> str:
     """One row per claim and metric whose method is measured in the report against the claim's baseline."""
     by_baseline = {report["baseline"]: report["summary"]["methods"] for report in reports}
     lines = ["| claim | metric | seeds | difference [95% interval] | verdict |", "| --- | --- | --- | --- | --- |"]
-    for claim, method, baseline, sign in CLAIMS:
+    for claim, method, baseline, sign, judged in CLAIMS:
         row = by_baseline.get(baseline, {}).get(method)
         if row is None:
             continue
-        judged = next((m for prefix, m in CLAIM_METRICS.items() if claim.startswith(prefix)), metrics)
-        for metric in (m for m in judged if m in metrics and "difference" in row.get(m, {})):
+        for metric in (m for m in judged or metrics if m in metrics and "difference" in row.get(m, {})):
             cell = row[metric]
             seeds = ",".join(map(str, row["seeds"]))
             lines.append(f"| {claim} | {HEADINGS[metric]} | {seeds} | {difference(metric, cell)} | {verdict(cell['difference_interval'], sign)} |")
