@@ -1,6 +1,6 @@
 """The papers' claims at small scale, on on-policy pairs with verifiable answers, as `selective-po compare` grids.
 
-    python benchmarks/onpolicy_experiment.py                                   # CPU preset, one run at a time
+    python benchmarks/onpolicy_experiment.py                                   # CPU preset, two runs at once, a core each
     python benchmarks/onpolicy_experiment.py --preset cuda --build_data --workers 10   # on a GPU (cuda_experiment.sh)
 
 Data: pairs sampled from the bundled model itself and checked by the arithmetic and IFEval verifiers
@@ -20,7 +20,7 @@ only the loss and its token selection differ. Three grids share one output folde
 
 Runs are scheduled as a graph (a run waits for the models its `@name` fields name, SePO for the
 tuning), `--workers` at a time, each in its own process (`compare`'s `run_grid` for one method and
-seed). Every finished run keeps its `result.json`, so a stopped experiment resumes where it stopped; a run
+seed) with the cores split between them (`OMP_NUM_THREADS`, unless it is set already). Every finished run keeps its `result.json`, so a stopped experiment resumes where it stopped; a run
 measured on other held-out data than the dataset's now (a grown test split) is measured again, not retrained.
 Outputs: the grids' `compare.md/json/png` in `--output_dir`, copied to `--docs_dir` with every finished
 run's `result.json` (per-item outcomes, training curves, wall times) in `<preset>_runs.json`.
@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -50,7 +51,8 @@ SEPO_BETAS = {"sepo-beta01": 0.1, "sepo-beta03": 0.3, "sepo-beta1": 1.0}
 CLAIM_BASELINES = ("sdpo-dpo-ref", "sepo")
 
 PRESETS = {
-    # One run at a time on 2 CPU cores: the GPU preset's budget (100 steps of 8, about 1.5 epochs over every training
+    # Two runs at once on 2 CPU cores, one core each (together about 1.5 times as fast as one run on both: the small
+    # model's matmuls do not scale to a second core). The GPU preset's budget (100 steps of 8, about 1.5 epochs over every training
     # pair, learning rate 1e-5), every main row on 3 seeds and the random control on 1, measured on every held-out pair
     # and prompt. One epoch at 3e-5 lowered DPO's greedy arithmetic accuracy (docs/results/cpu_budget_check_*.json).
     # DPO runs as Selective-DPO keeping every token (`selection_rule: all`), which is DPO's loss exactly, on the stored
@@ -62,7 +64,7 @@ PRESETS = {
         "model": "smollm2-135m-instruct", "seeds": [0, 1, 2], "control_seeds": [0], "sweep": False, "sepo_controls": False,
         "sepo_beta": 1.0, "dpo": {"loss_type": "sdpo", "selection_rule": "all"}, "train_pairs": 0, "eval_pairs": 0,
         "prompts": 760, "validation_pairs": 0, "eval_batch_size": 16, "generation_batch_size": 64,
-        "training": {"max_steps": 100, "per_device_train_batch_size": 8, "learning_rate": 1.0e-5},
+        "training": {"max_steps": 100, "per_device_train_batch_size": 8, "learning_rate": 1.0e-5}, "workers": 2,
     },  # fmt: skip
     # A GPU, several runs side by side: main rows on 5 seeds, controls and the sweep on 3; SePO's beta tuned first.
     "cuda": {
@@ -72,7 +74,7 @@ PRESETS = {
         "model": "smollm2-135m-instruct", "seeds": [0, 1, 2, 3, 4], "control_seeds": [0, 1, 2], "sweep": True,
         "sepo_controls": True, "sepo_beta": None, "dpo": {"loss_type": "sigmoid"}, "train_pairs": 0, "eval_pairs": 0,
         "prompts": 400, "validation_pairs": 0, "eval_batch_size": 64, "generation_batch_size": 64,
-        "training": {"max_steps": 100, "per_device_train_batch_size": 8, "learning_rate": 1.0e-5},
+        "training": {"max_steps": 100, "per_device_train_batch_size": 8, "learning_rate": 1.0e-5}, "workers": 10,
     },  # fmt: skip
 }
 
@@ -177,11 +179,13 @@ def run_command(task: dict) -> list[str]:
     return [sys.executable, __file__, "--_run", task["grid"], task["method"], str(task["seed"])]
 
 
-def schedule(tasks: list[dict], *, workers: int, logs: Path, on_done=None, command=run_command) -> list[str]:
+def schedule(tasks: list[dict], *, workers: int, logs: Path, on_done=None, command=run_command, threads: int | None = None) -> list[str]:
     """Run every task not done, at most `workers` at once, each after its dependencies, the lowest
     `priority` first; return the keys of the tasks that failed or waited on one that failed.
-    `on_done(key)` may return new tasks (appended to the queue)."""
+    `on_done(key)` may return new tasks (appended to the queue). `threads`: each run's `OMP_NUM_THREADS`
+    (None: inherited)."""
     logs.mkdir(parents=True, exist_ok=True)
+    env = None if threads is None else {**os.environ, "OMP_NUM_THREADS": str(threads)}
     done = {t["key"] for t in tasks if t["done"]}
     failed: set[str] = set()
     running: dict[str, tuple[subprocess.Popen, object, float]] = {}
@@ -210,7 +214,7 @@ def schedule(tasks: list[dict], *, workers: int, logs: Path, on_done=None, comma
             ready = sorted((t for t in pending if t not in blocked and t["deps"] <= done), key=lambda t: t["priority"])
             for task in ready[: max(0, workers - len(running))]:
                 log = open(logs / (task["key"].replace("/", "_").replace(":", "__") + ".log"), "a")
-                running[task["key"]] = (subprocess.Popen(command(task), stdout=log, stderr=subprocess.STDOUT), log, time.time())
+                running[task["key"]] = (subprocess.Popen(command(task), stdout=log, stderr=subprocess.STDOUT, env=env), log, time.time())
                 progress.set_postfix_str(", ".join(k.split(":")[-1] for k in running))
             if not running and not [t for t in pending if t not in blocked]:
                 return sorted(failed)
@@ -225,6 +229,14 @@ def schedule(tasks: list[dict], *, workers: int, logs: Path, on_done=None, comma
                     process.wait()
                     log.close()
                 raise
+
+
+def run_threads(workers: int) -> int | None:
+    """Each run's share of this process's cores, or None when `OMP_NUM_THREADS` is set (the user's choice stands)."""
+    if "OMP_NUM_THREADS" in os.environ:
+        return None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores // workers)
 
 
 def tuned_tasks(preset: dict, dataset: str, out: Path, main_file: Path, untuned_file: Path, tune_file: Path):
@@ -275,9 +287,10 @@ def experiment(opts) -> None:
     else:
         tuned = True
         tasks, on_done = tuned_tasks(preset, dataset, out, main_file, untuned_file, tune_file)
+    workers = opts.workers or preset["workers"]
     started, interrupted = time.time(), False
     try:
-        failed = [] if opts.report_only else schedule(tasks, workers=opts.workers, logs=out / "logs", on_done=on_done)
+        failed = [] if opts.report_only else schedule(tasks, workers=workers, logs=out / "logs", on_done=on_done, threads=run_threads(workers))
     except KeyboardInterrupt:
         failed, interrupted = [], True
     print(f"\nruns {'stopped' if interrupted else 'finished'} after {time.time() - started:.0f} s; failed: {failed or 'none'}", flush=True)
@@ -316,7 +329,7 @@ def main() -> None:
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
     parser.add_argument("--dataset", default="onpolicy-smollm2-large", help="the pairs (bundled name or build-pairs folder)")
     parser.add_argument("--build_data", action="store_true", help="sample the pairs first, into output_dir/data (resumable)")
-    parser.add_argument("--workers", type=int, default=1, help="runs at once (each its own process)")
+    parser.add_argument("--workers", type=int, default=None, help="runs at once, each its own process with an equal share of the cores (default: the preset's, 2 on CPU)")
     parser.add_argument("--output_dir", default=None, help="default: outputs/onpolicy_<preset>")
     parser.add_argument("--docs_dir", default=None, help="copy each grid's compare.md/json/png here")
     parser.add_argument("--resamples", type=int, default=4000)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -96,6 +97,23 @@ def test_the_scheduler_orders_parallelizes_and_contains_failures(experiment, tmp
     assert overlapping and all(sum(started[k] <= t < ended[k] for k in started) <= 2 for t in started.values())
 
 
+def test_each_run_gets_its_share_of_the_cores_unless_the_user_set_it(experiment, tmp_path, monkeypatch):
+    def command(task):  # each run writes the thread count it was given
+        return [sys.executable, "-c", f"import os, pathlib; pathlib.Path({str(tmp_path)!r}, '{task['key']}').write_text(os.environ.get('OMP_NUM_THREADS', 'unset'))"]
+
+    tasks = [{"key": k, "deps": set(), "priority": (1,), "done": False} for k in ("x", "y")]
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert experiment.schedule(tasks, workers=2, logs=tmp_path / "logs", command=command, threads=3) == []
+    assert (tmp_path / "x").read_text() == (tmp_path / "y").read_text() == "3"
+    cores = len(os.sched_getaffinity(0))
+    assert experiment.run_threads(1) == cores and experiment.run_threads(2) == max(1, cores // 2) and experiment.run_threads(10 * cores) == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "5")
+    assert experiment.run_threads(2) is None  # the user's setting is inherited as it is
+    assert experiment.schedule(tasks, workers=2, logs=tmp_path / "logs", command=command, threads=None) == []
+    assert (tmp_path / "x").read_text() == "5"
+    assert experiment.PRESETS["cpu"]["workers"] == 2
+
+
 def test_runs_are_queued_first_dpo_then_seed_by_seed_main_rows_before_controls(experiment, tmp_path):
     settings = experiment.PRESETS["cuda"]  # the preset that tunes SePO's beta first
     main_file, tune_file = tmp_path / "main.yaml", tmp_path / "tune.yaml"
@@ -179,3 +197,17 @@ def test_kept_tokens_splits_each_change_into_the_scorers_kept_share_and_the_rest
     assert out["rejected"]["end"] == pytest.approx([3, 2]) and out["rejected"]["end_kept"] == [1.0, 1.0]
     with pytest.raises(ValueError, match="no end-of-turn"):
         kept.first_end([5, 6, 7], 1, end_id=2)
+
+
+def test_the_results_page_shows_the_committed_reports_tables(capsys, monkeypatch):
+    """Every table row of the CPU preset's section in docs/results.md is what benchmarks/results_tables.py prints
+    from the committed reports: the page's figures cannot drift from the runs."""
+    spec = importlib.util.spec_from_file_location("results_tables", SCRIPT.parent / "results_tables.py")
+    tables = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tables)
+    results = SCRIPT.parents[1] / "docs" / "results"
+    monkeypatch.setattr(sys, "argv", ["results_tables.py", str(results / "cpu_main.json"), str(results / "cpu_main-vs-sdpo-dpo-ref.json")])
+    tables.main()
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and not line.startswith("| ---")]
+    page = (SCRIPT.parents[1] / "docs" / "results.md").read_text().splitlines()
+    assert len(rows) > 30 and [row for row in rows if row not in page] == []

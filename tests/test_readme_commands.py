@@ -103,6 +103,9 @@ def workspace(tmp_path_factory):
     """A working folder with the README's inputs, and the name mapping (tiny models) in place."""
     root = tmp_path_factory.mktemp("readme")
     shutil.copytree(REPO / "examples", root / "examples")
+    # The committed reports, for the lines that tabulate them (`python benchmarks/results_tables.py ...`).
+    shutil.copytree(REPO / "benchmarks", root / "benchmarks", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(REPO / "docs" / "results", root / "docs" / "results")
     tokenizer = build_tokenizer()
     model = build_model(tokenizer)
 
