@@ -20,8 +20,9 @@ only the loss and its token selection differ. Three grids share one output folde
 
 Runs are scheduled as a graph (a run waits for the models its `@name` fields name, SePO for the
 tuning), `--workers` at a time, each in its own process (`compare`'s `run_grid` for one method and
-seed) with the cores split between them (`OMP_NUM_THREADS`, unless it is set already). Every finished run keeps its `result.json`, so a stopped experiment resumes where it stopped; a run
-measured on other held-out data than the dataset's now (a grown test split) is measured again, not retrained.
+seed) with the cores split between them (`OMP_NUM_THREADS`, unless it is set already). Every finished
+run keeps its `result.json`, so a stopped experiment resumes where it stopped; a run measured on other
+held-out data than the dataset's now (a grown test split) is measured again, not retrained.
 Outputs: the grids' `compare.md/json/png` in `--output_dir`, copied to `--docs_dir` with every finished
 run's `result.json` (per-item outcomes, training curves, wall times) in `<preset>_runs.json`.
 """
@@ -51,9 +52,9 @@ SEPO_BETAS = {"sepo-beta01": 0.1, "sepo-beta03": 0.3, "sepo-beta1": 1.0}
 CLAIM_BASELINES = ("sdpo-dpo-ref", "sepo")
 
 PRESETS = {
-    # Two runs at once on 2 CPU cores, one core each (together about 1.5 times as fast as one run on both: the small
-    # model's matmuls do not scale to a second core). The GPU preset's budget (100 steps of 8, about 1.5 epochs over every training
-    # pair, learning rate 1e-5), every main row on 3 seeds and the random control on 1, measured on every held-out pair
+    # Two runs at once on 2 CPU cores, one core each (together about 1.5 times the work per hour of one run on both: the
+    # small model's matmuls gain little from a second core). The GPU preset's budget (100 steps of 8, about 1.5 epochs
+    # over every training pair, learning rate 1e-5), every main row on 3 seeds and the random control on 1, measured on every held-out pair
     # and prompt. One epoch at 3e-5 lowered DPO's greedy arithmetic accuracy (docs/results/cpu_budget_check_*.json).
     # DPO runs as Selective-DPO keeping every token (`selection_rule: all`), which is DPO's loss exactly, on the stored
     # per-token values and the shared prompt. SePO's beta is not tuned here: 1.0, which won the GPU preset's tuning.

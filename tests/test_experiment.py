@@ -16,12 +16,22 @@ from selective_po.compare import CompareConfig, training_args
 SCRIPT = Path(__file__).parent.parent / "benchmarks" / "onpolicy_experiment.py"
 
 
-@pytest.fixture(scope="module")
-def experiment():
-    spec = importlib.util.spec_from_file_location("onpolicy_experiment", SCRIPT)
+def benchmark(name: str):
+    """benchmarks/<name>.py as a module (benchmarks/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(name, SCRIPT.parent / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture(scope="module")
+def experiment():
+    return benchmark("onpolicy_experiment")
+
+
+@pytest.fixture(scope="module")
+def tables():
+    return benchmark("results_tables")
 
 
 @pytest.mark.parametrize("preset", ["cpu", "cuda"])
@@ -130,12 +140,9 @@ def test_runs_are_queued_first_dpo_then_seed_by_seed_main_rows_before_controls(e
     assert by_key["sepo/seed0"]["deps"] == {f"{tmp_path / 'main'}:dpo/seed0"}
 
 
-def test_results_tables_are_the_reports_figures(tmp_path, capsys, monkeypatch):
+def test_results_tables_are_the_reports_figures(tables, tmp_path, capsys, monkeypatch):
     """benchmarks/results_tables.py prints each report's means and paired differences, marks the intervals that
     exclude 0, and gives as the smallest resolvable difference the median half-width over rows with every seed."""
-    spec = importlib.util.spec_from_file_location("results_tables", SCRIPT.parent / "results_tables.py")
-    tables = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tables)
 
     def cell(mean, per_seed=None, diff=None):
         out = {"mean": mean, "interval": [mean - 0.01, mean + 0.01]}
@@ -179,9 +186,7 @@ def test_results_tables_are_the_reports_figures(tmp_path, capsys, monkeypatch):
 def test_kept_tokens_splits_each_change_into_the_scorers_kept_share_and_the_rest():
     """benchmarks/kept_tokens.py: the kept part is the change summed over the top share of the DPO model's
     Selective-DPO score of the start model, the other part the rest; both add up to the response's change."""
-    spec = importlib.util.spec_from_file_location("kept_tokens", SCRIPT.parent / "kept_tokens.py")
-    kept = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(kept)
+    kept = benchmark("kept_tokens")
     import torch
 
     t = lambda *v: torch.tensor(v, dtype=torch.float64)  # noqa: E731
@@ -199,12 +204,9 @@ def test_kept_tokens_splits_each_change_into_the_scorers_kept_share_and_the_rest
         kept.first_end([5, 6, 7], 1, end_id=2)
 
 
-def test_the_results_page_shows_the_committed_reports_tables(capsys, monkeypatch):
+def test_the_results_page_shows_the_committed_reports_tables(tables, capsys, monkeypatch):
     """Every table row of the CPU preset's section in docs/results.md is what benchmarks/results_tables.py prints
     from the committed reports: the page's figures cannot drift from the runs."""
-    spec = importlib.util.spec_from_file_location("results_tables", SCRIPT.parent / "results_tables.py")
-    tables = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tables)
     results = SCRIPT.parents[1] / "docs" / "results"
     monkeypatch.setattr(sys, "argv", ["results_tables.py", str(results / "cpu_main.json"), str(results / "cpu_main-vs-sdpo-dpo-ref.json")])
     tables.main()
