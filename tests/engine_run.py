@@ -138,12 +138,15 @@ def main(setup: Path, out: Path) -> None:
         del trainer
     import torch.distributed as dist
 
+    from selective_po.engines import end_process_group
+
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
     if int(os.environ.get("RANK", "0")) == 0:
         (out / "results.json").write_text(json.dumps(results, indent=1))
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+    # Not a plain destroy_process_group() and return: the gloo group outlives it, and a normal exit then
+    # aborts now and then ("terminate called without an active exception"); see end_process_group.
+    end_process_group()
 
 
 def resume(trainer_class, config_class, setup: Path, out: Path, common: dict, dataset) -> dict:

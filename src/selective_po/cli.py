@@ -545,15 +545,6 @@ def compare_command(argv: list[str]) -> dict:
     return summary
 
 
-def _close_process_group() -> None:
-    """Destroy the process group `accelerate launch` made: one left alive can abort the process at exit."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
-
-
 COMMANDS = {
     "train": lambda rest: train(*parse_train_args(rest)),
     "score": lambda rest: score(*parse_train_args(rest, prog="selective-po score")),
@@ -578,7 +569,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         COMMANDS[command](rest)
-        _close_process_group()
+        from .engines import end_process_group
+
+        end_process_group()  # under `accelerate launch`: ends the process here (exit 0), see its docstring
     except KeyboardInterrupt:
         print(f"\nselective-po {command}: interrupted", file=sys.stderr)
         return 130

@@ -9,12 +9,14 @@ accelerate 1.15 can run another engine than the one asked for without saying so:
   (`--multi_gpu`), and each one then trains alone on the whole batch.
 
 Either way the run would finish with results of another setup. `check_engine` stops it at start-up
-with the fix instead.
+with the fix instead. `end_process_group` ends a launched process without the abort a normal exit risks.
 """
 
 from __future__ import annotations
 
+import atexit
 import os
+import sys
 from pathlib import Path
 
 from accelerate.utils import DistributedType
@@ -49,6 +51,30 @@ def check_engine(accelerator) -> None:
             f"`accelerate launch` was asked for {count} processes ({source}) but started this one alone (world size 1), "
             f"so it would train on its own as if no other process existed. {LAUNCH_FIX}"
         )
+
+
+def end_process_group() -> None:
+    """Wait for every process, destroy the process group and end this process (exit status 0) without
+    interpreter finalization, after running the `atexit` hooks and flushing output. Without a process group,
+    return.
+
+    A normal exit can abort with "terminate called without an active exception" (SIGABRT): once a model was
+    wrapped in DDP, torch 2.13 keeps the gloo group and its worker threads alive after `destroy_process_group()`.
+    A worker that drops a finished collective's last tensors takes the GIL to free their Python objects; if
+    that happens during `Py_Finalize`, CPython ends the thread with `pthread_exit`, whose unwinding through
+    torch's noexcept tensor release calls `std::terminate`. Whether it does depends on how late the worker
+    gets the CPU; `os._exit` leaves no finalization for it to run into.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    dist.barrier()
+    dist.destroy_process_group()
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def requested_processes() -> tuple[int, str] | None:
