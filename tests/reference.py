@@ -36,20 +36,59 @@ def reference_keep(scores: torch.Tensor, mask: torch.Tensor, threshold: float, t
     return torch.tensor(rows, dtype=torch.bool).reshape(mask.shape)
 
 
-def reference_sdpo(pc, pr, rc, rr, chosen_mask, rejected_mask, *, threshold, beta, label_smoothing=0.0, scorer=None):
+def reference_keep_with_noise(scores, mask, threshold: float, bound) -> torch.Tensor:
+    """The rule with a per-token noise bound: a row whose every completion score has |s| <= its bound keeps every
+    completion token; any other row is `reference_keep` (float32 tie band)."""
+    keep = reference_keep(scores, mask, threshold)
+    for b, (row_scores, row_mask, row_bound) in enumerate(zip(scores.double().tolist(), mask.bool().tolist(), bound.double().tolist())):
+        if not any(real and abs(s) > e for s, real, e in zip(row_scores, row_mask, row_bound)):
+            keep[b] = torch.tensor(row_mask)
+    return keep
+
+
+def reference_uncertain(scores, mask, keep, bound) -> torch.Tensor:
+    """In rows with a score outside its bound: kept tokens within their bound above the highest dropped score,
+    dropped tokens within their bound below the lowest kept score."""
+    rows = []
+    for row_scores, row_mask, row_keep, row_bound in zip(scores.double().tolist(), mask.bool().tolist(), keep.bool().tolist(),
+                                                         bound.double().tolist()):  # fmt: skip
+        signal = any(real and abs(s) > e for s, real, e in zip(row_scores, row_mask, row_bound))
+        kept = [s for s, real, k in zip(row_scores, row_mask, row_keep) if real and k]
+        dropped = [s for s, real, k in zip(row_scores, row_mask, row_keep) if real and not k]
+        rows.append([
+            real and signal and ((k and bool(dropped) and s - max(dropped) <= e) or (not k and bool(kept) and min(kept) - s <= e))
+            for s, real, k, e in zip(row_scores, row_mask, row_keep, row_bound)
+        ])  # fmt: skip
+    return torch.tensor(rows, dtype=torch.bool).reshape(mask.shape)
+
+
+def reference_noise_bound(per_bin, edges, *logps) -> torch.Tensor:
+    """Each token's bound: `per_bin[i]` where `i` counts the edges (descending log-probs) at or above the lowest
+    of the token's log-probs."""
+    lowest = torch.stack([lp.double() for lp in logps]).min(0).values
+    return torch.tensor([[per_bin[sum(v <= e for e in edges)] for v in row] for row in lowest.tolist()],
+                        dtype=torch.float64).reshape(lowest.shape)  # fmt: skip
+
+
+def reference_sdpo(pc, pr, rc, rr, chosen_mask, rejected_mask, *, threshold, beta, label_smoothing=0.0, scorer=None, bounds=None):
     """Selective-DPO per-example losses in float64, plus the keep masks.
 
     pc, pr: policy per-token log-probs (float64 leaves if gradients are wanted); rc, rr: reference.
     scorer: `(sc, sr)`, the fixed-score variant: tokens ranked by `sc - rc` (chosen) and `rr - sr`
     (rejected), the policy not involved; the loss is the same.
+    bounds: `(chosen, rejected)` per-token noise bounds: rows with no score outside them keep every token.
     """
     if scorer is None:
         chosen_scores = (rc - pc).detach()
         rejected_scores = (pr - rr).detach()
     else:
         chosen_scores, rejected_scores = scorer[0] - rc, rr - scorer[1]
-    keep_c = reference_keep(chosen_scores, chosen_mask, threshold)
-    keep_r = reference_keep(rejected_scores, rejected_mask, threshold)
+    if bounds is None:
+        keep_c = reference_keep(chosen_scores, chosen_mask, threshold)
+        keep_r = reference_keep(rejected_scores, rejected_mask, threshold)
+    else:
+        keep_c = reference_keep_with_noise(chosen_scores, chosen_mask, threshold, bounds[0])
+        keep_r = reference_keep_with_noise(rejected_scores, rejected_mask, threshold, bounds[1])
     losses = []
     for b in range(pc.shape[0]):
         chosen = sum((pc[b, t] - rc[b, t] for t in range(pc.shape[1]) if keep_c[b, t]), torch.zeros((), dtype=torch.float64))

@@ -1,18 +1,24 @@
-"""Selection in bf16 on CPU: the tie tolerance follows the dtype the log-probs are computed in, a token
-is dropped only when the kept ones outscore it by more than the noise floor, and one bf16 step of
-Selective-DPO (live and stored reference) and SePO matches the float64 reference on the same weights."""
+"""Selection in bf16 on CPU. Rounding noise must neither choose tokens nor inflate the kept share:
+
+- where the reference is the policy itself (step 0 with the default reference), every score is exactly 0
+  by construction and every token is kept, stored or live;
+- a response whose scores all lie within the measured noise bound keeps every token (it carries no signal);
+- every other response is ranked at float32 precision, keeps the share asked for, and decides every token
+  far enough from its cut as float64 does.
+
+The bounds below are derived in the docstrings from one fact: if every computed score lies within `e` of its
+exact value, each order statistic of a response's scores (its cut among them) does too.
+"""
 
 from __future__ import annotations
-
-from types import SimpleNamespace
 
 import pytest
 import torch
 
 from conftest import build_model, preference_dataset
-from reference import reference_keep, reference_sdpo, reference_sepo
+from reference import reference_keep, reference_keep_with_noise, reference_sepo, reference_uncertain
 from selective_po import SelectiveDPOConfig, SelectiveDPOTrainer, SePOConfig, SePOTrainer
-from selective_po.selection import TIE_TOLERANCES, compute_dtypes, keep_counts, score_tie_tolerance, select_tokens
+from selective_po.selection import SCORE_TIE_TOLERANCE, keep_counts, select_tokens
 from test_selection import random_mask
 from test_trainer import COMMON, one_batch_loss
 
@@ -26,74 +32,39 @@ def cut_gap(scores: torch.Tensor, mask: torch.Tensor, keep_share: float) -> torc
     return (scores.double() - ranked.gather(-1, (k - 1).clamp(min=0)[:, None])).abs()
 
 
-def check_fidelity(keep: torch.Tensor, true_keep: torch.Tensor, gap: torch.Tensor, mask: torch.Tensor, *, tolerance: float, error: float):
-    """What the tie rule guarantees when every score is within `error` of its float64 value and
-    `tolerance >= 2 * error`: every token float64 keeps is kept, and a token farther than
-    `tolerance + 2 * error` from the cut is decided as float64 decides it."""
-    assert tolerance >= 2 * error, (tolerance, error)
-    assert not (true_keep & ~keep).any(), "a token float64 keeps was dropped"
-    far = mask & (gap > tolerance + 2 * error)
-    assert torch.equal(keep[far], true_keep[far])
+def check_far_tokens(keep, true_keep, gap, mask, ranked_rows, *, error: float) -> torch.Tensor:
+    """In a ranked row, a token more than `2 * error + SCORE_TIE_TOLERANCE` from the exact cut is decided as float64
+    decides it: its computed score is within `error` of its exact one, and the computed cut within `error` of
+    the exact cut. Returns the tokens checked."""
+    far = mask & ranked_rows.unsqueeze(-1) & (gap > 2 * error + SCORE_TIE_TOLERANCE)
+    assert torch.equal(keep[far], true_keep[far]), "noise decided a token far from the cut"
     return far
 
 
 @pytest.mark.parametrize("seed", range(4))
-def test_noise_below_the_floor_never_drops_a_token_the_exact_scores_keep(seed):
+def test_noise_within_the_bound_neither_picks_tokens_nor_inflates_the_share(seed):
     generator = torch.Generator().manual_seed(seed)
-    floor = 0.3  # any bound on |computed - exact| per score
-    mask = random_mask(6, 40, side="right", generator=generator)
-    exact = torch.randn(6, 40, generator=generator, dtype=torch.float64) * 2
-    exact[:, ::7] = exact[:, :1]  # exact ties
-    noisy = exact + (torch.rand(6, 40, generator=generator, dtype=torch.float64) * 2 - 1) * floor
-    true_keep = reference_keep(exact, mask, 0.6, tie_tolerance=0.0)
-    keep = select_tokens(noisy.float(), mask, keep_share=0.4, tie_tolerance=2 * floor)
-    far = check_fidelity(keep, true_keep, cut_gap(exact, mask, 0.4), mask, tolerance=2 * floor, error=floor)
-    assert far.sum() > 0.3 * mask.sum() and (keep & mask).sum() < mask.sum()  # the check bites, selection still selects
-    # With float32's tolerance the same noise decides the cut: tokens float64 keeps are dropped.
-    tight = select_tokens(noisy.float(), mask, keep_share=0.4, tie_tolerance=score_tie_tolerance(torch.float32))
-    assert (true_keep & ~tight).any()
+    error = 0.3  # any bound on |computed - exact| per score
+    mask = random_mask(8, 40, side="right", generator=generator)
+    exact = torch.randn(8, 40, generator=generator, dtype=torch.float64) * 3
+    exact[::2] = 0.0  # policy == reference: no signal in these rows
+    noisy = exact + (torch.rand(8, 40, generator=generator, dtype=torch.float64) * 2 - 1) * error
+    bound = torch.full((8, 40), error)
+    keep = select_tokens(noisy.float(), mask, keep_share=0.4, noise_bound=bound)
+    assert torch.equal(keep, reference_keep_with_noise(noisy.float(), mask, 0.6, bound))
+    assert torch.equal(keep[::2], mask[::2])  # every noise-only row keeps every token
+    ranked = torch.zeros(8, dtype=torch.bool)
+    ranked[1::2] = True
+    far = check_far_tokens(keep, reference_keep(exact, mask, 0.6, tie_tolerance=0.0), cut_gap(exact, mask, 0.4), mask, ranked, error=error)
+    assert far.sum() > 0.3 * mask[1::2].sum()  # the check bites
+    # Ranked rows keep exactly the share asked for (continuous scores have no ties), however large the noise.
+    assert torch.equal(keep[1::2].sum(-1), keep_counts(mask[1::2].sum(-1), 0.4))
+    # The earlier rule, a tie band of twice the noise, kept every token within it: more than the share.
+    banded = select_tokens(noisy.float(), mask, keep_share=0.4, tie_tolerance=2 * error)
+    assert banded[1::2].sum() > keep[1::2].sum()
 
 
-def test_the_tie_tolerance_follows_the_compute_dtype(tmp_path, tiny_model_dir, tiny_tokenizer):
-    assert score_tie_tolerance(torch.float32) < 1e-4 < score_tie_tolerance(torch.float16) < score_tie_tolerance(torch.bfloat16)
-    model = build_model(tiny_tokenizer)
-    assert compute_dtypes(model, SimpleNamespace(bf16=True, fp16=False)) == {torch.float32, torch.bfloat16}  # autocast
-    assert compute_dtypes(model.to(torch.bfloat16), SimpleNamespace(bf16=False, fp16=False)) == {torch.bfloat16}
-
-    def trainer(**fields):
-        args = SelectiveDPOConfig(output_dir=str(tmp_path / "out"), **{**COMMON, **fields})
-        return SelectiveDPOTrainer(model=tiny_model_dir, args=args, train_dataset=preference_dataset(4))
-
-    assert trainer().tie_tolerance == TIE_TOLERANCES[torch.float32]
-    assert trainer(**BF16).tie_tolerance == TIE_TOLERANCES[torch.bfloat16]
-    assert trainer(**BF16, score_tie_tolerance=0.0).tie_tolerance == 0.0  # the user's value, as given
-    with pytest.raises(ValueError, match="score_tie_tolerance=-1"):
-        SelectiveDPOConfig(output_dir="unused", score_tie_tolerance=-1.0)
-
-
-def test_the_tie_tolerance_covers_stored_values_made_in_another_dtype(tmp_path, tiny_model_dir, tiny_tokenizer):
-    """A float32 policy whose stored reference or scorer values were computed in bf16 ranks bf16 noise: it gets
-    bf16's tolerance, from a `ref_model` module (freed once stored) or a checkpoint loaded with `dtype: auto`."""
-    bf16_dir = tmp_path / "bf16"
-    build_model(tiny_tokenizer, seed=3).to(torch.bfloat16).save_pretrained(bf16_dir)
-    tiny_tokenizer.save_pretrained(bf16_dir)
-
-    def trainer(ref_model=None, **fields):
-        args = SelectiveDPOConfig(output_dir=str(tmp_path / "out"), precompute_ref_log_probs=True,
-                                  ref_logps_cache_dir=str(tmp_path / "cache"), **{**COMMON, **fields})  # fmt: skip
-        return SelectiveDPOTrainer(model=tiny_model_dir, ref_model=ref_model, args=args, train_dataset=preference_dataset(4))
-
-    module = trainer(ref_model=build_model(tiny_tokenizer, seed=3).to(torch.bfloat16))
-    assert module.ref_model is None and module.tie_tolerance == TIE_TOLERANCES[torch.bfloat16]
-    auto = {"model_init_kwargs": {"dtype": "auto"}}  # the policy's checkpoint is float32, the others' bf16
-    assert trainer(ref_model_name_or_path=str(bf16_dir), **auto).tie_tolerance == TIE_TOLERANCES[torch.bfloat16]
-    scorer = trainer(selection_rule="scorer", scorer_model_name_or_path=str(bf16_dir), **auto)
-    assert scorer.tie_tolerance == TIE_TOLERANCES[torch.bfloat16]
-    # TRL's default dtype loads every checkpoint in float32, whatever it was saved in
-    assert trainer(ref_model_name_or_path=str(bf16_dir)).tie_tolerance == TIE_TOLERANCES[torch.float32]
-
-
-# ----- one bf16 step against the float64 reference, same weights and batch -----
+# ----- the trainer in bf16 -----
 
 
 @pytest.fixture
@@ -131,45 +102,99 @@ def bf16_step(trainer):
     return loss, batch, policy, mask, metrics
 
 
-def loss_bound(beta: float, error: float, n_tokens: torch.Tensor) -> torch.Tensor:
-    """|loss - float64 loss| per pair when each kept log-ratio term is off by at most `error`: the sigmoid
-    loss is beta-Lipschitz in the margin, and the margin sums at most `n_tokens` such terms."""
-    return beta * error * n_tokens
-
-
 @pytest.mark.parametrize("stored", [False, True], ids=["live", "stored"])
-def test_a_bf16_selective_dpo_step_matches_float64(tmp_path, sharp_models, stored):
+def test_the_first_step_with_the_default_reference_keeps_every_token_exactly(tmp_path, sharp_models, stored):
+    """Policy and reference are the same function before the first update: the scores are exactly 0 in bf16."""
+    args = SelectiveDPOConfig(output_dir=str(tmp_path / "out"), precompute_ref_log_probs=stored, precompute_ref_batch_size=3,
+                              ref_logps_cache_dir=str(tmp_path / "c"), **{**COMMON, **BF16})  # fmt: skip
+    trainer = SelectiveDPOTrainer(model=sharp_models["policy"], args=args, train_dataset=preference_dataset())
+    assert trainer.reference_is_policy()
+    loss, batch, policy, mask, metrics = bf16_step(trainer)
+    assert metrics["selection/kept_share_chosen"] == 1.0 and metrics["selection/kept_share_rejected"] == 1.0
+    assert metrics["selection/fallback_rows_chosen"] == 1.0 and metrics["selection/score_kept_chosen"] == 0.0
+    torch.testing.assert_close(loss, torch.log(torch.tensor(2.0)), rtol=0, atol=1e-6)  # DPO's loss at policy == reference
+    # Without that knowledge, the stored (or live) reference differs from the policy by layout noise.
+    ref = batch["ref_per_token_logps"] if stored else trainer.reference.logps(batch)
+    trainer._policy_updates.stepped = True
+    assert not trainer.reference_is_policy()
+    if stored:
+        assert (ref.float() - policy.float()).abs()[mask].max() > 0, "the layouts gave bitwise equal values: nothing to show"
+
+
+def test_the_exact_tie_ends_with_the_first_update_and_needs_a_deterministic_forward(tmp_path, tiny_model_dir, tiny_tokenizer):
+    from peft import LoraConfig
+
+    args = SelectiveDPOConfig(output_dir=str(tmp_path / "out"), max_steps=1, logging_steps=1, **COMMON)
+    first = SelectiveDPOTrainer(model=tiny_model_dir, args=args, train_dataset=preference_dataset(4))
+    assert first.reference_is_policy()
+    first.train()
+    assert not first.reference_is_policy() and first.state.log_history[0]["selection/kept_share_chosen"] == 1.0
+    first.state.global_step = 0  # a second `train()` starts at step 0 with a policy that has moved
+    assert not first.reference_is_policy()
+    # With dropout kept, the training forward is random: the policy is not the (eval-mode) reference function.
+    model = build_model(tiny_tokenizer)
+    model.config.attention_dropout = 0.1
+    model.save_pretrained(tmp_path / "dropout")
+    tiny_tokenizer.save_pretrained(tmp_path / "dropout")
+    args = SelectiveDPOConfig(output_dir=str(tmp_path / "drop"), **{**COMMON, "disable_dropout": False})
+    dropping = SelectiveDPOTrainer(model=str(tmp_path / "dropout"), args=args, train_dataset=preference_dataset(4))
+    dropping.model.train()
+    assert not dropping.reference_is_policy()
+    dropping.model.eval()
+    assert dropping.reference_is_policy()  # evaluation runs without dropout
+    # PEFT: the base model is the policy only while the adapter adds nothing (LoRA's B = 0).
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    args = SelectiveDPOConfig(output_dir=str(tmp_path / "peft"), **COMMON)
+    adapter = SelectiveDPOTrainer(model=tiny_model_dir, args=args, train_dataset=preference_dataset(4), peft_config=lora)
+    assert adapter.reference_is_policy()
+    next(p for n, p in adapter.model.named_parameters() if "lora_B" in n).data[0, 0] = 1e-3
+    assert not adapter.reference_is_policy()
+
+
+def test_a_bf16_selective_dpo_step_matches_float64(tmp_path, sharp_models):
+    """With a reference that differs, one bf16 step against float64 on the same weights and batch. The rule is
+    checked on the computed scores, the far tokens against float64, and the loss on the kept tokens bf16 chose
+    against float64's loss on the same tokens (the sigmoid loss is beta-Lipschitz in the margin, and the margin
+    sums at most `n_kept` log-ratio terms, each off by at most twice the log-probs' rounding)."""
     beta = 0.1
     args = SelectiveDPOConfig(output_dir=str(tmp_path / "out"), ref_model_name_or_path=sharp_models["ref"], beta=beta,
-                              precompute_ref_log_probs=stored, precompute_ref_batch_size=3, ref_logps_cache_dir=str(tmp_path / "c"),
+                              precompute_ref_log_probs=True, precompute_ref_batch_size=3, ref_logps_cache_dir=str(tmp_path / "c"),
                               **{**COMMON, **BF16})  # fmt: skip
     trainer = SelectiveDPOTrainer(model=sharp_models["policy"], args=args, train_dataset=preference_dataset())
+    assert not trainer.reference_is_policy()
     loss, batch, policy, mask, metrics = bf16_step(trainer)
-    assert policy.dtype == torch.bfloat16 or trainer.model.dtype == torch.bfloat16
+    assert trainer.model.dtype == torch.bfloat16 and trainer.noise_bound.largest() > 1e-3  # measured: bf16 noise
     with torch.no_grad():
         result, *_ = trainer._sdpo_step(batch, policy, mask, None)
     p64, r64 = float64_logps(sharp_models["policy"], batch), float64_logps(sharp_models["ref"], batch)
+    ref = batch["ref_per_token_logps"]
     cm, rm = mask.chunk(2)
-    losses64, keep_c, keep_r = reference_sdpo(*p64.chunk(2), *r64.chunk(2), cm, rm, threshold=0.6, beta=beta)
-    ref = batch["ref_per_token_logps"] if stored else trainer.reference.logps(batch)
-    scores = torch.cat([(ref - policy).float().chunk(2)[0], (policy - ref).float().chunk(2)[1]])
-    exact = torch.cat([(r64 - p64).chunk(2)[0], (p64 - r64).chunk(2)[1]])
-    error = (scores.double() - exact).abs()[mask].max().item()
-    tolerance = trainer.tie_tolerance
-    assert error <= tolerance / 2, f"the tiny model's bf16 score error {error:.3f} exceeds the CPU floor {tolerance / 2}"
-    far = [check_fidelity(keep, true_keep, cut_gap(exact_side, side_mask, 0.4), side_mask, tolerance=tolerance, error=error)
-           for keep, true_keep, exact_side, side_mask in ((result.chosen_keep, keep_c, exact.chunk(2)[0], cm),
-                                                          (result.rejected_keep, keep_r, exact.chunk(2)[1], rm))]  # fmt: skip
-    assert sum(int(f.sum()) for f in far) > 0 and (~result.chosen_keep & cm).any()  # the check bites
-    # Per pair, the margin differs by the kept terms' rounding and by the tokens only bf16 keeps.
+    scores = (result.chosen_scores, result.rejected_scores)
+    exact = ((r64 - p64).chunk(2)[0], (p64 - r64).chunk(2)[1])
+    error = max((s.double() - e).abs()[m].max().item() for s, e, m in zip(scores, exact, (cm, rm)))
+    for side, (s, e, m, keep, fallback, uncertain, lp, rp) in enumerate(zip(
+            scores, exact, (cm, rm), (result.chosen_keep, result.rejected_keep), (result.chosen_fallback, result.rejected_fallback),
+            (result.chosen_uncertain, result.rejected_uncertain), policy.chunk(2), ref.chunk(2))):  # fmt: skip
+        bound = trainer.noise_bound(lp, rp)
+        assert torch.equal(keep, reference_keep_with_noise(s, m, 0.6, bound))  # the rule, on the computed scores
+        assert torch.equal(uncertain, reference_uncertain(s, m, keep, bound))
+        ranked = m.any(-1) & ~fallback
+        assert ranked.all(), "the sharp models' scores lie well outside bf16's noise: no response falls back"
+        far = check_far_tokens(keep, reference_keep(e, m, 0.6, tie_tolerance=0.0), cut_gap(e, m, 0.4), m, ranked, error=error)
+        assert far.sum() > 0.3 * m.sum()
+    n_tokens = int(mask.sum())
+    asked = int(keep_counts(cm.sum(-1), 0.4).sum() + keep_counts(rm.sum(-1), 0.4).sum())
+    kept = int(result.chosen_keep.sum() + result.rejected_keep.sum())
+    assert asked <= kept <= asked + 0.03 * n_tokens  # the share asked for, up to exact ties among bf16 scores
+    with torch.no_grad():
+        same_tokens = [((p - r) * k).sum(-1) for p, r, k in zip((p64.chunk(2)[0], p64.chunk(2)[1]), (r64.chunk(2)[0], r64.chunk(2)[1]),
+                                                                (result.chosen_keep, result.rejected_keep))]  # fmt: skip
+    losses64 = -torch.nn.functional.logsigmoid(beta * (same_tokens[0] - same_tokens[1]))
     logp_error = max((policy.double() - p64).abs()[mask].max().item(), (ref.double() - r64).abs()[mask].max().item())
-    extra = [((keep & ~true_keep) * exact_side.abs()).sum(-1) for keep, true_keep, exact_side in
-             ((result.chosen_keep, keep_c, exact.chunk(2)[0]), (result.rejected_keep, keep_r, exact.chunk(2)[1]))]  # fmt: skip
     n_kept = result.chosen_keep.sum(-1) + result.rejected_keep.sum(-1)
-    bound = loss_bound(beta, 2 * logp_error, n_kept) + beta * (extra[0] + extra[1])
-    assert ((result.losses.double() - losses64).abs() <= bound + 1e-3).all()
+    assert ((result.losses.double() - losses64).abs() <= beta * 2 * logp_error * n_kept + 1e-3).all()
     torch.testing.assert_close(loss.double(), result.losses.double().mean(), rtol=0, atol=1e-6)
-    assert 0.0 <= metrics["selection/tied_share_chosen"] <= 1.0
+    assert metrics["selection/fallback_rows_chosen"] == 0.0 and 0.0 <= metrics["selection/uncertain_share_chosen"] <= 1.0
 
 
 def test_a_bf16_sepo_step_matches_float64(tmp_path, sharp_models):
@@ -177,20 +202,24 @@ def test_a_bf16_sepo_step_matches_float64(tmp_path, sharp_models):
                       oracle_ref_model_name_or_path=sharp_models["oracle_ref"], ref_logps_cache_dir=str(tmp_path / "c"),
                       precompute_ref_batch_size=3, **{**COMMON, **BF16})  # fmt: skip
     trainer = SePOTrainer(model=sharp_models["policy"], args=args, train_dataset=preference_dataset())
-    loss, batch, policy, mask, _ = bf16_step(trainer)
+    loss, batch, policy, mask, metrics = bf16_step(trainer)
     rewards = batch["token_rewards"].double()
     exact = float64_logps(sharp_models["oracle"], batch) - float64_logps(sharp_models["oracle_ref"], batch)
     error = (rewards - exact).abs()[mask].max().item()
-    tolerance = trainer.tie_tolerance
     keep = trainer._score_mask(batch)
     cm, rm = mask.chunk(2)
     p64 = float64_logps(sharp_models["policy"], batch)
-    losses64, keep_c, keep_r = reference_sepo(*p64.chunk(2), *exact.chunk(2), cm, rm, k_w=0.3, k_l=0.3, beta=1.0, gamma=0.0)
+    _, keep_c, keep_r = reference_sepo(*p64.chunk(2), *exact.chunk(2), cm, rm, k_w=0.3, k_l=0.3, beta=1.0, gamma=0.0)
     # SePO keeps the highest-reward chosen and the lowest-reward rejected tokens: rank -reward on that side.
-    ranked = (exact.chunk(2)[0], -exact.chunk(2)[1])
-    far = [check_fidelity(k, t, cut_gap(r, m, 0.3), m, tolerance=tolerance, error=error)
-           for k, t, r, m in zip(keep.chunk(2), (keep_c, keep_r), ranked, (cm, rm))]  # fmt: skip
-    assert sum(int(f.sum()) for f in far) > 0
+    ranked_scores = (rewards.chunk(2)[0], -rewards.chunk(2)[1])
+    exact_scores = (exact.chunk(2)[0], -exact.chunk(2)[1])
+    bound = torch.full_like(cm, trainer.noise_bound.largest(), dtype=torch.float32)
+    for k, t, s, e, m in zip(keep.chunk(2), (keep_c, keep_r), ranked_scores, exact_scores, (cm, rm)):
+        assert torch.equal(k, reference_keep_with_noise(s.float(), m, 0.7, bound))
+        ranked = m.any(-1) & (s.abs() > bound).any(-1)
+        assert ranked.all()
+        far = check_far_tokens(k, t, cut_gap(e, m, 0.3), m, ranked, error=error)
+        assert far.sum() > 0.3 * m.sum()
     # With the kept sets bf16 chose, u = beta * mean kept log-prob moves by at most the log-probs' rounding,
     # so the loss (1-Lipschitz in u_w - u_l) by at most twice that.
     keep_w, keep_l = keep.chunk(2)
@@ -198,4 +227,49 @@ def test_a_bf16_sepo_step_matches_float64(tmp_path, sharp_models):
     losses64_same_tokens = -torch.nn.functional.logsigmoid(u[0] - u[1])
     logp_error = (policy.double() - p64).abs()[keep].max().item()
     assert (loss.double() - losses64_same_tokens.mean()).abs() <= 2 * logp_error + 1e-6
-    assert losses64.shape == losses64_same_tokens.shape
+    assert metrics["selection/fallback_rows_chosen"] == 0.0
+
+
+# ----- training runs of 20 steps in bf16 -----
+
+
+def recorded_run(trainer) -> list[tuple[dict, float, float]]:
+    """Train, recording per step the logged metrics and the share asked for on each side (from that step's masks)."""
+    asked = []
+    step = trainer._sdpo_step
+
+    def recording(inputs, policy_logps, shift_mask, score_mask):
+        chosen, rejected = shift_mask.chunk(2)
+        asked.append(tuple(float(keep_counts(m.sum(-1), 0.4).sum() / m.sum()) for m in (chosen, rejected)))
+        return step(inputs, policy_logps, shift_mask, score_mask)
+
+    trainer._sdpo_step = recording
+    trainer.train()
+    logs = [entry for entry in trainer.state.log_history if "selection/kept_share_chosen" in entry]
+    assert len(logs) == len(asked) == trainer.args.max_steps
+    return [(entry, *shares) for entry, shares in zip(logs, asked)]
+
+
+def test_a_bf16_run_keeps_the_share_asked_for_with_a_reference_that_differs(tmp_path, sharp_models):
+    args = SelectiveDPOConfig(output_dir=str(tmp_path / "out"), ref_model_name_or_path=sharp_models["ref"], max_steps=20,
+                              logging_steps=1, learning_rate=1e-3, precompute_ref_log_probs=True,
+                              ref_logps_cache_dir=str(tmp_path / "c"), **{**COMMON, **BF16})  # fmt: skip
+    trainer = SelectiveDPOTrainer(model=sharp_models["policy"], args=args, train_dataset=preference_dataset())
+    for entry, asked_chosen, asked_rejected in recorded_run(trainer):
+        if entry["selection/fallback_rows_chosen"] == 0.0:  # every response carries signal
+            assert abs(entry["selection/kept_share_chosen"] - asked_chosen) <= 0.03, entry
+        if entry["selection/fallback_rows_rejected"] == 0.0:
+            assert abs(entry["selection/kept_share_rejected"] - asked_rejected) <= 0.03, entry
+        assert entry["selection/fallback_rows_chosen"] + entry["selection/fallback_rows_rejected"] <= 0.25, entry
+
+
+def test_a_bf16_run_with_the_default_reference_keeps_everything_at_step_0_only(tmp_path, sharp_models):
+    args = SelectiveDPOConfig(output_dir=str(tmp_path / "out"), max_steps=20, logging_steps=1, learning_rate=3e-3,
+                              precompute_ref_log_probs=True, ref_logps_cache_dir=str(tmp_path / "c"), **{**COMMON, **BF16})  # fmt: skip
+    trainer = SelectiveDPOTrainer(model=sharp_models["policy"], args=args, train_dataset=preference_dataset())
+    run = recorded_run(trainer)
+    assert run[0][0]["selection/kept_share_chosen"] == 1.0 and run[0][0]["selection/kept_share_rejected"] == 1.0
+    # Once the policy moves, rows carry signal and keep the share asked for.
+    late = [(entry, asked) for entry, asked, _ in run[10:] if entry["selection/fallback_rows_chosen"] == 0.0]
+    assert late, "the policy never left its reference by more than the noise bound"
+    assert all(abs(entry["selection/kept_share_chosen"] - asked) <= 0.03 for entry, asked in late)

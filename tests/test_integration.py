@@ -48,8 +48,9 @@ def test_two_selective_dpo_steps_on_the_real_model(smollm2_path, tmp_path):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
 def test_the_first_step_keeps_every_token_with_stored_values_in_both_dtypes(smollm2_path, tmp_path, dtype):
-    """The promise of the default reference: policy == reference, every score is noise, every token kept.
-    The values are stored in batches of 3 and the step runs a batch of 4, packed: another layout."""
+    """The promise of the default reference: policy == reference, so every token is kept. The trainer knows it and
+    makes every score exactly 0; told nothing, the stored values (batches of 3) against the step's batch of 4,
+    packed, differ by layout noise only, and the bound measured on that batch makes every response fall back whole."""
     pairs = load_preference_dataset("arithmetic", split="train").select(range(4))
     args = SelectiveDPOConfig(
         output_dir=str(tmp_path / "out"), report_to="none", per_device_train_batch_size=4, precompute_ref_log_probs=True,
@@ -59,8 +60,12 @@ def test_the_first_step_keeps_every_token_with_stored_values_in_both_dtypes(smol
     trainer = SelectiveDPOTrainer(model=smollm2_path, args=args, train_dataset=pairs)
     batch = trainer._prepare_inputs(trainer.data_collator([trainer.train_dataset[i] for i in range(4)]))
     with torch.no_grad():
+        trainer.score_noise_bound(trainer.model, batch)
         _, policy, mask = trainer._policy_forward(trainer.model, batch)
         result, *_ = trainer._sdpo_step(batch, policy, mask, None)
-    noise = (policy.float() - batch["ref_per_token_logps"]).abs()[mask].max().item()
-    assert noise <= trainer.tie_tolerance / 2  # within the measured floor
-    assert torch.equal(result.chosen_keep, mask.chunk(2)[0]) and torch.equal(result.rejected_keep, mask.chunk(2)[1])
+        assert torch.equal(result.chosen_keep, mask.chunk(2)[0]) and torch.equal(result.rejected_keep, mask.chunk(2)[1])
+        assert result.chosen_scores[mask.chunk(2)[0]].eq(0).all()  # exactly, by construction
+        trainer._policy_updates.stepped = True  # as if the trainer could not tell
+        untold, *_ = trainer._sdpo_step(batch, policy, mask, None)
+    assert untold.chosen_fallback.all() and untold.rejected_fallback.all()
+    assert torch.equal(untold.chosen_keep, mask.chunk(2)[0]) and torch.equal(untold.rejected_keep, mask.chunk(2)[1])

@@ -27,7 +27,7 @@ def random_mask(batch, length, *, side, generator):
 @pytest.mark.parametrize("shape", [(1, 1), (3, 47), (5, 13), (7, 2)])
 @pytest.mark.parametrize("side", ["right", "left", "middle"])
 def test_matches_reference_with_ties(threshold, shape, side):
-    generator = torch.Generator().manual_seed(hash((threshold, shape, side)) % 2**31)
+    generator = torch.Generator().manual_seed(1000 * sum(shape) + 10 * THRESHOLDS.index(threshold) + len(side))
     mask = random_mask(*shape, side=side, generator=generator)
     # Scores on a coarse grid: many exact ties, including at the selection boundary.
     scores = torch.randint(-3, 4, shape, generator=generator).float() / 4
@@ -161,3 +161,75 @@ def test_spans_keep_the_given_tokens_inside_the_response_only():
     assert keep.tolist() == [[False, True, False, True], [False, False, False, False]]  # an empty row keeps nothing
     with pytest.raises(ValueError, match="rule='spans' needs the tokens the data names"):
         select_tokens(scores, mask, keep_share=0.4, rule="spans")
+
+
+# ----- the noise bound: rows with no signal fall back whole, the others are ranked at float32 precision -----
+
+
+@pytest.mark.parametrize("threshold", THRESHOLDS)
+@pytest.mark.parametrize("shape", [(1, 1), (3, 47), (6, 13), (7, 2)])
+@pytest.mark.parametrize("side", ["right", "left", "middle"])
+def test_the_noise_rule_matches_the_float64_reference(threshold, shape, side):
+    from reference import reference_keep_with_noise, reference_uncertain
+    from selective_po.selection import select_tokens, uncertain_decisions
+
+    generator = torch.Generator().manual_seed(1000 * sum(shape) + 10 * THRESHOLDS.index(threshold) + len(side))
+    mask = random_mask(*shape, side=side, generator=generator)
+    bound = torch.rand(shape, generator=generator, dtype=torch.float64) * 0.5
+    scores = torch.randn(shape, generator=generator, dtype=torch.float64)
+    scores[::2] *= 0.3 * bound[::2] / scores[::2].abs().clamp(min=1e-9)  # every other row: all scores inside their bound
+    scores[:, ::5] = scores[:, :1].clone()  # ties
+    keep = select_tokens(scores.float(), mask, keep_share=1 - threshold, noise_bound=bound.float())
+    assert torch.equal(keep, reference_keep_with_noise(scores.float(), mask, threshold, bound.float()))
+    uncertain = uncertain_decisions(scores.float(), mask, keep, noise_bound=bound.float())
+    assert torch.equal(uncertain, reference_uncertain(scores.float(), mask, keep, bound.float()))
+
+
+def test_rows_inside_their_bound_keep_everything_and_the_others_keep_their_share():
+    from selective_po.selection import rows_with_signal, select_tokens
+
+    mask = torch.ones(3, 10, dtype=torch.bool)
+    mask[2, 6:] = False
+    scores = torch.tensor([[0.0] * 10, [0.1 * i for i in range(10)], [0.01, -0.02, 0.0, 0.03, 0.0, 0.02, 9.0, 9.0, 9.0, 9.0]])
+    bound = torch.full((3, 10), 0.05)
+    assert rows_with_signal(scores, mask, bound).tolist() == [False, True, False]  # padding never counts as signal
+    keep = select_tokens(scores, mask, keep_share=0.4, noise_bound=bound)
+    assert keep[0].all() and keep[1].tolist() == [False] * 6 + [True] * 4 and torch.equal(keep[2], mask[2])
+    # Without a bound the noise-only rows are ranked: their kept tokens are chosen by rounding.
+    assert not select_tokens(scores, mask, keep_share=0.4)[2].all()
+    # A bound of exactly 0 still treats exact ties (policy == reference) as no signal.
+    assert select_tokens(torch.zeros(2, 5), torch.ones(2, 5, dtype=torch.bool), keep_share=0.4, noise_bound=torch.zeros(2, 5)).all()
+
+
+def test_empty_rows_keep_nothing_and_carry_no_signal():
+    from selective_po.selection import rows_with_signal, select_tokens, uncertain_decisions
+
+    mask = torch.zeros(2, 4, dtype=torch.bool)
+    scores, bound = torch.randn(2, 4), torch.zeros(2, 4)
+    assert not select_tokens(scores, mask, keep_share=0.4, noise_bound=bound).any()
+    assert not rows_with_signal(scores, mask, bound).any()
+    assert not uncertain_decisions(scores, mask, torch.zeros(2, 4, dtype=torch.bool), noise_bound=bound).any()
+
+
+def test_a_decision_is_uncertain_only_when_noise_could_swap_it_across_the_cut():
+    from selective_po.selection import select_tokens, uncertain_decisions
+
+    scores = torch.tensor([[5.0, 3.0, 2.95, 1.0, 0.0]])
+    mask, bound = torch.ones(1, 5, dtype=torch.bool), torch.full((1, 5), 0.1)
+    keep = select_tokens(scores, mask, keep_share=0.4, noise_bound=bound)
+    assert keep.tolist() == [[True, True, False, False, False]]
+    # 3.0 (kept) and 2.95 (dropped) lie within 0.1 of each other; 5.0 and 1.0 are far from the other side.
+    assert uncertain_decisions(scores, mask, keep, noise_bound=bound).tolist() == [[False, True, True, False, False]]
+
+
+@pytest.mark.parametrize("count_rule", ["ceil", "quantile"])
+def test_the_noise_rule_applies_to_both_count_rules(count_rule):
+    from selective_po.selection import select_tokens
+
+    generator = torch.Generator().manual_seed(0)
+    scores = torch.randn(4, 20, generator=generator)
+    scores[1] *= 1e-3
+    mask = torch.ones(4, 20, dtype=torch.bool)
+    keep = select_tokens(scores, mask, keep_share=0.4, count_rule=count_rule, noise_bound=torch.full((4, 20), 0.01))
+    plain = select_tokens(scores, mask, keep_share=0.4, count_rule=count_rule)
+    assert keep[1].all() and torch.equal(keep[[0, 2, 3]], plain[[0, 2, 3]])

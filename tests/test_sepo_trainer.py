@@ -139,6 +139,8 @@ def test_the_lm_head_projects_only_the_selected_tokens(tmp_path, tiny_model_dir,
     import trl.trainer.utils as trl_utils
 
     trainer = make(tmp_path, tiny_model_dir, oracle_dirs)
+    # The noise bound is measured once, on the first batch, with forwards of every position: measure it first.
+    trainer.score_noise_bound(trainer.model, trainer._prepare_inputs(trainer.data_collator([trainer.train_dataset[i] for i in range(4)])))
     projected = []
     original = trl_utils._ChunkedLogProbFunction.apply
     monkeypatch.setattr(trl_utils._ChunkedLogProbFunction, "apply", lambda hidden, *a: (projected.append(hidden.shape[0]), original(hidden, *a))[1])

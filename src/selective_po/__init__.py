@@ -4,7 +4,8 @@ Data flows one way, one module per stage:
     data.py (preference pairs) -> TRL tokenization -> per-token log-probs (the policy's in trainer.py;
     the reference side's in references.py, live or stored once by reference_cache.py) -> scoring.py
     (token scores) -> selection.py (keep mask) -> losses.py (per-example loss) -> trainer.py (wires it
-    into TRL's DPOTrainer). parity.py says what each TRL option does under the selective losses.
+    into TRL's DPOTrainer). noise.py measures how far scores may lie from their exact values, which
+    selection.py uses so that rounding never chooses tokens. parity.py says what each TRL option does under the selective losses.
 """
 
 import warnings
@@ -24,11 +25,13 @@ from .losses import (  # noqa: E402
     selective_dpo_loss,
     sepo_loss,
 )
+from .noise import NoiseBound  # noqa: E402
 from .scoring import sdpo_token_scores  # noqa: E402
-from .selection import keep_counts, random_share_mask, select_tokens, top_share_mask  # noqa: E402
+from .selection import keep_counts, random_share_mask, rows_with_signal, select_tokens, top_share_mask  # noqa: E402
 from .trainer import SelectiveDPOTrainer, SePOTrainer  # noqa: E402
 
 __all__ = [
+    "NoiseBound",
     "SePOConfig",
     "SePOTrainer",
     "SelectiveDPOConfig",
@@ -40,6 +43,7 @@ __all__ = [
     "load_preference_dataset",
     "masked_sum",
     "random_share_mask",
+    "rows_with_signal",
     "sdpo_token_scores",
     "select_sdpo_tokens",
     "select_tokens",

@@ -128,10 +128,11 @@ class SelectiveDPOConfig(DPOConfig):
     score_tie_tolerance: float | None = field(
         default=None,
         metadata={
-            "help": "Scores within this many nats below a response's cut count as tied with it and are kept. None: by "
-            "the dtype the log-probs are computed in (9e-5 for float32, 0.15 for fp16, 1.0 for bf16), twice the noise "
-            "floor measured in docs/results/noise_floor.md, so a token is dropped only when the kept tokens outscore "
-            "it by more than that floor. Raise it where your kernels are noisier (the floor was measured on CPU)."
+            "help": "The scores' noise bound in nats, the same for every token: a response whose every score lies "
+            "within it keeps every token (a plain DPO row); every other response is ranked at float32 precision and "
+            "keeps the share asked for. None: measured per token at the start of training, on the first batch, by "
+            "running its pairs again one at a time (it grows as a token's probability falls, and with the dtype: "
+            "about 1e-5 nats in float32 and up to ~1 in bf16 on CPU). See docs/selection.md."
         },
     )
     map_across_tokenizers: bool = field(
@@ -234,7 +235,7 @@ class SelectiveDPOConfig(DPOConfig):
                 "supported with it. Leave map_across_tokenizers=False."
             )
         if self.score_tie_tolerance is not None and not self.score_tie_tolerance >= 0.0:
-            raise ValueError(f"score_tie_tolerance={self.score_tie_tolerance} must be a number of nats >= 0 (None: by dtype).")
+            raise ValueError(f"score_tie_tolerance={self.score_tie_tolerance} must be a number of nats >= 0 (None: measured).")
         if not 0.0 <= self.sdpo_threshold < 1.0:
             raise ValueError(
                 f"sdpo_threshold={self.sdpo_threshold} is out of range: it must lie in [0, 1) (0.6 keeps the top 40% "

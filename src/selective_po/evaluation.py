@@ -90,7 +90,8 @@ def evaluate_preferences(trainer: SelectiveDPOTrainer, dataset=None, *, desc: st
         loader = trainer.get_eval_dataloader(dataset)
         for batch in bar(total=len(loader), desc=desc, unit="batch", iterable=loader):
             batch = trainer._prepare_inputs(batch)
-            _, policy, ref, mask = trainer.per_token_logps(trainer.inference_model(), batch)
+            model = trainer.inference_model()
+            _, policy, ref, mask = trainer.per_token_logps(model, batch)
             policy_sums = masked_sum(policy.float(), mask)  # (2B,)
             ref_sums = masked_sum(ref.float(), mask)
             gathered = trainer.accelerator.gather_for_metrics((*policy_sums.chunk(2), *ref_sums.chunk(2)))
@@ -151,7 +152,8 @@ def selected_tokens(
         for start in range(0, len(dataset), batch_size):
             rows = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
             batch = trainer._prepare_inputs(trainer.data_collator(rows))
-            _, policy, ref, mask = trainer.per_token_logps(trainer.inference_model(), batch)
+            model = trainer.inference_model()
+            _, policy, ref, mask = trainer.per_token_logps(model, batch)
             chosen_mask, rejected_mask = mask.chunk(2)
             given = spans.given_keep(batch, mask) if rule == "spans" else (None, None)
             scorer = trainer._scorer_per_token_logps(batch, mask) if rule == "scorer" else (None, None)
@@ -159,7 +161,7 @@ def selected_tokens(
                 *policy.chunk(2), *ref.chunk(2), chosen_mask=chosen_mask, rejected_mask=rejected_mask, threshold=threshold,
                 rule=rule, count_rule=trainer.args.sdpo_count_rule, chosen_given=given[0], rejected_given=given[1],
                 scorer_chosen_logps=scorer[0], scorer_rejected_logps=scorer[1],
-                tie_tolerance=trainer.tie_tolerance,  # the kept tokens as training keeps them, in its dtype
+                noise=trainer.score_noise_bound(model, batch) if rule in ("scores", "scorer") else None,  # as training keeps them
             )  # fmt: skip
             chosen_ids, rejected_ids = batch["input_ids"][:, 1:].chunk(2)  # position t scores token t + 1
             sides = {

@@ -39,8 +39,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .noise import NoiseBound
 from .scoring import confidence_token_scores, sdpo_token_scores
-from .selection import SCORE_TIE_TOLERANCE, select_tokens
+from .selection import SCORE_TIE_TOLERANCE, rows_with_signal, select_tokens, uncertain_decisions
 
 
 def masked_sum(per_token: Tensor, mask: Tensor) -> Tensor:
@@ -94,6 +95,7 @@ def select_sdpo_tokens(
     scorer_chosen_logps: Tensor | None = None,
     scorer_rejected_logps: Tensor | None = None,
     tie_tolerance: float = SCORE_TIE_TOLERANCE,
+    noise: NoiseBound | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Score every response token and keep the top `1 - threshold` share of each response.
 
@@ -116,7 +118,9 @@ def select_sdpo_tokens(
             chosen token; the scores are then `scorer - ref` (chosen) and `ref - scorer` (rejected),
             fixed by the data: the policy's log-probs are not used.
         scorer_rejected_logps: Shape `(B, T)`. The same for the rejected response.
-        tie_tolerance: Scores this close below the cut count as tied with it (`selection.score_tie_tolerance`).
+        tie_tolerance: Scores this close below the cut count as tied with it (float32 precision).
+        noise: The run's per-token noise bound (`noise.NoiseBound`); a response whose every score lies within
+            it keeps every token. `None`: every response is ranked.
 
     Returns:
         `(chosen_scores, rejected_scores, chosen_keep, rejected_keep)`, each `(B, T)`; scores float32
@@ -135,19 +139,33 @@ def select_sdpo_tokens(
         chosen_scores, rejected_scores = sdpo_token_scores(
             policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps
         )
+    bounds = sdpo_noise_bounds(noise, rule, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
+                               ref_rejected_logps, scorer_chosen_logps, scorer_rejected_logps)  # fmt: skip
     select = dict(keep_share=1.0 - threshold, rule=rule, generator=generator, count_rule=count_rule, tie_tolerance=tie_tolerance)
-    chosen_keep = select_tokens(chosen_scores, chosen_mask, given=chosen_given, **select)  # (B, T)
-    rejected_keep = select_tokens(rejected_scores, rejected_mask, given=rejected_given, **select)  # (B, T)
+    chosen_keep = select_tokens(chosen_scores, chosen_mask, given=chosen_given, noise_bound=bounds[0], **select)  # (B, T)
+    rejected_keep = select_tokens(rejected_scores, rejected_mask, given=rejected_given, noise_bound=bounds[1], **select)  # (B, T)
     return chosen_scores, rejected_scores, chosen_keep, rejected_keep
 
 
-def tied_tokens(scores: Tensor, completion_mask: Tensor, keep: Tensor, *, rule: str, **select) -> Tensor | None:
-    """Kept tokens `(B, T)` that only the tie tolerance keeps: `keep` minus the kept set with no tolerance.
+def sdpo_noise_bounds(noise: NoiseBound | None, rule: str, policy_chosen_logps: Tensor, policy_rejected_logps: Tensor,
+                      ref_chosen_logps: Tensor, ref_rejected_logps: Tensor, scorer_chosen_logps: Tensor | None,
+                      scorer_rejected_logps: Tensor | None) -> tuple[Tensor | None, Tensor | None]:  # fmt: skip
+    """Per-token noise bounds `(B, T)` of Selective-DPO's chosen and rejected scores: the bound at the less likely of
+    the two log-probs each score compares (policy and reference; scorer and reference for `scorer`). `(None, None)`
+    without a bound or for rules that rank no log-prob difference."""
+    if noise is None or rule not in ("scores", "scorer"):
+        return None, None
+    chosen, rejected = (scorer_chosen_logps, scorer_rejected_logps) if rule == "scorer" else (policy_chosen_logps, policy_rejected_logps)
+    return noise(chosen.detach(), ref_chosen_logps), noise(rejected.detach(), ref_rejected_logps)
 
-    `None` for rules without a score cut (`random`, `all`, `spans`, `confidence`'s mean)."""
-    if rule not in ("scores", "scorer"):
-        return None
-    return keep & ~select_tokens(scores, completion_mask, rule=rule, **{**select, "tie_tolerance": 0.0})
+
+def noise_diagnostics(scores: Tensor, completion_mask: Tensor, keep: Tensor, bound: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
+    """`(fallback (B,), uncertain (B, T))`: the responses that kept every token because no score left its noise
+    bound, and the decisions of the other responses that lay within it. `(None, None)` without a bound."""
+    if bound is None:
+        return None, None
+    fallback = completion_mask.any(-1) & ~rows_with_signal(scores, completion_mask, bound)
+    return fallback, uncertain_decisions(scores, completion_mask, keep, noise_bound=bound)
 
 
 def kept_token_sums(
@@ -202,10 +220,12 @@ class SelectiveLossOutput:
         rejected_scores: `(B, T)` same for the rejected response.
         chosen_keep: `(B, T)` bool, kept chosen tokens.
         rejected_keep: `(B, T)` bool, kept rejected tokens.
-        chosen_tied: `(B, T)` bool, kept chosen tokens whose score is below the cut by less than the
-            tie tolerance: kept because the scores' precision cannot rank them below it (`None` for
-            rules without a cut).
-        rejected_tied: `(B, T)` bool, the same for rejected tokens.
+        chosen_fallback: `(B,)` bool, chosen responses that kept every token because none of their scores
+            left the noise bound (`None` without a bound, or for rules without a score cut).
+        rejected_fallback: `(B,)` bool, the same for rejected responses.
+        chosen_uncertain: `(B, T)` bool, chosen tokens of ranked responses whose score lies within its noise
+            bound of the cut: noise may have decided them (`None` as for `chosen_fallback`).
+        rejected_uncertain: `(B, T)` bool, the same for rejected tokens.
     """
 
     losses: Tensor
@@ -215,8 +235,10 @@ class SelectiveLossOutput:
     rejected_scores: Tensor
     chosen_keep: Tensor
     rejected_keep: Tensor
-    chosen_tied: Tensor | None = field(default=None, kw_only=True)
-    rejected_tied: Tensor | None = field(default=None, kw_only=True)
+    chosen_fallback: Tensor | None = field(default=None, kw_only=True)
+    rejected_fallback: Tensor | None = field(default=None, kw_only=True)
+    chosen_uncertain: Tensor | None = field(default=None, kw_only=True)
+    rejected_uncertain: Tensor | None = field(default=None, kw_only=True)
 
 
 @dataclass
@@ -251,6 +273,7 @@ def selective_dpo_loss(
     scorer_chosen_logps: Tensor | None = None,
     scorer_rejected_logps: Tensor | None = None,
     tie_tolerance: float = SCORE_TIE_TOLERANCE,
+    noise: NoiseBound | None = None,
 ) -> SelectiveDPOOutput:
     """Selective-DPO loss: DPO on the top `1 - threshold` share of tokens of each response.
 
@@ -270,7 +293,8 @@ def selective_dpo_loss(
         rejected_given: Shape `(B, T)`, bool: with `rule="spans"`, the rejected tokens kept.
         scorer_chosen_logps: Shape `(B, T)`: with `rule="scorer"`, the scorer's log-prob of each chosen token.
         scorer_rejected_logps: Shape `(B, T)`: the same for the rejected tokens.
-        tie_tolerance: The scores' tie band in nats (`selection.score_tie_tolerance` of their dtype).
+        tie_tolerance: The scores' tie band in nats (float32 precision, `selection.SCORE_TIE_TOLERANCE`).
+        noise: The run's per-token noise bound; responses with no score outside it keep every token.
 
     Returns:
         A `SelectiveDPOOutput`; `losses` has shape `(B,)`.
@@ -291,6 +315,7 @@ def selective_dpo_loss(
         scorer_chosen_logps=scorer_chosen_logps,
         scorer_rejected_logps=scorer_rejected_logps,
         tie_tolerance=tie_tolerance,
+        noise=noise,
     )
     chosen_logps = masked_sum(policy_chosen_logps, chosen_keep)
     rejected_logps = masked_sum(policy_rejected_logps, rejected_keep)
@@ -300,10 +325,15 @@ def selective_dpo_loss(
     chosen_logratios = chosen_logps - ref_chosen
     rejected_logratios = rejected_logps - ref_rejected
     losses = dpo_sigmoid_loss(chosen_logratios, rejected_logratios, beta=beta, label_smoothing=label_smoothing)
-    select = dict(rule=rule, keep_share=1.0 - threshold, count_rule=count_rule)
+    bounds = sdpo_noise_bounds(noise, rule, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
+                               ref_rejected_logps, scorer_chosen_logps, scorer_rejected_logps)  # fmt: skip
+    chosen_fallback, chosen_uncertain = noise_diagnostics(chosen_scores, chosen_mask.bool(), chosen_keep, bounds[0])
+    rejected_fallback, rejected_uncertain = noise_diagnostics(rejected_scores, rejected_mask.bool(), rejected_keep, bounds[1])
     return SelectiveDPOOutput(
-        chosen_tied=tied_tokens(chosen_scores, chosen_mask, chosen_keep, **select),
-        rejected_tied=tied_tokens(rejected_scores, rejected_mask, rejected_keep, **select),
+        chosen_fallback=chosen_fallback,
+        rejected_fallback=rejected_fallback,
+        chosen_uncertain=chosen_uncertain,
+        rejected_uncertain=rejected_uncertain,
         losses=losses,
         chosen_logps=chosen_logps,
         rejected_logps=rejected_logps,
@@ -329,6 +359,7 @@ def sepo_keep_masks(
     rule: str = "scores",
     generator: torch.Generator | None = None,
     tie_tolerance: float = SCORE_TIE_TOLERANCE,
+    noise: NoiseBound | None = None,
 ) -> tuple[Tensor, Tensor]:
     """SePO's kept tokens: the highest-reward `chosen_share` of chosen tokens, the lowest-reward
     `rejected_share` of rejected tokens (or a control `rule`).
@@ -341,15 +372,26 @@ def sepo_keep_masks(
         rejected_token_rewards: Shape `(B, T)`. Oracle token rewards of the rejected response.
         chosen_mask: Shape `(B, T)`, bool. True on real chosen-response tokens.
         rejected_mask: Shape `(B, T)`, bool. True on real rejected-response tokens.
-        tie_tolerance: The rewards' tie band in nats (`selection.score_tie_tolerance` of the dtype they came from).
+        tie_tolerance: The rewards' tie band in nats (float32 precision).
+        noise: The run's noise bound; a response whose every reward lies within it keeps every token.
 
     Returns:
         `(chosen_keep, rejected_keep)`, each `(B, T)` bool.
     """
     select = dict(rule=rule, generator=generator, tie_tolerance=tie_tolerance)
-    chosen_keep = select_tokens(chosen_token_rewards.detach().float(), chosen_mask, keep_share=chosen_share, **select)
-    rejected_keep = select_tokens(-rejected_token_rewards.detach().float(), rejected_mask, keep_share=rejected_share, **select)
+    chosen_scores, rejected_scores = chosen_token_rewards.detach().float(), -rejected_token_rewards.detach().float()
+    bounds = sepo_noise_bounds(noise, rule, chosen_scores, rejected_scores)
+    chosen_keep = select_tokens(chosen_scores, chosen_mask, keep_share=chosen_share, noise_bound=bounds[0], **select)
+    rejected_keep = select_tokens(rejected_scores, rejected_mask, keep_share=rejected_share, noise_bound=bounds[1], **select)
     return chosen_keep, rejected_keep  # (B, T) each
+
+
+def sepo_noise_bounds(noise: NoiseBound | None, rule: str, chosen_rewards: Tensor, rejected_rewards: Tensor):
+    """Noise bounds `(B, T)` of SePO's stored token rewards. Only their difference is stored, not the two log-probs
+    behind it, so every token gets the bound of the least likely bin (the largest). `(None, None)` without one."""
+    if noise is None or rule != "scores":
+        return None, None
+    return torch.full_like(chosen_rewards, noise.largest()), torch.full_like(rejected_rewards, noise.largest())
 
 
 def sepo_loss(
@@ -368,6 +410,7 @@ def sepo_loss(
     generator: torch.Generator | None = None,
     keep: tuple[Tensor, Tensor] | None = None,
     tie_tolerance: float = SCORE_TIE_TOLERANCE,
+    noise: NoiseBound | None = None,
 ) -> SelectiveLossOutput:
     """SePO loss: reference-free, on the highest-reward chosen and lowest-reward rejected tokens.
 
@@ -386,6 +429,7 @@ def sepo_loss(
         keep: `(chosen_keep, rejected_keep)` from `sepo_keep_masks` when already chosen (the policy's log-probs
             may then be filled at the kept positions only); `None` selects here.
         tie_tolerance: The rewards' tie band when selecting here (see `sepo_keep_masks`).
+        noise: The run's noise bound (see `sepo_keep_masks`), for selecting here and for the diagnostics.
 
     Returns:
         A `SelectiveLossOutput` whose rewards are `u(y_w)` and `u(y_l)`; `losses` has shape `(B,)`.
@@ -396,18 +440,21 @@ def sepo_loss(
         keep = sepo_keep_masks(
             chosen_scores, rejected_scores, chosen_mask=chosen_mask, rejected_mask=rejected_mask,
             chosen_share=chosen_share, rejected_share=rejected_share, rule=rule, generator=generator,
-            tie_tolerance=tie_tolerance,
+            tie_tolerance=tie_tolerance, noise=noise,
         )  # fmt: skip
     chosen_keep, rejected_keep = keep  # (B, T) each
     # An empty kept set has u = 0 (a zero sum over a count clamped to 1), never a division by zero.
     chosen_u = beta * masked_sum(policy_chosen_logps, chosen_keep) / chosen_keep.sum(-1).clamp(min=1)
     rejected_u = beta * masked_sum(policy_rejected_logps, rejected_keep) / rejected_keep.sum(-1).clamp(min=1)
     losses = -F.logsigmoid(chosen_u - rejected_u - gamma)
-    tied = (tied_tokens(chosen_scores, chosen_mask, chosen_keep, rule=rule, keep_share=chosen_share),
-            tied_tokens(-rejected_scores, rejected_mask, rejected_keep, rule=rule, keep_share=rejected_share))  # fmt: skip
+    bounds = sepo_noise_bounds(noise, rule, chosen_scores, -rejected_scores)
+    chosen_fallback, chosen_uncertain = noise_diagnostics(chosen_scores, chosen_mask.bool(), chosen_keep, bounds[0])
+    rejected_fallback, rejected_uncertain = noise_diagnostics(-rejected_scores, rejected_mask.bool(), rejected_keep, bounds[1])
     return SelectiveLossOutput(
-        chosen_tied=tied[0],
-        rejected_tied=tied[1],
+        chosen_fallback=chosen_fallback,
+        rejected_fallback=rejected_fallback,
+        chosen_uncertain=chosen_uncertain,
+        rejected_uncertain=rejected_uncertain,
         losses=losses,
         chosen_rewards=chosen_u.detach(),
         rejected_rewards=rejected_u.detach(),

@@ -63,8 +63,10 @@ def dpo_metrics(
 
 
 def selection_metrics(accelerator, result: SelectiveLossOutput, chosen_mask: Tensor, rejected_mask: Tensor) -> dict[str, float]:
-    """Share of completion tokens kept (and kept only within the tie tolerance of the cut: `tied_share`),
-    mean score of kept and dropped tokens, and the loss's own margin.
+    """Share of completion tokens kept, mean score of kept and dropped tokens, the loss's own margin, and
+    what the noise bound decided: `fallback_rows` (share of responses that kept every token because no
+    score left the bound) and `uncertain_share` (share of the ranked responses' tokens whose cut decision
+    lay within the bound, so noise may have made it).
 
     Args:
         result: The selective loss's output (scores and keep masks `(B, T)`, rewards `(B,)`).
@@ -73,18 +75,23 @@ def selection_metrics(accelerator, result: SelectiveLossOutput, chosen_mask: Ten
     gather_sum = lambda t: accelerator.gather_for_metrics(t).sum().item()  # noqa: E731
     logged = {"selection/rewards_margin_kept": accelerator.gather(result.chosen_rewards - result.rejected_rewards).mean().item()}
     sides = (
-        ("chosen", result.chosen_scores, result.chosen_keep, chosen_mask, result.chosen_tied),
-        ("rejected", result.rejected_scores, result.rejected_keep, rejected_mask, result.rejected_tied),
+        ("chosen", result.chosen_scores, result.chosen_keep, chosen_mask, result.chosen_fallback, result.chosen_uncertain),
+        ("rejected", result.rejected_scores, result.rejected_keep, rejected_mask, result.rejected_fallback, result.rejected_uncertain),
     )
-    for side, scores, keep, mask, tied in sides:
+    for side, scores, keep, mask, fallback, uncertain in sides:
         dropped = mask & ~keep
         n_tokens, n_kept, n_dropped = gather_sum(mask.sum()), gather_sum(keep.sum()), gather_sum(dropped.sum())
         kept_score = gather_sum(masked_sum(scores, keep).sum())
         dropped_score = gather_sum(masked_sum(scores, dropped).sum())
         if n_tokens > 0:
             logged[f"selection/kept_share_{side}"] = n_kept / n_tokens
-            if tied is not None:  # kept only because the scores' precision cannot rank them below the cut
-                logged[f"selection/tied_share_{side}"] = gather_sum(tied.sum()) / n_tokens
+        if fallback is not None:
+            n_rows = gather_sum(mask.any(-1).sum())
+            ranked_tokens = gather_sum((mask & ~fallback.unsqueeze(-1)).sum())
+            if n_rows > 0:
+                logged[f"selection/fallback_rows_{side}"] = gather_sum(fallback.sum()) / n_rows
+            if ranked_tokens > 0:
+                logged[f"selection/uncertain_share_{side}"] = gather_sum(uncertain.sum()) / ranked_tokens
         # An empty set has no mean; logging 0 would read as a real score.
         if n_kept > 0:
             logged[f"selection/score_kept_{side}"] = kept_score / n_kept

@@ -212,6 +212,10 @@ class Reference:
         """The floating dtypes of the weights behind its values, where they are not the policy's."""
         return set()
 
+    def is_initial_policy(self) -> bool:
+        """Whether it computes exactly what the policy computed before its first optimizer step."""
+        return False
+
     def model_configs(self) -> dict[str, object]:
         """The configs of the models behind its values that are not the policy, by name."""
         return {}
@@ -425,6 +429,9 @@ class _PolicyState(Reference):
 class InitialPolicyReference(_PolicyState):
     """No reference given: TRL's frozen copy of the policy when live; the policy before its first step when stored."""
 
+    def is_initial_policy(self) -> bool:
+        return True
+
     def _module(self):
         return self.trainer.ref_model if self.trainer.ref_model is not None else self._policy_module()
 
@@ -448,6 +455,11 @@ class AdapterReference(_PolicyState):
     of a pretrained adapter. Either is available at any time, during or after training."""
 
     _identity = None  # computed on first use
+
+    def is_initial_policy(self) -> bool:
+        # Checked when asked (before the first optimizer step only): a script may set the adapter's weights after
+        # building the trainer.
+        return self._adapter() is None and adapters_are_noops(self._peft_model())
 
     def _adapter(self) -> str | None:
         return "ref" if "ref" in self._peft_model().peft_config else None
@@ -473,6 +485,21 @@ class AdapterReference(_PolicyState):
         if adapter is None:
             return {**base, "adapter": "disabled"}
         return {**base, "adapter": "ref:" + tensors_hash(model, lambda name: ".ref." in name)}
+
+
+def adapters_are_noops(peft_model) -> bool:
+    """True only when every adapter provably adds nothing yet: LoRA (no DoRA) with every `lora_B` exactly zero, as
+    PEFT initializes it. Anything else (other tuners, trained or sharded weights it cannot read) is not known to be."""
+    if any(config.peft_type != "LORA" or getattr(config, "use_dora", False) for config in peft_model.peft_config.values()):
+        return False
+    from torch.distributed.tensor import DTensor
+
+    factors = [p for name, p in peft_model.named_parameters() if "lora_B" in name or "lora_embedding_B" in name]
+    # ZeRO-3 and FSDP shards: this process cannot read the values without a collective.
+    if not factors or any(hasattr(p, "ds_numel") or isinstance(p, DTensor) or p.numel() == 0 for p in factors):
+        return False
+    with torch.no_grad():
+        return not any(bool(p.detach().ne(0).any()) for p in factors)
 
 
 class CrossTokenizerReference(Reference):

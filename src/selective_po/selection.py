@@ -3,20 +3,24 @@
 Per sequence, with `n` completion tokens and a keep share `p` (Selective-DPO's `1 - sdpo_threshold`),
 `k = ceil(p * n)` tokens are asked for and every completion token whose score is at least the k-th
 largest score of its sequence is kept. Ties at the boundary are all kept, so a sequence may keep
-more than `k` tokens; that is what makes "reference equals policy" (every score 0) keep every token
-and reduce the loss to plain DPO. A sequence with no completion tokens keeps nothing.
+more than `k` tokens; that is what makes "reference equals policy" (every score exactly 0) keep
+every token and reduce the loss to plain DPO. A sequence with no completion tokens keeps nothing.
 
-Scores less than a tie tolerance below the k-th count as ties, and the tolerance follows the dtype
-the log-probs were computed in (`TIE_TOLERANCES`). The same weights on the same tokens give other
-log-probs with the batch they run in (its padding, size and packing change the kernels' summation
-order); `benchmarks/noise_floor.py` measured the largest such difference on the bundled model at
-4.2e-5 nats in float32, 0.053 in float16 and 0.47 in bfloat16 (`docs/results/noise_floor.md`).
-The tolerance is at least twice that floor. Then, if every score is within the floor of its exact
-value, every token the exact scores keep is kept, and a token is dropped only when at least k tokens
-of its response outscore it by more than the floor: noise never decides a drop. A stored reference
-and the same model run live (the first step with the default reference) keep every token in every
-dtype. The price is in bf16: tokens within 1 nat below the cut are all kept, so a response keeps more
-than its share wherever its scores are that close (logged as `selection/tied_share_*`).
+Scores come from log-probs, and log-probs carry rounding noise: the same weights on the same tokens
+give other values in another batch layout (padding, batch size and packing change the kernels'
+summation order), by up to ~4e-5 nats in float32 and ~0.5 in bfloat16 on CPU, more the less likely
+the token. Two rules keep that noise from choosing tokens without giving up the method:
+
+- **A row with no signal falls back whole.** Each token has a noise bound (`noise.NoiseBound`,
+  measured per run, growing as the token's probability falls). A response whose every score lies
+  within its token's bound carries no information the dtype can resolve: it keeps every token, a
+  plain DPO row (`rows_with_signal`).
+- **Every other row is ranked at float32 precision** (`SCORE_TIE_TOLERANCE`), in every dtype, so it
+  keeps the share asked for. Where a token's score lies within its bound of the other side of the cut,
+  noise may have decided it: `uncertain_decisions` marks those, and the trainer logs their share.
+
+Where policy and reference are known to be the same function, the trainer makes the scores exactly
+0 by construction rather than by a tolerance (`SelectiveDPOTrainer`).
 
 Everything is vectorized over the batch: one sort per call, no Python loop over rows, and padding
 may sit on either side because only the boolean mask says which positions are real.
@@ -34,20 +38,11 @@ from torch import Tensor
 # with a few decimals, so a true fractional part is far larger than this slack.
 _ROUNDING_SLACK = 1e-9
 # Score differences below this (in nats) are float32 noise of the log-probs, not information: ties.
-# At least twice the float32 floor measured by benchmarks/noise_floor.py (4.2e-5), rounded up.
+# At least twice the float32 floor measured by benchmarks/noise_floor.py (4.2e-5), rounded up. Rows are
+# ranked with it in every dtype; coarser dtypes' noise is handled by the per-token noise bound instead.
 SCORE_TIE_TOLERANCE = 9e-5
-# Per dtype the log-probs were computed in (`score_tie_tolerance`): at least twice each measured floor
-# (float16 0.053, bfloat16 0.47 nats; float64 is held to float32's).
-TIE_TOLERANCES = {torch.float32: SCORE_TIE_TOLERANCE, torch.float64: SCORE_TIE_TOLERANCE, torch.float16: 0.15, torch.bfloat16: 1.0}
 # The same for probabilities (ConfPO's `1 - p` scores): float32 noise of `exp(logp)` is far below this.
 CONFIDENCE_TIE_TOLERANCE = 1e-6
-
-
-def score_tie_tolerance(dtype: torch.dtype) -> float:
-    """The tie tolerance (nats) for scores from log-probs computed in `dtype` (`TIE_TOLERANCES`)."""
-    if dtype not in TIE_TOLERANCES:
-        raise ValueError(f"No tie tolerance is known for log-probs computed in {dtype}; set score_tie_tolerance.")
-    return TIE_TOLERANCES[dtype]
 
 
 def compute_dtypes(model, args) -> set[torch.dtype]:
@@ -76,6 +71,24 @@ def keep_counts(num_tokens: Tensor, keep_share: float) -> Tensor:
     return torch.minimum(wanted.clamp(min=0), num_tokens.long())
 
 
+def kth_score(scores: Tensor, completion_mask: Tensor, *, keep_share: float) -> Tensor:
+    """The k-th largest completion score of each sequence, `k = ceil(keep_share * n)`: the `ceil` rule's cut.
+
+    Args:
+        scores: Shape `(B, T)`.
+        completion_mask: Shape `(B, T)`, bool.
+        keep_share: Share of completion tokens asked for, in `[0, 1]`.
+
+    Returns:
+        Shape `(B, 1)`; `-inf` for a sequence asked for no token.
+    """
+    k = keep_counts(completion_mask.sum(dim=-1), keep_share)  # (B,)
+    # Non-completion positions sort last, so the first n entries of a row are its completion scores.
+    ranked = scores.masked_fill(~completion_mask, float("-inf")).sort(dim=-1, descending=True).values  # (B, T)
+    kth = ranked.gather(-1, (k - 1).clamp(min=0).unsqueeze(-1))  # (B, 1)
+    return kth.masked_fill((k == 0).unsqueeze(-1), float("-inf"))
+
+
 def top_share_mask(scores: Tensor, completion_mask: Tensor, *, keep_share: float, tie_tolerance: float = 0.0) -> Tensor:
     """Keep the highest-scoring `keep_share` of each sequence's completion tokens (ties kept).
 
@@ -91,17 +104,27 @@ def top_share_mask(scores: Tensor, completion_mask: Tensor, *, keep_share: float
     if scores.shape != completion_mask.shape:
         raise ValueError(f"scores {tuple(scores.shape)} and completion_mask {tuple(completion_mask.shape)} differ.")
     completion_mask = completion_mask.bool()
-    k = keep_counts(completion_mask.sum(dim=-1), keep_share)  # (B,)
-    # Non-completion positions sort last, so the first n entries of a row are its completion scores.
-    ranked = scores.masked_fill(~completion_mask, float("-inf")).sort(dim=-1, descending=True).values  # (B, T)
-    kth_score = ranked.gather(-1, (k - 1).clamp(min=0).unsqueeze(-1))  # (B, 1)
-    return completion_mask & (scores >= kth_score - tie_tolerance) & (k > 0).unsqueeze(-1)
-
+    asked = keep_counts(completion_mask.sum(dim=-1), keep_share) > 0  # (B,)
+    cut = kth_score(scores, completion_mask, keep_share=keep_share)  # (B, 1)
+    return completion_mask & (scores >= cut - tie_tolerance) & asked.unsqueeze(-1)
 
 
 SELECTION_RULES = ("scores", "random", "all", "confidence", "spans", "scorer")
 # How many tokens `scores` keeps: `ceil` (the module docstring) or `quantile` (the official Selective-DPO code).
 COUNT_RULES = ("ceil", "quantile")
+
+
+def quantile_cut(scores: Tensor, completion_mask: Tensor, *, quantile: float) -> Tensor:
+    """Each sequence's `quantile` of its completion scores, as `torch.quantile` (linear) computes it: shape `(B, 1)`,
+    float32. The `quantile` rule's cut; meaningless (but finite or inf, never an error) for an empty sequence."""
+    scores = scores.float()
+    n = completion_mask.sum(dim=-1)  # (B,)
+    ranked = scores.masked_fill(~completion_mask, float("inf")).sort(dim=-1).values  # (B, T) ascending, padding last
+    position = quantile * (n - 1).clamp(min=0).double()  # (B,)
+    below, above = position.floor().long(), position.ceil().long()
+    low, high = ranked.gather(-1, below.unsqueeze(-1)), ranked.gather(-1, above.unsqueeze(-1))  # (B, 1)
+    weight = (position - below).float().unsqueeze(-1)
+    return torch.where(weight > 0, torch.lerp(low, high, weight), low)  # torch.quantile's `linear`
 
 
 def quantile_mask(scores: Tensor, completion_mask: Tensor, *, quantile: float, tie_tolerance: float = 0.0) -> Tensor:
@@ -124,15 +147,48 @@ def quantile_mask(scores: Tensor, completion_mask: Tensor, *, quantile: float, t
     if not 0.0 <= quantile < 1.0:
         raise ValueError(f"quantile must lie in [0, 1), got {quantile}.")
     completion_mask = completion_mask.bool()
+    cut = quantile_cut(scores, completion_mask, quantile=quantile)  # (B, 1)
+    return completion_mask & (scores.float() >= cut - tie_tolerance) & completion_mask.any(-1, keepdim=True)
+
+
+def rows_with_signal(scores: Tensor, completion_mask: Tensor, noise_bound: Tensor) -> Tensor:
+    """Sequences with at least one completion score outside its noise bound, `|s_t| > bound_t`.
+
+    A sequence whose every score is within its bound could have come from a reference that is the
+    policy itself: ranking it would let rounding noise choose the tokens, so it keeps them all.
+
+    Args:
+        scores: Shape `(B, T)`.
+        completion_mask: Shape `(B, T)`, bool.
+        noise_bound: Shape `(B, T)`, nats, `>= 0`: how far each score may lie from its exact value.
+
+    Returns:
+        Shape `(B,)`, bool; False for a sequence with no completion tokens.
+    """
+    return (completion_mask.bool() & (scores.float().abs() > noise_bound)).any(dim=-1)
+
+
+def uncertain_decisions(scores: Tensor, completion_mask: Tensor, keep: Tensor, *, noise_bound: Tensor) -> Tensor:
+    """Tokens of ranked sequences (`rows_with_signal`) whose keep/drop decision the scores' precision cannot
+    vouch for: a kept token within its noise bound above the highest dropped score of its sequence, or a
+    dropped token within its bound below the lowest kept score.
+
+    Args:
+        scores: Shape `(B, T)`.
+        completion_mask: Shape `(B, T)`, bool.
+        keep: Shape `(B, T)`, bool: the kept tokens.
+        noise_bound: Shape `(B, T)`, nats.
+
+    Returns:
+        Shape `(B, T)`, bool, a subset of `completion_mask`; none in a sequence that kept or dropped everything.
+    """
+    completion_mask = completion_mask.bool()
     scores = scores.float()
-    n = completion_mask.sum(dim=-1)  # (B,)
-    ranked = scores.masked_fill(~completion_mask, float("inf")).sort(dim=-1).values  # (B, T) ascending, padding last
-    position = quantile * (n - 1).clamp(min=0).double()  # (B,)
-    below, above = position.floor().long(), position.ceil().long()
-    low, high = ranked.gather(-1, below.unsqueeze(-1)), ranked.gather(-1, above.unsqueeze(-1))  # (B, 1)
-    weight = (position - below).float().unsqueeze(-1)
-    cut = torch.where(weight > 0, torch.lerp(low, high, weight), low)  # torch.quantile's `linear`
-    return completion_mask & (scores >= cut - tie_tolerance) & (n > 0).unsqueeze(-1)
+    kept, dropped = completion_mask & keep, completion_mask & ~keep
+    lowest_kept = scores.masked_fill(~kept, float("inf")).amin(-1, keepdim=True)  # (B, 1)
+    highest_dropped = scores.masked_fill(~dropped, float("-inf")).amax(-1, keepdim=True)  # (B, 1)
+    near = (kept & (scores - highest_dropped <= noise_bound)) | (dropped & (lowest_kept - scores <= noise_bound))
+    return near & rows_with_signal(scores, completion_mask, noise_bound).unsqueeze(-1)
 
 
 def above_mean_mask(scores: Tensor, completion_mask: Tensor, *, tie_tolerance: float = 0.0) -> Tensor:
@@ -182,6 +238,7 @@ def select_tokens(
     count_rule: str = "ceil",
     given: Tensor | None = None,
     tie_tolerance: float = SCORE_TIE_TOLERANCE,
+    noise_bound: Tensor | None = None,
 ) -> Tensor:
     """Keep mask `(B, T)` under a selection rule: by `scores` (highest first; `scorer` is the same rule
     on scores fixed before training), `random`, `all`,
@@ -190,15 +247,21 @@ def select_tokens(
 
     `random` and `all` are the controls that tell whether choosing by score helped. `count_rule`
     says how many tokens `scores` keeps: `ceil(keep_share * n)` or, with `quantile`, those at or
-    above the `1 - keep_share` quantile. `tie_tolerance` (nats) is the score rules' tie band: scores
-    from log-probs computed in bf16 need `score_tie_tolerance(torch.bfloat16)`.
+    above the `1 - keep_share` quantile. `tie_tolerance` (nats) is the score rules' tie band. With
+    `noise_bound` (`(B, T)`, nats), a sequence whose every score lies within it keeps all its tokens
+    (`rows_with_signal`): the score rules then never let rounding noise pick tokens.
     """
     if count_rule not in COUNT_RULES:
         raise ValueError(f"Unknown count rule {count_rule!r}; expected one of {COUNT_RULES}.")
-    if rule in ("scores", "scorer") and count_rule == "quantile":
-        return quantile_mask(scores, completion_mask, quantile=1.0 - keep_share, tie_tolerance=tie_tolerance)
     if rule in ("scores", "scorer"):
-        return top_share_mask(scores, completion_mask, keep_share=keep_share, tie_tolerance=tie_tolerance)
+        if count_rule == "quantile":
+            keep = quantile_mask(scores, completion_mask, quantile=1.0 - keep_share, tie_tolerance=tie_tolerance)
+        else:
+            keep = top_share_mask(scores, completion_mask, keep_share=keep_share, tie_tolerance=tie_tolerance)
+        if noise_bound is None:
+            return keep
+        signal = rows_with_signal(scores, completion_mask, noise_bound).unsqueeze(-1)  # (B, 1)
+        return torch.where(signal, keep, completion_mask.bool())
     if rule == "confidence":
         return above_mean_mask(scores, completion_mask, tie_tolerance=CONFIDENCE_TIE_TOLERANCE)
     if rule == "random":

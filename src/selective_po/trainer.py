@@ -8,6 +8,11 @@ initial policy, a model of another tokenizer, SePO's oracle pair) is one object 
 log-probs without, and hands them to the pure functions in `losses.py`. Any other loss type goes
 to TRL unchanged.
 
+Two things keep rounding noise from choosing tokens in any dtype. While the reference is the policy
+itself (the initial policy before any update), its log-probs are the policy's own, detached, so every
+score is exactly 0. Otherwise the scores' noise bound (`noise.py`) is measured on the first batch, and
+a response with no score outside it keeps every token.
+
 This overrides TRL's private `DPOTrainer._compute_loss` and mirrors its metric names; TRL is pinned
 to 1.16.x in pyproject.toml, and `tests/test_trainer.py` compares this trainer against TRL's own
 `sigmoid` loss, gradients and logged metrics so that a TRL upgrade that moves them fails loudly.
@@ -21,12 +26,13 @@ from pathlib import Path
 
 import torch
 from datasets import Dataset
-from transformers import PreTrainedModel, ProcessorMixin, ProgressCallback, Trainer
+from transformers import PreTrainedModel, ProcessorMixin, ProgressCallback, Trainer, TrainerCallback
 from transformers.utils import logging
 from trl import DPOTrainer
+from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import get_config_model_id
 
-from . import engines, references, spans
+from . import engines, noise, references, spans
 from .config import ORACLE_FREE_RULES, SelectiveDPOConfig, SePOConfig
 from .data import check_preference_dataset, report_dropped_rows
 from .logprobs import compact_lm_head
@@ -37,9 +43,9 @@ from .packing import resolve_share_prompt, shared_prompt_forward
 from .plots import PlotCurvesCallback
 from .progress import TickingProgressCallback
 from .reference_cache import PerTokenReferenceCollator
-from .reference_scoring import NON_MODEL_KEYS
+from .reference_scoring import NON_MODEL_KEYS, forward_logps
 from .scoring import confidence_token_scores
-from .selection import RandomControlSeeds, compute_dtypes, score_tie_tolerance, select_tokens
+from .selection import RandomControlSeeds, compute_dtypes, select_tokens
 
 logger = logging.get_logger(__name__)
 
@@ -116,13 +122,15 @@ class SelectiveDPOTrainer(DPOTrainer):
         for stored in (self.reference, self.scorer):
             if stored is not None:
                 stored.initial_scoring_done()
-        self.tie_tolerance = args.score_tie_tolerance  # nats; selection counts scores this close to the cut as tied
-        if self.tie_tolerance is None:  # by the coarsest dtype the scored log-probs pass through, stored ones included
-            dtypes = set().union(
-                *(compute_dtypes(m, args) for m in (self.model, self.ref_model) if m is not None),
-                *(stored.weight_dtypes() for stored in (self.reference, self.scorer) if stored is not None),
-            )
-            self.tie_tolerance = max(score_tie_tolerance(d) for d in dtypes)
+        self.noise_bound = None  # the scores' per-token noise bound: measured on the first batch that ranks scores
+        if args.score_tie_tolerance is not None:
+            self.noise_bound = noise.NoiseBound.uniform(args.score_tie_tolerance, source="score_tie_tolerance")
+        # Stored values made in a coarser dtype than the policy runs in carry noise that no live forward here shows.
+        self._coarser_stored = noise.coarser_stored_dtypes(
+            compute_dtypes(self.model, args), set().union(*(m.weight_dtypes() for m in (self.reference, self.scorer) if m is not None))
+        )  # fmt: skip
+        self._policy_updates = _PolicyUpdates()
+        self.add_callback(self._policy_updates)
         if self.pop_callback(ProgressCallback) is not None:  # the same bars, redrawn every second
             self.add_callback(TickingProgressCallback)
         if args.plot_curves:
@@ -236,7 +244,38 @@ class SelectiveDPOTrainer(DPOTrainer):
         and three `(2B, T-1)` tensors.
         """
         outputs, policy_logps, shift_mask = self._policy_forward(model, inputs)
-        return outputs, policy_logps, self._reference_per_token_logps(inputs, shift_mask), shift_mask
+        return outputs, policy_logps, self._reference_logps(inputs, policy_logps, shift_mask), shift_mask
+
+    def reference_is_policy(self) -> bool:
+        """Whether the reference computes exactly what the policy does now: it is the initial policy (or PEFT's base
+        behind adapters that add nothing yet), no optimizer step has run (under gradient accumulation: every
+        micro-batch of step 0), and no dropout makes the policy's forward random."""
+        if self.reference is None or self.state.global_step > 0 or self._policy_updates.stepped:
+            return False
+        return self.reference.is_initial_policy() and not (self.model.training and _dropout_active(self.model))
+
+    def _reference_logps(self, inputs: dict, policy_logps: torch.Tensor, shift_mask: torch.Tensor) -> torch.Tensor:
+        """The reference's per-token log-probs `(2B, T-1)`. While it is the policy itself, the policy's own values,
+        detached: every score is then exactly 0 in any dtype, and every token is kept, by construction."""
+        if self.reference_is_policy():
+            return policy_logps.detach()
+        return self._reference_per_token_logps(inputs, shift_mask)
+
+    def score_noise_bound(self, model, inputs: dict) -> noise.NoiseBound:
+        """The run's per-token noise bound (`noise.py`): `score_tie_tolerance` when set, else measured once, on the
+        first batch given here, by running its pairs again one at a time through `model` (no gradients)."""
+        if self.noise_bound is None:
+            def forward(batch):
+                return forward_logps(model, batch, shared_prompt_mask=self._shared_prompt_mask)
+
+            context = disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs)
+            with torch.no_grad(), context, self.compute_loss_context_manager():
+                bound = noise.calibrate_from_layouts(forward, inputs, accelerator=self.accelerator)
+            for dtype in sorted(self._coarser_stored, key=str):
+                bound = bound.widened(2 * noise.STORED_DTYPE_FLOORS[dtype], reason=f"stored values computed in {dtype}")
+            self.noise_bound = bound
+            logger.info(f"Score noise bound per log-prob bin (nats): {[f'{v:.2g}' for v in bound.per_bin]}, {bound.source}.")
+        return self.noise_bound
 
     def _reference_per_token_logps(self, inputs: dict, shift_mask: torch.Tensor) -> torch.Tensor:
         """The reference's per-token log-probs `(2B, T-1)`: stored ones if the batch has them, else a live forward."""
@@ -264,6 +303,8 @@ class SelectiveDPOTrainer(DPOTrainer):
             with compact_lm_head():
                 return super()._compute_loss(model, inputs, return_outputs)
         mode = "train" if self.model.training else "eval"
+        if self.args.selection_rule in ("scores", "scorer"):  # the rules that rank scores made of log-probs
+            self.score_noise_bound(model, inputs)
         score_mask = self._score_mask(inputs)
         outputs, policy_logps, shift_mask = self._policy_forward(model, inputs, score_mask)
         result, chosen_rewards, rejected_rewards = getattr(self, variant)(inputs, policy_logps, shift_mask, score_mask)
@@ -300,7 +341,7 @@ class SelectiveDPOTrainer(DPOTrainer):
 
     def _sdpo_step(self, inputs, policy_logps, shift_mask, score_mask):
         """Selective-DPO on one batch; TRL's reward metrics use DPO's full-response rewards."""
-        ref_logps = self._reference_per_token_logps(inputs, shift_mask)
+        ref_logps = self._reference_logps(inputs, policy_logps, shift_mask)
         chosen_mask, rejected_mask = shift_mask.chunk(2, dim=0)  # TRL's collator stacks [chosen; rejected]
         given = spans.given_keep(inputs, shift_mask) if self.args.selection_rule == "spans" else (None, None)
         scorer = self._scorer_per_token_logps(inputs, shift_mask)
@@ -309,7 +350,7 @@ class SelectiveDPOTrainer(DPOTrainer):
             threshold=self.args.sdpo_threshold, beta=self.beta, rule=self.args.selection_rule,
             generator=self._selection_generator(), count_rule=self.args.sdpo_count_rule,
             chosen_given=given[0], rejected_given=given[1], scorer_chosen_logps=scorer[0], scorer_rejected_logps=scorer[1],
-            tie_tolerance=self.tie_tolerance,
+            noise=self.noise_bound,
         )  # fmt: skip
         with torch.no_grad():  # sums first, then the difference, in TRL's order
             logratios = masked_sum(policy_logps, shift_mask) - masked_sum(ref_logps, shift_mask)  # (2B,)
@@ -391,7 +432,7 @@ class SePOTrainer(SelectiveDPOTrainer):
         keep = sepo_keep_masks(
             chosen_rewards, rejected_rewards, chosen_mask=chosen_mask, rejected_mask=rejected_mask,
             chosen_share=self.args.sepo_chosen_share, rejected_share=self.args.sepo_rejected_share,
-            rule=self.args.selection_rule, generator=self._selection_generator(), tie_tolerance=self.tie_tolerance,
+            rule=self.args.selection_rule, generator=self._selection_generator(), noise=self.noise_bound,
         )  # fmt: skip
         return torch.cat(keep)  # (2B, T-1)
 
@@ -417,9 +458,27 @@ class SePOTrainer(SelectiveDPOTrainer):
             chosen_logps, rejected_logps, chosen_rewards, rejected_rewards, chosen_mask=chosen_mask,
             rejected_mask=rejected_mask, chosen_share=self.args.sepo_chosen_share,
             rejected_share=self.args.sepo_rejected_share, beta=self.beta, gamma=self.args.sepo_gamma,
-            keep=score_mask.chunk(2, dim=0), tie_tolerance=self.tie_tolerance,
+            keep=score_mask.chunk(2, dim=0), noise=self.noise_bound,
         )  # fmt: skip
         return result, result.chosen_rewards, result.rejected_rewards
+
+
+class _PolicyUpdates(TrainerCallback):
+    """Remembers whether an optimizer step has changed the policy since the trainer was built (a second `train()`
+    starts again at step 0 with a policy that is no longer its initial self)."""
+
+    stepped = False
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        self.stepped = True
+
+
+def _dropout_active(model) -> bool:
+    """Whether a training forward of `model` is random: a dropout module or an attention dropout above 0."""
+    return any(
+        (isinstance(module, torch.nn.Dropout) and module.p > 0) or float(getattr(module, "attention_dropout", 0.0) or 0.0) > 0
+        for module in model.modules()
+    )  # fmt: skip
 
 
 def _check_datasets(kwargs: dict, *, selective: bool) -> None:
