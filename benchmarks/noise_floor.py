@@ -1,11 +1,11 @@
-"""The noise floor of per-token log-probs by dtype, and what it does to the kept tokens.
+"""The noise of per-token log-probs by dtype, and what selection does with it.
 
     python benchmarks/noise_floor.py        # writes docs/results/noise_floor.json and .md
 
 On the bundled model and the first 8 bundled arithmetic pairs, for float32, bfloat16 and float16
 weights (`model_init_kwargs: {dtype: ...}`), each through the trainer's own code:
 
-1. **Noise floor**: the same weights, the same tokens, values produced in different ways:
+1. **Noise**: the same weights, the same tokens, values produced in different ways:
    - `stored_vs_live`: stored by the trainer's scoring pass in batches of 3 against the training
      forward in batches of 4, in the layout the trainer picks (one packed row per pair on CPU);
    - `alone_vs_batch`: each pair alone against inside its batch of 4;
@@ -13,16 +13,19 @@ weights (`model_init_kwargs: {dtype: ...}`), each through the trainer's own code
    - `policy_vs_frozen_copy`: the policy against a frozen copy loaded from the same folder;
    - `vs_float64`: the log-probs against the same weights run in float64 (this dtype's rounding);
    - for bf16 and fp16, `alone_vs_batch` and `vs_float64` again with the LM head in float32 (TRL's
-     `cast_lm_head_to_fp32`), which the trainer does not use: it shows how much of the floor the head makes.
-   Each gives the largest |difference| over completion tokens, its 99th percentile and the share of
-   tokens differing by more than 1e-5.
-2. **Step 0 with stored values** (the README's promise: the policy equals its reference, so every
-   token is kept): the kept share with the tie tolerance of the scores' dtype, and with 1e-5.
+     `cast_lm_head_to_fp32`), which the trainer does not use: it shows how much of the noise the head makes.
+   Each gives the largest |difference| over completion tokens, its 99th percentile, its mean, and the
+   share of tokens differing by more than 1e-5; `alone_vs_batch` and `vs_float64` also per bin of the
+   token's probability. Beside them, the noise bound the trainer measured on its first batch.
+2. **Step 0 with the default reference** (the policy is its own reference, so every token must be
+   kept): the kept share through the trainer's step with stored values and live, and with stored values
+   when the trainer is not told they are the policy's (only the row fallback then keeps them).
 3. **Kept-set fidelity** on fixed weights with real score gaps: the policy is the bundled model, the
-   reference the same model with every weight scaled by (1 + 0.05 e), e ~ N(0, 1) (seed 0). The kept
-   mask at sdpo_threshold 0.6 is compared with the float64 kept mask, per token, binned by the
-   token's float64 distance to its response's cut (the k-th score), with the tolerance of the dtype
-   ("after") and with 1e-5 for every dtype ("before").
+   reference the same model with every weight scaled by (1 + s e), e ~ N(0, 1) (seed 0), for a large
+   and a small s. The kept mask at sdpo_threshold 0.6 (40% asked) through the trainer's step is
+   compared with the float64 kept mask, per token; with the kept share, the share of responses that
+   fell back whole, the share of cut decisions within the noise bound, and the same figures under the
+   earlier rule (a tie band of 9e-5, 0.15 and 1.0 nats for float32, fp16 and bf16).
 """
 
 from __future__ import annotations
@@ -38,20 +41,22 @@ import torch
 
 from selective_po import SelectiveDPOConfig, SelectiveDPOTrainer, load_preference_dataset
 from selective_po.files import atomic_write
-from selective_po.losses import select_sdpo_tokens
 from selective_po.models import DEFAULT_MODEL, resolve_model_path
 from selective_po.reference_scoring import forward_logps, load_frozen
-from selective_po.selection import keep_counts, score_tie_tolerance
+from selective_po.noise import LOGP_EDGES, logp_bins
+from selective_po.selection import top_share_mask
 
 DTYPES = ("float32", "bfloat16", "float16")
-OLD_TOLERANCE = 1e-5
-GAP_BINS = (0.0, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, float("inf"))
+# The earlier rule: one tie band per dtype, twice its worst layout difference.
+OLD_BANDS = {"float32": 9e-5, "float16": 0.15, "bfloat16": 1.0}
+PERTURBATIONS = (0.05, 0.005)  # a score gap well above bf16's noise, and one at or below it
 THRESHOLD = 0.6
 
 
-def trainer_for(dtype: str, work: Path, *, ref: str | None = None, share_prompt: bool | None = None, pairs: int = 8):
+def trainer_for(dtype: str, work: Path, *, ref: str | None = None, share_prompt: bool | None = None, pairs: int = 8,
+                precompute: bool = True):  # fmt: skip
     args = SelectiveDPOConfig(
-        output_dir=str(work / "out"), report_to="none", precompute_ref_log_probs=True, precompute_ref_batch_size=3,
+        output_dir=str(work / "out"), report_to="none", precompute_ref_log_probs=precompute, precompute_ref_batch_size=3,
         per_device_train_batch_size=4, ref_logps_cache_dir=str(work / "cache"), model_init_kwargs={"dtype": getattr(torch, dtype)},
         ref_model_name_or_path=ref, share_prompt=share_prompt, sdpo_threshold=THRESHOLD, disable_dropout=True,
         plot_curves=False, max_length=256,
@@ -71,11 +76,19 @@ def live(trainer, batch, *, layout: str | None = "trainer"):
     return forward_logps(trainer.model, batch, shared_prompt_mask=mask).float(), batch["completion_mask"][:, 1:].bool()
 
 
-def differences(pairs) -> dict:
-    """Statistics of |a - b| over the masked tokens of `(a, b, mask)` tensors."""
-    diff = torch.cat([(a.double() - b.double()).abs()[m] if m is not None else (a.double() - b.double()).abs() for a, b, m in pairs]).numpy()
-    return {"tokens": int(diff.size), "max_abs": float(diff.max()), "p99_abs": float(np.quantile(diff, 0.99)),
-            "share_above_1e-5": float((diff > 1e-5).mean())}  # fmt: skip
+def differences(pairs, *, by_bin: bool = False) -> dict:
+    """Statistics of |a - b| over the masked tokens of `(a, b, mask)` tensors; with `by_bin`, also per bin of
+    `b`'s probability (`noise.LOGP_EDGES`)."""
+    pick = lambda t, m: (t[m] if m is not None else t).double().flatten()  # noqa: E731
+    diff = torch.cat([(pick(a, m) - pick(b, m)).abs() for a, b, m in pairs]).numpy()
+    out = {"tokens": int(diff.size), "max_abs": float(diff.max()), "p99_abs": float(np.quantile(diff, 0.99)),
+           "mean_abs": float(diff.mean()), "share_above_1e-5": float((diff > 1e-5).mean())}  # fmt: skip
+    if by_bin:
+        bins = torch.cat([logp_bins(pick(b, m).float()) for _, b, m in pairs]).numpy()
+        out["bins"] = [{"tokens": int((bins == i).sum()), "max_abs": float(diff[bins == i].max()) if (bins == i).any() else None,
+                        "p99_abs": float(np.quantile(diff[bins == i], 0.99)) if (bins == i).any() else None}
+                       for i in range(len(LOGP_EDGES) + 1)]  # fmt: skip
+    return out
 
 
 def alone_and_together(trainer, together: list) -> list:
@@ -92,13 +105,57 @@ def alone_and_together(trainer, together: list) -> list:
     return out
 
 
-def noise_floor(dtype: str, work: Path, float64_logps: list) -> tuple[dict, dict]:
+def kept_shares(trainer, *, live_reference: bool, told: bool = True) -> dict:
+    """Kept share (chosen, rejected) over the trainer's batches through its own step, the policy's values live."""
+    kept, total = np.zeros(2), np.zeros(2)
+    for batch in batches(trainer):
+        if live_reference:
+            batch = {k: v for k, v in batch.items() if k != "ref_per_token_logps"}
+        trainer.model.eval()
+        with torch.no_grad():
+            trainer.score_noise_bound(trainer.model, batch)
+            _, policy, mask = trainer._policy_forward(trainer.model, batch)
+            if told:
+                result, *_ = trainer._sdpo_step(batch, policy, mask, None)
+            else:  # the exact tie switched off: only the row fallback can keep every token
+                with _not_told(trainer):
+                    result, *_ = trainer._sdpo_step(batch, policy, mask, None)
+        for side, (keep, side_mask) in enumerate(zip((result.chosen_keep, result.rejected_keep), mask.chunk(2))):
+            kept[side] += int(keep.sum())
+            total[side] += int(side_mask.sum())
+    return {"kept_share_chosen": kept[0] / total[0], "kept_share_rejected": kept[1] / total[1]}
+
+
+class _not_told:
+    def __init__(self, trainer):
+        self.trainer = trainer
+
+    def __enter__(self):
+        self.trainer.reference_is_policy = lambda: False
+
+    def __exit__(self, *exc):
+        del self.trainer.reference_is_policy
+
+
+def step0(dtype: str, work: Path) -> dict:
+    """Step 0 with the default reference: every token must be kept, stored and live."""
+    stored = trainer_for(dtype, work / f"step0-{dtype}")
+    out = {"stored": kept_shares(stored, live_reference=False), "stored_fallback_only": kept_shares(stored, live_reference=False, told=False)}
+    out["measured_bound"] = list(stored.noise_bound.per_bin)
+    live_trainer = trainer_for(dtype, work / f"step0-live-{dtype}", precompute=False)
+    out["live"] = kept_shares(live_trainer, live_reference=True)
+    return out
+
+
+
+
+def noise_floor(dtype: str, work: Path, float64_logps: list) -> dict:
     trainer = trainer_for(dtype, work / f"floor-{dtype}")
     layout = trainer._shared_prompt_mask
-    found, step0 = {}, {}
+    found = {}
     stored = [(b["ref_per_token_logps"].float(), *live(trainer, b)) for b in batches(trainer)]
     found["stored_vs_live"] = differences([(s, lv, m) for s, lv, m in stored])
-    found["alone_vs_batch"] = differences(alone_and_together(trainer, [(lv, m) for _, lv, m in stored]))
+    found["alone_vs_batch"] = differences(alone_and_together(trainer, [(lv, m) for _, lv, m in stored]), by_bin=True)
     two_rows = [(live(trainer, b, layout=None)[0], lv, m) for b, (_, lv, m) in zip(batches(trainer), stored)]
     found["packed_vs_two_rows" if layout else "two_rows_vs_two_rows"] = differences(two_rows)
     frozen = load_frozen(trainer._policy_path, accelerator=trainer.accelerator, init_kwargs=trainer.args.model_init_kwargs,
@@ -107,30 +164,18 @@ def noise_floor(dtype: str, work: Path, float64_logps: list) -> tuple[dict, dict
         copies = [(forward_logps(frozen, b, shared_prompt_mask=layout).float(), lv, m) for b, (_, lv, m) in zip(batches(trainer), stored)]
     found["policy_vs_frozen_copy"] = differences(copies)
     if float64_logps:
-        found["vs_float64"] = differences([(f, lv, m) for f, (_, lv, m) in zip(float64_logps, stored)])
+        found["vs_float64"] = differences([(lv, f, m) for f, (_, lv, m) in zip(float64_logps, stored)], by_bin=True)
     if dtype != "float32":  # the LM head in float32 (TRL's `cast_lm_head_to_fp32`), the body in this dtype
         from trl.trainer.utils import add_fused_lm_head
 
         add_fused_lm_head(trainer.model, cast_lm_head_to_fp32=True)
         head = [live(trainer, b) for b in batches(trainer)]
         found["alone_vs_batch_fp32_head"] = differences(alone_and_together(trainer, head))
-        found["vs_float64_fp32_head"] = differences([(f, lv, m) for f, (lv, m) in zip(float64_logps, head)])
-    found["floor"] = max(v["max_abs"] for k, v in found.items() if not k.endswith("fp32_head"))  # the head the trainer runs
-    # Step 0: the policy is its own (stored) reference.
-    for name, tolerance in (("dtype_tolerance", score_tie_tolerance(getattr(torch, dtype))), ("old_tolerance", OLD_TOLERANCE)):
-        kept, total = [0, 0], [0, 0]
-        for s, lv, m in stored:
-            chosen, rejected = m.chunk(2)
-            *_, keep_c, keep_r = select_sdpo_tokens(*lv.chunk(2), *s.chunk(2), chosen_mask=chosen, rejected_mask=rejected,
-                                                    threshold=THRESHOLD, tie_tolerance=tolerance)  # fmt: skip
-            for side, (keep, mask) in enumerate(((keep_c, chosen), (keep_r, rejected))):
-                kept[side] += int(keep.sum())
-                total[side] += int(mask.sum())
-        step0[name] = {"tolerance": tolerance, "kept_share_chosen": kept[0] / total[0], "kept_share_rejected": kept[1] / total[1]}
-    return found, step0
+        found["vs_float64_fp32_head"] = differences([(lv, f, m) for f, (lv, m) in zip(float64_logps, head)])
+    return found
 
 
-def perturbed_reference(path: Path) -> str:
+def perturbed_reference(path: Path, scale: float) -> str:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     source = resolve_model_path(DEFAULT_MODEL)
@@ -138,105 +183,104 @@ def perturbed_reference(path: Path) -> str:
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for parameter in model.parameters():
-            parameter.mul_(1 + 0.05 * torch.randn(parameter.shape, generator=generator))
+            parameter.mul_(1 + scale * torch.randn(parameter.shape, generator=generator))
     model.save_pretrained(path)
     AutoTokenizer.from_pretrained(source).save_pretrained(path)
     return str(path)
 
 
-def scores_and_masks(trainer):
-    """Per batch: chosen and rejected scores (float64) and completion masks, policy live and reference stored."""
+def step_results(trainer) -> list:
+    """Per batch: the trainer's step on it (policy live, reference stored) and its completion mask."""
     out = []
     for batch in batches(trainer):
-        policy, mask = live(trainer, batch)
-        ref = batch["ref_per_token_logps"].double()
-        chosen, rejected = mask.chunk(2)
-        scores = ((ref - policy.double()).chunk(2)[0], (policy.double() - ref).chunk(2)[1])
-        out.append((scores, (chosen, rejected)))
+        trainer.model.eval()
+        with torch.no_grad():
+            trainer.score_noise_bound(trainer.model, batch)
+            _, policy, mask = trainer._policy_forward(trainer.model, batch)
+            result, *_ = trainer._sdpo_step(batch, policy, mask, None)
+        out.append((result, mask.chunk(2)))
     return out
 
 
-def kept(scores: torch.Tensor, mask: torch.Tensor, tolerance: float) -> torch.Tensor:
-    from selective_po.selection import top_share_mask
-
-    return top_share_mask(scores.float(), mask, keep_share=1 - THRESHOLD, tie_tolerance=tolerance)
-
-
-def cut_distance(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Each token's float64 distance to the k-th largest score of its response."""
-    k = keep_counts(mask.sum(-1), 1 - THRESHOLD)
-    ranked = scores.masked_fill(~mask, float("-inf")).sort(dim=-1, descending=True).values
-    kth = ranked.gather(-1, (k - 1).clamp(min=0).unsqueeze(-1))
-    return (scores - kth).abs()
-
-
-def fidelity(work: Path, dtypes) -> dict:
-    ref = perturbed_reference(work / "perturbed")
-    truth = scores_and_masks(trainer_for("float64", work / "fid-float64", ref=ref))
-    table = {}
+def fidelity(work: Path, dtypes, scale: float) -> dict:
+    ref = perturbed_reference(work / f"perturbed-{scale}", scale)
+    truth = step_results(trainer_for("float64", work / f"fid-float64-{scale}", ref=ref))
+    true_scores = [(r.chosen_scores.double(), r.rejected_scores.double()) for r, _ in truth]
+    gaps = torch.cat([s[m].abs() for scores, (_, masks) in zip(true_scores, truth) for s, m in zip(scores, masks)]).numpy()
+    table = {"median_abs_score": float(np.median(gaps)), "p90_abs_score": float(np.quantile(gaps, 0.9))}
     for dtype in dtypes:
-        measured = scores_and_masks(trainer_for(dtype, work / f"fid-{dtype}", ref=ref))
-        errors = [(scores[side] - true_scores[side]).abs()[masks[side]] for (true_scores, masks), (scores, _) in zip(truth, measured) for side in (0, 1)]
-        rows = {"score_error_vs_float64": float(torch.cat(errors).max())}
-        for name, tolerance in (("before", OLD_TOLERANCE), ("after", score_tie_tolerance(getattr(torch, dtype)))):
-            bins = np.zeros((len(GAP_BINS) - 1, 4), dtype=np.int64)  # tokens, flips, kept only here, dropped only here
-            for (true_scores, masks), (scores, _) in zip(truth, measured):
-                for side in (0, 1):
-                    mask = masks[side]
-                    true_keep = kept(true_scores[side], mask, 0.0)
-                    keep = kept(scores[side], mask, tolerance)
-                    gap = cut_distance(true_scores[side], mask)[mask].numpy()
-                    extra, missing = (keep & ~true_keep)[mask].numpy(), (true_keep & ~keep)[mask].numpy()
-                    where = np.digitize(gap, GAP_BINS[1:-1])
-                    for b in range(len(GAP_BINS) - 1):
-                        chosen = where == b
-                        bins[b] += [chosen.sum(), (extra | missing)[chosen].sum(), extra[chosen].sum(), missing[chosen].sum()]
-            rows[name] = {
-                "tolerance": tolerance,
-                "agreement": 1 - bins[:, 1].sum() / bins[:, 0].sum(),
-                "bins": [{"gap_from": GAP_BINS[b], "gap_to": GAP_BINS[b + 1], "tokens": int(t), "flips": int(f),
-                          "kept_only_here": int(e), "dropped_only_here": int(d)} for b, (t, f, e, d) in enumerate(bins)],
-            }  # fmt: skip
-        table[dtype] = rows
+        trainer = trainer_for(dtype, work / f"fid-{dtype}-{scale}", ref=ref)
+        measured = step_results(trainer)
+        counts = {"tokens": 0, "agree": 0, "kept": 0, "old_agree": 0, "old_kept": 0, "rows": 0, "fallback": 0, "ranked": 0, "uncertain": 0}
+        errors = []
+        for (result, masks), scores64 in zip(measured, true_scores):
+            sides = ((result.chosen_scores, result.chosen_keep, result.chosen_fallback, result.chosen_uncertain),
+                     (result.rejected_scores, result.rejected_keep, result.rejected_fallback, result.rejected_uncertain))  # fmt: skip
+            for (scores, keep, fallback, uncertain), score64, mask in zip(sides, scores64, masks):
+                true_keep = top_share_mask(score64, mask, keep_share=1 - THRESHOLD)
+                old_keep = top_share_mask(scores.float(), mask, keep_share=1 - THRESHOLD, tie_tolerance=OLD_BANDS[dtype])
+                errors.append((scores.double() - score64).abs()[mask])
+                counts["tokens"] += int(mask.sum())
+                counts["agree"] += int((keep == true_keep)[mask].sum())
+                counts["kept"] += int(keep.sum())
+                counts["old_agree"] += int((old_keep == true_keep)[mask].sum())
+                counts["old_kept"] += int(old_keep.sum())
+                counts["rows"] += int(mask.any(-1).sum())
+                counts["fallback"] += int(fallback.sum())
+                counts["ranked"] += int((mask & ~fallback[:, None]).sum())
+                counts["uncertain"] += int(uncertain.sum())
+        n = counts["tokens"]
+        table[dtype] = {
+            "score_error_vs_float64_max": float(torch.cat(errors).max()),
+            "noise_bound": list(trainer.noise_bound.per_bin),
+            "agreement": counts["agree"] / n, "kept_share": counts["kept"] / n,
+            "fallback_rows": counts["fallback"] / counts["rows"],
+            "uncertain_share": counts["uncertain"] / max(counts["ranked"], 1),
+            "earlier_rule": {"band": OLD_BANDS[dtype], "agreement": counts["old_agree"] / n, "kept_share": counts["old_kept"] / n},
+        }  # fmt: skip
+        print(f"fidelity s={scale} {dtype}", json.dumps(table[dtype]), flush=True)
     return table
 
 
-def floors(noise: dict, table: dict) -> dict:
-    """Per dtype: the floor (the largest log-prob difference or score error seen) and whether the dtype's
-    tie tolerance is at least twice it, which is what keeps every token float64 keeps (module docstring)."""
-    out = {}
-    for dtype, found in noise.items():
-        floor = max(found["floor"], table.get(dtype, {}).get("score_error_vs_float64", 0.0))
-        tolerance = score_tie_tolerance(getattr(torch, dtype))
-        out[dtype] = {"floor": floor, "tolerance": tolerance, "tolerance_covers_twice_the_floor": tolerance >= 2 * floor}
-    return out
+def bin_labels() -> list[str]:
+    edges = [1.0] + [float(np.exp(e)) for e in LOGP_EDGES] + [0.0]
+    return [f"p in ({edges[i + 1]:.4g}, {edges[i]:.4g}]" if i else f"p > {edges[1]:.4g}" for i in range(len(edges) - 1)]
 
 
 def markdown(result: dict) -> str:
-    lines = ["# Noise floor of per-token log-probs, and kept-set fidelity", "", f"Command: `{result['command']}` ({result['seconds']:.0f} s).", "",
-             "## Noise floor: max |difference| of per-token log-probs (nats), same weights and tokens", "",
-             "`score error` is the largest |score - float64 score| of the fidelity run below; `floor` the largest of all;",
-             "the tie tolerance must be at least twice the floor.", "",
-             "| dtype | " + " | ".join(result["modes"]) + " | score error | floor | tie tolerance |", "| --- |" + " ---: |" * (len(result["modes"]) + 3)]  # fmt: skip
-    for dtype, found in result["noise_floor"].items():
-        cells = [f"{found[m]['max_abs']:.2e}" if m in found else "–" for m in result["modes"]]
-        floor = result["floors"][dtype]
-        error = result["fidelity"].get(dtype, {}).get("score_error_vs_float64")
-        lines.append(f"| {dtype} | " + " | ".join(cells) + f" | {error:.2e} | {floor['floor']:.2e} | {floor['tolerance']:g} |")
-    lines += ["", "## Step 0 with stored values: share of tokens kept (chosen / rejected)", "", "| dtype | tie tolerance of the dtype | 1e-5 |", "| --- | --- | --- |"]
-    for dtype, step0 in result["step0"].items():
-        new, old = step0["dtype_tolerance"], step0["old_tolerance"]
-        lines.append(f"| {dtype} | {new['kept_share_chosen']:.1%} / {new['kept_share_rejected']:.1%} | "
-                     f"{old['kept_share_chosen']:.1%} / {old['kept_share_rejected']:.1%} |")  # fmt: skip
-    lines += ["", "## Kept-set fidelity against float64 (sdpo_threshold 0.6, perturbed reference)", "",
-              "Flips per bin of the token's float64 distance to its response's cut; `+` kept only in this dtype, `-` dropped only in it.", "",
-              "| dtype | tolerance | agreement | " + " | ".join(f"[{b['gap_from']:g}, {b['gap_to']:g})" for b in next(iter(result["fidelity"].values()))["after"]["bins"]) + " |",
-              "| --- | --- | ---: |" + " ---: |" * (len(GAP_BINS) - 1)]  # fmt: skip
-    for dtype, rows in result["fidelity"].items():
-        for name in ("before", "after"):
-            row = rows[name]
-            cells = [f"{b['flips']}/{b['tokens']} (+{b['kept_only_here']} -{b['dropped_only_here']})" for b in row["bins"]]
-            lines.append(f"| {dtype} | {row['tolerance']:g} ({name}) | {row['agreement']:.2%} | " + " | ".join(cells) + " |")
+    lines = ["# Noise of per-token log-probs, and what selection does with it", "", f"Command: `{result['command']}` ({result['seconds']:.0f} s).", "",
+             "## Noise: |difference| of per-token log-probs (nats), same weights and tokens", "",
+             "Largest difference over the completion tokens of 8 pairs; the mean in brackets.", "",
+             "| dtype | " + " | ".join(result["modes"]) + " |", "| --- |" + " ---: |" * len(result["modes"])]  # fmt: skip
+    for dtype, found in result["noise"].items():
+        cells = [f"{found[m]['max_abs']:.2e} ({found[m]['mean_abs']:.1e})" if m in found else "–" for m in result["modes"]]
+        lines.append(f"| {dtype} | " + " | ".join(cells) + " |")
+    labels = bin_labels()
+    lines += ["", "## By the token's probability", "",
+              "Largest `alone_vs_batch` difference per probability bin (tokens in the bin), and the bound the trainer measured",
+              "on its first batch of 4 pairs (twice the largest difference in the bin or any likelier one).", "",
+              "| dtype | | " + " | ".join(labels) + " |", "| --- | --- |" + " ---: |" * len(labels)]  # fmt: skip
+    for dtype, found in result["noise"].items():
+        cells = [f"{b['max_abs']:.1e} ({b['tokens']})" if b["max_abs"] is not None else f"– (0)" for b in found["alone_vs_batch"]["bins"]]
+        lines.append(f"| {dtype} | layouts | " + " | ".join(cells) + " |")
+        lines.append(f"| {dtype} | bound | " + " | ".join(f"{v:.1e}" for v in result["step0"][dtype]["measured_bound"]) + " |")
+    lines += ["", "## Step 0 with the default reference: share of tokens kept (chosen / rejected)", "",
+              "| dtype | stored values | live | stored, row fallback only |", "| --- | --- | --- | --- |"]
+    fmt = lambda d: f"{d['kept_share_chosen']:.1%} / {d['kept_share_rejected']:.1%}"  # noqa: E731
+    for dtype, found in result["step0"].items():
+        lines.append(f"| {dtype} | {fmt(found['stored'])} | {fmt(found['live'])} | {fmt(found['stored_fallback_only'])} |")
+    lines += ["", "## A reference that differs: agreement with float64 and kept share (40% asked)", "",
+              "The reference is the bundled model with every weight scaled by (1 + s e). Agreement: share of tokens whose",
+              "keep/drop decision matches float64's. Fallback: share of responses that kept every token. Uncertain: share of",
+              "the ranked responses' tokens whose decision lay within the noise bound. The earlier rule is one tie band per dtype.", "",
+              "| s | median / p90 \\|score\\| (float64) | dtype | agreement | kept share | fallback rows | uncertain | earlier rule: agreement | kept share |",
+              "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]  # fmt: skip
+    for scale, rows in result["fidelity"].items():
+        for dtype in result["dtypes"]:
+            row = rows[dtype]
+            lines.append(f"| {scale} | {rows['median_abs_score']:.3f} / {rows['p90_abs_score']:.3f} | {dtype} | {row['agreement']:.2%} | "
+                         f"{row['kept_share']:.1%} | {row['fallback_rows']:.1%} | {row['uncertain_share']:.1%} | "
+                         f"{row['earlier_rule']['agreement']:.2%} | {row['earlier_rule']['kept_share']:.1%} |")  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
@@ -251,15 +295,15 @@ def main() -> None:
         reference = trainer_for("float64", work / "f64")
         float64 = [live(reference, b)[0] for b in batches(reference)]
         del reference
-        found, step0 = {}, {}
+        found, zero = {}, {}
         for dtype in opts.dtypes:
-            found[dtype], step0[dtype] = noise_floor(dtype, work, float64)
-            print(dtype, json.dumps(found[dtype]), json.dumps(step0[dtype]), flush=True)
-        table = fidelity(work, opts.dtypes)
-    modes = list(dict.fromkeys(m for values in found.values() for m in values if m != "floor"))
+            found[dtype], zero[dtype] = noise_floor(dtype, work, float64), step0(dtype, work)
+            print(dtype, json.dumps(found[dtype]), json.dumps(zero[dtype]), flush=True)
+        table = {str(scale): fidelity(work, opts.dtypes, scale) for scale in PERTURBATIONS}
+    modes = list(dict.fromkeys(m for values in found.values() for m in values))
     command = "python benchmarks/noise_floor.py" + ("" if opts.dtypes == list(DTYPES) else " --dtypes " + " ".join(opts.dtypes))
     result = {"command": command, "seconds": time.perf_counter() - start, "model": DEFAULT_MODEL, "pairs": 8, "modes": modes,
-              "noise_floor": found, "floors": floors(found, table), "step0": step0, "fidelity": table}  # fmt: skip
+              "dtypes": opts.dtypes, "noise": found, "step0": zero, "fidelity": table}  # fmt: skip
     output = Path(opts.output)
     atomic_write(output, json.dumps(result, indent=1).encode())
     atomic_write(output.with_suffix(".md"), markdown(result).encode())

@@ -224,7 +224,7 @@ class SelectiveLossOutput:
             left the noise bound (`None` without a bound, or for rules without a score cut).
         rejected_fallback: `(B,)` bool, the same for rejected responses.
         chosen_uncertain: `(B, T)` bool, chosen tokens of ranked responses whose score lies within its noise
-            bound of the cut: noise may have decided them (`None` as for `chosen_fallback`).
+            bound of the other side of the cut: noise may have decided them (`None` as for `chosen_fallback`).
         rejected_uncertain: `(B, T)` bool, the same for rejected tokens.
     """
 
