@@ -272,8 +272,9 @@ def markdown(result: dict) -> str:
     lines += ["", "## A reference that differs: agreement with float64 and kept share (40% asked)", "",
               "The reference is the bundled model with every weight scaled by (1 + s e). Agreement: share of tokens whose",
               "keep/drop decision matches float64's. Fallback: share of responses that kept every token. Uncertain: share of",
-              "the ranked responses' tokens whose decision lay within the noise bound. The earlier rule is one tie band per dtype.", "",
-              "| s | median / p90 \\|score\\| (float64) | dtype | agreement | kept share | fallback rows | uncertain | earlier rule: agreement | kept share |",
+              "the ranked responses' tokens whose decision lay within the noise bound. The one-band rule keeps every token within",
+              "a tie band per dtype (9e-5, 0.15, 1.0 nats for float32, fp16, bf16) of each response's cut.", "",
+              "| s | median / p90 \\|score\\| (float64) | dtype | agreement | kept share | fallback rows | uncertain | one band: agreement | kept share |",
               "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]  # fmt: skip
     for scale, rows in result["fidelity"].items():
         for dtype in result["dtypes"]:

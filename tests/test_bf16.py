@@ -64,6 +64,23 @@ def test_noise_within_the_bound_neither_picks_tokens_nor_inflates_the_share(seed
     assert banded[1::2].sum() > keep[1::2].sum()
 
 
+def test_stored_values_of_a_coarser_dtype_widen_the_measured_bound(tmp_path, tiny_model_dir, tiny_tokenizer):
+    """A float32 policy ranks bf16 noise when its stored reference values were computed in bf16: a live forward here
+    cannot show that noise, so the bound is at least twice bf16's largest measured layout difference."""
+    from selective_po.noise import STORED_DTYPE_FLOORS
+
+    args = SelectiveDPOConfig(output_dir=str(tmp_path / "out"), precompute_ref_log_probs=True,
+                              ref_logps_cache_dir=str(tmp_path / "cache"), **COMMON)  # fmt: skip
+    trainer = SelectiveDPOTrainer(model=tiny_model_dir, ref_model=build_model(tiny_tokenizer, seed=3).to(torch.bfloat16),
+                                  args=args, train_dataset=preference_dataset(4))  # fmt: skip
+    batch = trainer._prepare_inputs(trainer.data_collator([trainer.train_dataset[i] for i in range(4)]))
+    bound = trainer.score_noise_bound(trainer.model, batch)
+    assert min(bound.per_bin) >= 2 * STORED_DTYPE_FLOORS[torch.bfloat16] and "bfloat16" in bound.source
+    args = SelectiveDPOConfig(output_dir=str(tmp_path / "out2"), **COMMON)
+    same = SelectiveDPOTrainer(model=tiny_model_dir, args=args, train_dataset=preference_dataset(4))
+    assert same.score_noise_bound(same.model, batch).largest() < 1e-3  # float32 throughout: measured alone
+
+
 # ----- the trainer in bf16 -----
 
 

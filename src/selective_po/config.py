@@ -131,8 +131,8 @@ class SelectiveDPOConfig(DPOConfig):
             "help": "The scores' noise bound in nats, the same for every token: a response whose every score lies "
             "within it keeps every token (a plain DPO row); every other response is ranked at float32 precision and "
             "keeps the share asked for. None: measured per token at the start of training, on the first batch, by "
-            "running its pairs again one at a time (it grows as a token's probability falls, and with the dtype: "
-            "about 1e-5 nats in float32 and up to ~1 in bf16 on CPU). See docs/selection.md."
+            "running its pairs again one at a time (it grows as a token's probability falls, and with the dtype: on "
+            "CPU up to 8e-6 nats in float32 and 0.19 in bf16). See docs/selection.md."
         },
     )
     map_across_tokenizers: bool = field(

@@ -8,7 +8,7 @@ every token and reduce the loss to plain DPO. A sequence with no completion toke
 
 Scores come from log-probs, and log-probs carry rounding noise: the same weights on the same tokens
 give other values in another batch layout (padding, batch size and packing change the kernels'
-summation order), by up to ~4e-5 nats in float32 and ~0.5 in bfloat16 on CPU, more the less likely
+summation order), by up to ~5e-5 nats in float32 and ~0.4 in bfloat16 on CPU, more the less likely
 the token. Two rules keep that noise from choosing tokens without giving up the method:
 
 - **A row with no signal falls back whole.** Each token has a noise bound (`noise.NoiseBound`,
