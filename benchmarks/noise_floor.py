@@ -25,7 +25,9 @@ weights (`model_init_kwargs: {dtype: ...}`), each through the trainer's own code
    and a small s. The kept mask at sdpo_threshold 0.6 (40% asked) through the trainer's step is
    compared with the float64 kept mask, per token; with the kept share, the share of responses that
    fell back whole, the share of cut decisions within the noise bound, and the same figures under the
-   earlier rule (a tie band of 9e-5, 0.15 and 1.0 nats for float32, fp16 and bf16).
+   earlier rule (a tie band of 9e-5, 0.15 and 1.0 nats for float32, fp16 and bf16). bf16 and fp16 run
+   again with `score_dtype="float32"` (the ranked scores from a no-grad float32 pass and float32 stored
+   values), timed against the policy's own forward.
 """
 
 from __future__ import annotations
@@ -54,8 +56,8 @@ THRESHOLD = 0.6
 
 
 def trainer_for(dtype: str, work: Path, *, ref: str | None = None, share_prompt: bool | None = None, pairs: int = 8,
-                precompute: bool = True):  # fmt: skip
-    args = SelectiveDPOConfig(
+                precompute: bool = True, score_dtype: str | None = None):  # fmt: skip
+    args = SelectiveDPOConfig(score_dtype=score_dtype,
         output_dir=str(work / "out"), report_to="none", precompute_ref_log_probs=precompute, precompute_ref_batch_size=3,
         per_device_train_batch_size=4, ref_logps_cache_dir=str(work / "cache"), model_init_kwargs={"dtype": getattr(torch, dtype)},
         ref_model_name_or_path=ref, share_prompt=share_prompt, sdpo_threshold=THRESHOLD, disable_dropout=True,
@@ -189,17 +191,30 @@ def perturbed_reference(path: Path, scale: float) -> str:
     return str(path)
 
 
-def step_results(trainer) -> list:
-    """Per batch: the trainer's step on it (policy live, reference stored) and its completion mask."""
+def step_results(trainer, seconds: dict | None = None) -> list:
+    """Per batch: the trainer's step on it (policy live, reference stored) and its completion mask. `seconds` gathers
+    the time of the policy's forward and, with `score_dtype`, of the float32 scoring pass (no gradients for either)."""
     out = []
     for batch in batches(trainer):
         trainer.model.eval()
         with torch.no_grad():
             trainer.score_noise_bound(trainer.model, batch)
+            start = time.perf_counter()
             _, policy, mask = trainer._policy_forward(trainer.model, batch)
+            forward = time.perf_counter() - start
             result, *_ = trainer._sdpo_step(batch, policy, mask, None)
+            if seconds is not None:
+                start = time.perf_counter()
+                trainer.policy_scoring_logps(batch, policy)
+                seconds.setdefault("policy_forward", []).append(forward)
+                seconds.setdefault("scoring_pass", []).append(time.perf_counter() - start)
         out.append((result, mask.chunk(2)))
     return out
+
+
+def variants(dtypes) -> list[tuple[str, str, str | None]]:
+    """`(label, weights' dtype, score_dtype)`: each dtype as it runs, then the coarse ones with float32 scores."""
+    return [(d, d, None) for d in dtypes] + [(f"{d} + float32 scores", d, "float32") for d in dtypes if d != "float32"]
 
 
 def fidelity(work: Path, dtypes, scale: float) -> dict:
@@ -208,9 +223,10 @@ def fidelity(work: Path, dtypes, scale: float) -> dict:
     true_scores = [(r.chosen_scores.double(), r.rejected_scores.double()) for r, _ in truth]
     gaps = torch.cat([s[m].abs() for scores, (_, masks) in zip(true_scores, truth) for s, m in zip(scores, masks)]).numpy()
     table = {"median_abs_score": float(np.median(gaps)), "p90_abs_score": float(np.quantile(gaps, 0.9))}
-    for dtype in dtypes:
-        trainer = trainer_for(dtype, work / f"fid-{dtype}-{scale}", ref=ref)
-        measured = step_results(trainer)
+    for label, dtype, score_dtype in variants(dtypes):
+        trainer = trainer_for(dtype, work / f"fid-{label.replace(' ', '')}-{scale}", ref=ref, score_dtype=score_dtype)
+        seconds = {} if score_dtype else None
+        measured = step_results(trainer, seconds)
         counts = {"tokens": 0, "agree": 0, "kept": 0, "old_agree": 0, "old_kept": 0, "rows": 0, "fallback": 0, "ranked": 0, "uncertain": 0}
         errors = []
         for (result, masks), scores64 in zip(measured, true_scores):
@@ -230,7 +246,7 @@ def fidelity(work: Path, dtypes, scale: float) -> dict:
                 counts["ranked"] += int((mask & ~fallback[:, None]).sum())
                 counts["uncertain"] += int(uncertain.sum())
         n = counts["tokens"]
-        table[dtype] = {
+        table[label] = {
             "score_error_vs_float64_max": float(torch.cat(errors).max()),
             "noise_bound": list(trainer.noise_bound.per_bin),
             "agreement": counts["agree"] / n, "kept_share": counts["kept"] / n,
@@ -238,7 +254,9 @@ def fidelity(work: Path, dtypes, scale: float) -> dict:
             "uncertain_share": counts["uncertain"] / max(counts["ranked"], 1),
             "earlier_rule": {"band": OLD_BANDS[dtype], "agreement": counts["old_agree"] / n, "kept_share": counts["old_kept"] / n},
         }  # fmt: skip
-        print(f"fidelity s={scale} {dtype}", json.dumps(table[dtype]), flush=True)
+        if seconds:  # per batch of 4 pairs, the first (warm-up) batch left out
+            table[label]["seconds_per_batch"] = {k: float(np.mean(v[1:] or v)) for k, v in seconds.items()}
+        print(f"fidelity s={scale} {label}", json.dumps(table[label]), flush=True)
     return table
 
 
@@ -277,11 +295,22 @@ def markdown(result: dict) -> str:
               "| s | median / p90 \\|score\\| (float64) | dtype | agreement | kept share | fallback rows | uncertain | one band: agreement | kept share |",
               "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]  # fmt: skip
     for scale, rows in result["fidelity"].items():
-        for dtype in result["dtypes"]:
-            row = rows[dtype]
-            lines.append(f"| {scale} | {rows['median_abs_score']:.3f} / {rows['p90_abs_score']:.3f} | {dtype} | {row['agreement']:.2%} | "
-                         f"{row['kept_share']:.1%} | {row['fallback_rows']:.1%} | {row['uncertain_share']:.1%} | "
-                         f"{row['earlier_rule']['agreement']:.2%} | {row['earlier_rule']['kept_share']:.1%} |")  # fmt: skip
+        for label, _, score_dtype in variants(result["dtypes"]):
+            row = rows[label]
+            earlier = "– | –" if score_dtype else f"{row['earlier_rule']['agreement']:.2%} | {row['earlier_rule']['kept_share']:.1%}"
+            lines.append(f"| {scale} | {rows['median_abs_score']:.3f} / {rows['p90_abs_score']:.3f} | {label} | {row['agreement']:.2%} | "
+                         f"{row['kept_share']:.1%} | {row['fallback_rows']:.1%} | {row['uncertain_share']:.1%} | {earlier} |")  # fmt: skip
+    timed = [(scale, label, rows[label]["seconds_per_batch"]) for scale, rows in result["fidelity"].items()
+             for label, _, score_dtype in variants(result["dtypes"]) if score_dtype]  # fmt: skip
+    if timed:
+        lines += ["", "## What the float32 scoring pass costs (`score_dtype=\"float32\"`)", "",
+                  "Seconds per batch of 4 pairs on this CPU, no gradients, the first batch left out: the policy's forward in",
+                  "its own dtype beside the extra float32 pass. A training step adds the backward to the first, not to the",
+                  "second. On CPU, bf16 and fp16 matmuls are slower than float32 ones, so the pass here costs less than",
+                  "the forward; on a GPU a float32 forward costs more than a bf16 one.", "",
+                  "| s | weights | policy forward (s) | float32 scoring pass (s) |", "| --- | --- | ---: | ---: |"]  # fmt: skip
+        for scale, label, seconds in timed:
+            lines.append(f"| {scale} | {label.split(' ')[0]} | {seconds['policy_forward']:.2f} | {seconds['scoring_pass']:.2f} |")
     return "\n".join(lines) + "\n"
 
 

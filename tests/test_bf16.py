@@ -290,3 +290,32 @@ def test_a_bf16_run_with_the_default_reference_keeps_everything_at_step_0_only(t
     late = [(entry, asked) for entry, asked, _ in run[10:] if entry["selection/fallback_rows_chosen"] == 0.0]
     assert late, "the policy never left its reference by more than the noise bound"
     assert all(abs(entry["selection/kept_share_chosen"] - asked) <= 0.03 for entry, asked in late)
+
+
+def test_a_float32_scoring_pass_ranks_a_bf16_run_as_float32_does(tmp_path, sharp_models):
+    """`score_dtype="float32"`: the ranked scores are float32 log-probs of the bf16 weights (stored reference values
+    and a no-grad policy pass), so they lie within float32 rounding of float64 and every token more than twice that
+    from its cut is decided as float64 decides it; the loss still uses the bf16 training forward."""
+    args = SelectiveDPOConfig(output_dir=str(tmp_path / "out"), ref_model_name_or_path=sharp_models["ref"], score_dtype="float32",
+                              precompute_ref_log_probs=True, precompute_ref_batch_size=3, ref_logps_cache_dir=str(tmp_path / "c"),
+                              **{**COMMON, **BF16})  # fmt: skip
+    trainer = SelectiveDPOTrainer(model=sharp_models["policy"], args=args, train_dataset=preference_dataset())
+    loss, batch, policy, mask, metrics = bf16_step(trainer)
+    assert trainer.model.dtype == torch.bfloat16 and trainer.noise_bound.largest() < 1e-3  # measured in float32
+    with torch.no_grad():
+        result, *_ = trainer._sdpo_step(batch, policy, mask, None)
+    p64, r64 = float64_logps(sharp_models["policy"], batch), float64_logps(sharp_models["ref"], batch)
+    assert (batch["ref_per_token_logps"].double() - r64).abs()[mask].max() < 1e-4  # stored in float32
+    assert (policy.double() - p64).abs()[mask].max() > 1e-2  # the training forward is bf16
+    cm, rm = mask.chunk(2)
+    scores = (result.chosen_scores, result.rejected_scores)
+    exact = ((r64 - p64).chunk(2)[0], (p64 - r64).chunk(2)[1])
+    error = max((s.double() - e).abs()[m].max().item() for s, e, m in zip(scores, exact, (cm, rm)))
+    assert error < 1e-4
+    for s, e, m, keep in zip(scores, exact, (cm, rm), (result.chosen_keep, result.rejected_keep)):
+        far = check_far_tokens(keep, reference_keep(e, m, 0.6, tie_tolerance=0.0), cut_gap(e, m, 0.4), m, m.any(-1), error=error)
+        assert far.sum() >= m.sum() - 2 * m.any(-1).sum()  # all but the cut and a neighbour per response
+    # The loss is DPO's on the training forward's (bf16) log-probs of the kept tokens.
+    torch.testing.assert_close(result.chosen_logps, (policy.chunk(2)[0] * result.chosen_keep).sum(-1), rtol=0, atol=1e-4)
+    torch.testing.assert_close(loss.double(), result.losses.double().mean(), rtol=0, atol=1e-6)
+    assert metrics["selection/fallback_rows_chosen"] == 0.0

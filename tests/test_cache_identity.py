@@ -48,6 +48,21 @@ def test_values_for_dataset_a_are_never_used_for_dataset_b(tmp_path, tiny_model_
     assert stored(b) == stored(a)[::-1] and stored(b) != stored(a)
 
 
+def test_values_scored_in_float32_are_not_the_runs_own(tmp_path, tiny_tokenizer, monkeypatch):
+    """`score_dtype="float32"` stores values of other precision for the same bf16 weights: another entry."""
+    import torch
+
+    folder = tmp_path / "bf16"
+    build_model(tiny_tokenizer, seed=1).to(torch.bfloat16).save_pretrained(folder)
+    tiny_tokenizer.save_pretrained(folder)
+    bf16 = {"model_init_kwargs": {"dtype": torch.bfloat16}}
+    own = make(tmp_path, str(folder), **bf16)
+    written = count_writes(monkeypatch)
+    float32 = make(tmp_path, str(folder), score_dtype="float32", **bf16)
+    assert float32.reference_stores["train"] != own.reference_stores["train"] and written == [0]
+    assert stored(float32) != stored(own)
+
+
 @pytest.mark.parametrize("other", ["model", "dataset"])
 def test_an_entry_copied_over_another_is_refused(tmp_path, policies, monkeypatch, other):
     dataset_b = Dataset.from_list(preference_dataset().to_list()[::-1])

@@ -54,3 +54,13 @@ def test_trl_loss_list_matches_trl_source():
     """Fails when a TRL upgrade adds or drops a DPO loss type."""
     source = inspect.getsource(DPOTrainer._compute_loss)
     assert set(re.findall(r'loss_type == "(\w+)"', source)) == set(TRL_LOSS_TYPES)
+
+
+def test_score_dtype_is_float32_or_the_runs_own():
+    assert make(score_dtype="float32").score_dtype == "float32"
+    with pytest.raises(ValueError, match=r"score_dtype='bfloat16' is not supported.*'float32'"):
+        make(score_dtype="bfloat16")
+    with pytest.raises(ValueError, match=r"score_dtype='float32'.*ranks no tokens"):
+        make(score_dtype="float32", loss_type="sigmoid")
+    with pytest.raises(ValueError, match=r"score_dtype='float32' is not supported with map_across_tokenizers"):
+        make(score_dtype="float32", map_across_tokenizers=True, precompute_ref_log_probs=True)

@@ -49,16 +49,16 @@ def test_two_selective_dpo_steps_on_the_real_model(smollm2_path, tmp_path):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
 def test_the_first_step_keeps_every_token_with_stored_values_in_both_dtypes(smollm2_path, tmp_path, dtype):
     """The promise of the default reference: policy == reference, so every token is kept. The trainer knows it and
-    makes every score exactly 0; told nothing, the stored values (batches of 3) against the step's batch of 4,
+    makes every score exactly 0; told nothing, the stored values (batches of 2) against the step's batch of 3,
     packed, differ by layout noise only, and the bound measured on that batch makes every response fall back whole."""
-    pairs = load_preference_dataset("arithmetic", split="train").select(range(4))
+    pairs = load_preference_dataset("arithmetic", split="train").select(range(3))
     args = SelectiveDPOConfig(
-        output_dir=str(tmp_path / "out"), report_to="none", per_device_train_batch_size=4, precompute_ref_log_probs=True,
-        precompute_ref_batch_size=3, ref_logps_cache_dir=str(tmp_path / "cache"), model_init_kwargs={"dtype": dtype},
+        output_dir=str(tmp_path / "out"), report_to="none", per_device_train_batch_size=3, precompute_ref_log_probs=True,
+        precompute_ref_batch_size=2, ref_logps_cache_dir=str(tmp_path / "cache"), model_init_kwargs={"dtype": dtype},
         sdpo_threshold=0.6, max_length=128, plot_curves=False,
     )  # fmt: skip
     trainer = SelectiveDPOTrainer(model=smollm2_path, args=args, train_dataset=pairs)
-    batch = trainer._prepare_inputs(trainer.data_collator([trainer.train_dataset[i] for i in range(4)]))
+    batch = trainer._prepare_inputs(trainer.data_collator([trainer.train_dataset[i] for i in range(3)]))
     with torch.no_grad():
         trainer.score_noise_bound(trainer.model, batch)
         _, policy, mask = trainer._policy_forward(trainer.model, batch)

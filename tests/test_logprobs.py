@@ -73,3 +73,83 @@ def test_the_switch_is_undone_after_the_block():
     with compact_lm_head():
         assert trl_utils._use_triton(torch.device("cpu"))
     assert trl_utils._use_triton is before and not trl_utils._use_triton(torch.device("cpu"))
+
+
+# ----- the float32 scoring pass -----
+
+
+def fused(model):
+    add_fused_lm_head(model)
+    return model.eval()
+
+
+def scoring_batch():
+    inputs, labels = batch(5, vocab=250)
+    completion = (labels != -100).long()
+    return {**inputs, "completion_mask": completion}
+
+
+def test_a_bf16_model_scores_in_float32_as_its_float32_copy_and_is_left_as_it_was():
+    """bf16 weights upcast exactly, so the float32 pass is the float32 model's forward, bit for bit; the bf16 forward
+    differs by rounding, and the module keeps its bf16 tensors (the copies live only for the call)."""
+    from selective_po.reference_scoring import forward_logps
+
+    tokenizer = build_tokenizer()
+    bf16 = fused(build_model(tokenizer, seed=3, hidden=64).to(torch.bfloat16))
+    float32 = fused(build_model(tokenizer, seed=3, hidden=64).to(torch.bfloat16).float())
+    before = {name: t.clone() for name, t in bf16.state_dict().items()}
+    inputs = scoring_batch()
+    with torch.no_grad():
+        scored = forward_logps(bf16, inputs, float32=True)
+        expected = forward_logps(float32, inputs)
+        rounded = forward_logps(bf16, inputs)
+    mask = inputs["completion_mask"][:, 1:].bool()
+    assert scored.dtype == torch.float32
+    assert torch.equal(scored[mask], expected[mask])
+    assert (rounded.float() - expected).abs()[mask].max() > 1e-3  # bf16 itself: the pass changes something
+    after = bf16.state_dict()
+    assert all(after[name].dtype == t.dtype and torch.equal(after[name], t) for name, t in before.items())
+
+
+def test_the_float32_pass_sets_accelerate_autocast_aside_and_restores_it():
+    """accelerate wraps a mixed-precision model's forward in bf16 autocast; the pass runs the original forward in
+    float32, and the wrapper is back afterwards."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    from selective_po.reference_scoring import forward_logps
+
+    tokenizer = build_tokenizer()
+    plain = fused(build_model(tokenizer, seed=4, hidden=64))
+    model = fused(build_model(tokenizer, seed=4, hidden=64))
+    AcceleratorState._reset_state(reset_partial_state=True)  # the process-wide state other tests made without bf16
+    try:
+        model = Accelerator(mixed_precision="bf16", cpu=True).prepare_model(model, evaluation_mode=True)
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+    wrapper = model.forward
+    inputs = scoring_batch()
+    mask = inputs["completion_mask"][:, 1:].bool()
+    with torch.no_grad():
+        autocast = forward_logps(model, inputs)
+        scored = forward_logps(model, inputs, float32=True)
+        expected = forward_logps(plain, inputs)
+    assert (autocast - expected).abs()[mask].max() > 1e-4, "the wrapper did not autocast: nothing to set aside"
+    assert torch.equal(scored[mask], expected[mask])
+    assert model.forward == wrapper
+
+
+def test_the_float32_pass_refuses_what_it_cannot_upcast():
+    from selective_po.logprobs import run_in_float32
+
+    model = torch.nn.Linear(2, 2).to(torch.bfloat16)
+    model.register_parameter("packed", torch.nn.Parameter(torch.zeros(2, dtype=torch.uint8), requires_grad=False))
+    with pytest.raises(ValueError, match=r"quantized model.*'packed' is torch.uint8"):
+        run_in_float32(model, lambda m: m(torch.ones(1, 2)))
+    sharded = torch.nn.Linear(2, 2).to(torch.bfloat16)
+    sharded.weight.ds_id = 0  # how DeepSpeed ZeRO-3 marks a partitioned parameter
+    with pytest.raises(ValueError, match=r"sharded torch.bfloat16 weights.*'weight'"):
+        run_in_float32(sharded, lambda m: m(torch.ones(1, 2)))
+    fine = torch.nn.Linear(2, 2)
+    fine.weight.ds_id = 0  # float32 already: nothing to upcast, the engine's own forward runs
+    assert run_in_float32(fine, lambda m: m(torch.ones(1, 2))).dtype == torch.float32

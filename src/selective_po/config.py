@@ -18,6 +18,8 @@ from trl import DPOConfig
 from .selection import COUNT_RULES, SELECTION_RULES
 
 SELECTIVE_LOSS_TYPES = ("sdpo",)
+# Dtypes the ranked scores can be computed in apart from the run's own (None).
+SCORE_DTYPES = (None, "float32")
 # The loss types TRL 1.16's DPOTrainer implements. A test reads them off TRL's source, so an upgrade
 # that adds or removes one fails loudly instead of drifting.
 TRL_LOSS_TYPES = (
@@ -135,6 +137,18 @@ class SelectiveDPOConfig(DPOConfig):
             "CPU up to 8e-6 nats in float32 and 0.19 in bf16). See docs/selection.md."
         },
     )
+    score_dtype: str | None = field(
+        default=None,
+        metadata={
+            "help": "The dtype the ranked scores are computed in. None: the run's own (the training forward's log-probs). "
+            "'float32': each batch also runs the policy once more without gradients in float32 (weights upcast for that "
+            "pass, autocast off), and the reference, scorer or oracle values are computed in float32 too; the loss keeps "
+            "the training forward's log-probs. For bf16 runs whose true score gaps lie below bf16's rounding noise; "
+            "it costs one no-grad forward per step (none while the reference is still the policy) and, with bf16 "
+            "weights, a float32 copy of them during it. Not with quantized, ZeRO-3 or FSDP-sharded bf16 weights, nor "
+            "with map_across_tokenizers. See docs/selection.md."
+        },
+    )
     map_across_tokenizers: bool = field(
         default=False,
         metadata={
@@ -204,6 +218,11 @@ class SelectiveDPOConfig(DPOConfig):
                     f"scorer_model_name_or_path picks the tokens of the selective losses; TRL's loss_type={self.loss_type} "
                     "uses every token. Leave it unset, or use loss_type='sdpo' with selection_rule='scorer'."
                 )
+            if self.score_dtype is not None:
+                raise ValueError(
+                    f"score_dtype={self.score_dtype!r} sets the dtype of the selective losses' token scores; TRL's "
+                    f"loss_type={self.loss_type} ranks no tokens. Leave it unset, or use loss_type='sdpo'."
+                )
             if self.map_across_tokenizers:
                 raise ValueError(
                     f"map_across_tokenizers=True applies to the selective losses' stored per-token values; TRL's "
@@ -233,6 +252,13 @@ class SelectiveDPOConfig(DPOConfig):
                 "selection_rule='scorer' compares the scorer's and the reference's log-probs on the policy's own tokens, so "
                 "both need the policy's tokenizer; map_across_tokenizers (a reference of another tokenizer) is not "
                 "supported with it. Leave map_across_tokenizers=False."
+            )
+        if self.score_dtype not in SCORE_DTYPES:
+            raise ValueError(f"score_dtype={self.score_dtype!r} is not supported. Allowed: None (the run's dtype) or 'float32'.")
+        if self.score_dtype is not None and self.map_across_tokenizers:
+            raise ValueError(
+                "score_dtype='float32' is not supported with map_across_tokenizers=True (the mapped scoring runs its own "
+                "forward): leave score_dtype unset."
             )
         if self.score_tie_tolerance is not None and not self.score_tie_tolerance >= 0.0:
             raise ValueError(f"score_tie_tolerance={self.score_tie_tolerance} must be a number of nats >= 0 (None: measured).")

@@ -272,6 +272,8 @@ def selective_dpo_loss(
     rejected_given: Tensor | None = None,
     scorer_chosen_logps: Tensor | None = None,
     scorer_rejected_logps: Tensor | None = None,
+    scoring_chosen_logps: Tensor | None = None,
+    scoring_rejected_logps: Tensor | None = None,
     tie_tolerance: float = SCORE_TIE_TOLERANCE,
     noise: NoiseBound | None = None,
 ) -> SelectiveDPOOutput:
@@ -293,15 +295,20 @@ def selective_dpo_loss(
         rejected_given: Shape `(B, T)`, bool: with `rule="spans"`, the rejected tokens kept.
         scorer_chosen_logps: Shape `(B, T)`: with `rule="scorer"`, the scorer's log-prob of each chosen token.
         scorer_rejected_logps: Shape `(B, T)`: the same for the rejected tokens.
+        scoring_chosen_logps: Shape `(B, T)`: the policy's chosen log-probs the scores compare, when computed apart
+            from the loss's (e.g. a no-grad float32 pass); None: `policy_chosen_logps`.
+        scoring_rejected_logps: Shape `(B, T)`: the same for the rejected tokens.
         tie_tolerance: The scores' tie band in nats (float32 precision, `selection.SCORE_TIE_TOLERANCE`).
         noise: The run's per-token noise bound; responses with no score outside it keep every token.
 
     Returns:
         A `SelectiveDPOOutput`; `losses` has shape `(B,)`.
     """
+    scoring_chosen = policy_chosen_logps if scoring_chosen_logps is None else scoring_chosen_logps
+    scoring_rejected = policy_rejected_logps if scoring_rejected_logps is None else scoring_rejected_logps
     chosen_scores, rejected_scores, chosen_keep, rejected_keep = select_sdpo_tokens(
-        policy_chosen_logps,
-        policy_rejected_logps,
+        scoring_chosen,
+        scoring_rejected,
         ref_chosen_logps,
         ref_rejected_logps,
         chosen_mask=chosen_mask,
@@ -325,7 +332,7 @@ def selective_dpo_loss(
     chosen_logratios = chosen_logps - ref_chosen
     rejected_logratios = rejected_logps - ref_rejected
     losses = dpo_sigmoid_loss(chosen_logratios, rejected_logratios, beta=beta, label_smoothing=label_smoothing)
-    bounds = sdpo_noise_bounds(noise, rule, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
+    bounds = sdpo_noise_bounds(noise, rule, scoring_chosen, scoring_rejected, ref_chosen_logps,
                                ref_rejected_logps, scorer_chosen_logps, scorer_rejected_logps)  # fmt: skip
     chosen_fallback, chosen_uncertain = noise_diagnostics(chosen_scores, chosen_mask.bool(), chosen_keep, bounds[0])
     rejected_fallback, rejected_uncertain = noise_diagnostics(rejected_scores, rejected_mask.bool(), rejected_keep, bounds[1])

@@ -26,10 +26,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from accelerate.utils import DistributedType, broadcast_object_list, gather_object
+from accelerate.utils import DistributedType, broadcast_object_list, extract_model_from_parallel, gather_object
 from trl.trainer.utils import add_fused_lm_head, create_model_from_path, disable_dropout_in_model
 
-from .logprobs import compact_lm_head
+from .logprobs import compact_lm_head, run_in_float32
 from .packing import shared_prompt_forward
 from .reference_cache import ReferenceLogpsStore, RowScorer, ShardSpec, files_weights_hash, token_content_hash, tokenizer_hash
 
@@ -54,6 +54,8 @@ def token_components(dataset, *, trainer) -> dict:
         "truncation_mode": args.truncation_mode,
         "autocast": "bf16" if args.bf16 else "fp16" if args.fp16 else "none",
     }
+    if args.score_dtype is not None:  # computed apart from the run's dtype (absent otherwise: older keys stay valid)
+        components["score_dtype"] = args.score_dtype
     return {**components, "packing": "shared-prompt-v1"} if trainer._shared_prompt_mask is not None else components
 
 
@@ -110,17 +112,21 @@ def load_frozen(path: str, *, accelerator, init_kwargs: dict, disable_dropout: b
 # Forwards
 
 
-def forward_logps(model, inputs: dict, *, shared_prompt_mask: str | None = None) -> torch.Tensor:
+def forward_logps(model, inputs: dict, *, shared_prompt_mask: str | None = None, float32: bool = False) -> torch.Tensor:
     """Per-token log-probs `(2B, T-1)` of a batch already on the device, through TRL's fused LM head.
 
     The one forward every reference-side model runs, live and for storage (gradients and autocast
-    are the caller's). Position `t` holds the log-prob of token `t + 1`; only completion positions
-    are projected (`compact_lm_head`), the others hold 0.
+    are the caller's), and the policy's scoring passes. Position `t` holds the log-prob of token
+    `t + 1`; only completion positions are projected (`compact_lm_head`), the others hold 0.
 
     Args:
         inputs: A batch from TRL's preference collator, `[chosen; rejected]` rows.
         shared_prompt_mask: Run each pair as one packed row with this mask form (`packing.py`); `None`: two rows.
+        float32: Compute in float32 whatever the weights' dtype and autocast (`logprobs.run_in_float32`).
     """
+    if float32:
+        module = extract_model_from_parallel(model)  # the module itself: DDP or DeepSpeed add nothing to a no-grad pass
+        return run_in_float32(module, lambda m: forward_logps(m, inputs, shared_prompt_mask=shared_prompt_mask))
     shift_mask = inputs["completion_mask"][:, 1:]
     with compact_lm_head():
         if shared_prompt_mask is not None:

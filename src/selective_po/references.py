@@ -244,7 +244,8 @@ class Reference:
         self.check_packable()
         with torch.no_grad(), disable_gradient_checkpointing(trainer.model, trainer.args.gradient_checkpointing_kwargs):
             with self._state():
-                return reference_scoring.forward_logps(self._module(), inputs, shared_prompt_mask=trainer._shared_prompt_mask)
+                return reference_scoring.forward_logps(self._module(), inputs, shared_prompt_mask=trainer._shared_prompt_mask,
+                                                       float32=trainer.args.score_dtype == "float32")  # fmt: skip
 
     def row_scorer(self) -> reference_cache.RowScorer:
         """`rows -> (chosen values, rejected values)` for storage, through TRL's collator and `logps`."""
@@ -541,10 +542,10 @@ class OraclePair(Reference):
     def logps(self, inputs: dict) -> torch.Tensor:
         """Token rewards `(2B, T-1)` of a batch on the device: the oracle's log-probs minus its reference's, in float32."""
         self.check_packable()
-        mask = self.trainer._shared_prompt_mask
+        mask, float32 = self.trainer._shared_prompt_mask, self.trainer.args.score_dtype == "float32"
         with torch.no_grad():
-            oracle = reference_scoring.forward_logps(self.oracle.module(), inputs, shared_prompt_mask=mask)
-            oracle_ref = reference_scoring.forward_logps(self.oracle_ref.module(), inputs, shared_prompt_mask=mask)
+            oracle = reference_scoring.forward_logps(self.oracle.module(), inputs, shared_prompt_mask=mask, float32=float32)
+            oracle_ref = reference_scoring.forward_logps(self.oracle_ref.module(), inputs, shared_prompt_mask=mask, float32=float32)
         return oracle.float() - oracle_ref.float()
 
     def row_scorer(self):

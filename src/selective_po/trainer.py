@@ -125,8 +125,9 @@ class SelectiveDPOTrainer(DPOTrainer):
         self.noise_bound = None  # the scores' per-token noise bound: measured on the first batch that ranks scores
         if args.score_tie_tolerance is not None:
             self.noise_bound = noise.NoiseBound.uniform(args.score_tie_tolerance, source="score_tie_tolerance")
-        # Stored values made in a coarser dtype than the policy runs in carry noise that no live forward here shows.
-        self._coarser_stored = noise.coarser_stored_dtypes(
+        # Stored values made in a coarser dtype than the policy runs in carry noise that no live forward here shows
+        # (with score_dtype="float32" every ranked value is computed in float32).
+        self._coarser_stored = set() if args.score_dtype else noise.coarser_stored_dtypes(
             compute_dtypes(self.model, args), set().union(*(m.weight_dtypes() for m in (self.reference, self.scorer) if m is not None))
         )  # fmt: skip
         self._policy_updates = _PolicyUpdates()
@@ -261,12 +262,22 @@ class SelectiveDPOTrainer(DPOTrainer):
             return policy_logps.detach()
         return self._reference_per_token_logps(inputs, shift_mask)
 
+    def policy_scoring_logps(self, inputs: dict, policy_logps: torch.Tensor) -> torch.Tensor:
+        """The policy's log-probs `(2B, T-1)` that ranked scores compare: the training forward's own, detached, or with
+        `score_dtype="float32"` a no-grad forward in float32 (skipped while the reference is the policy: every score
+        is then exactly 0 anyway)."""
+        if self.args.score_dtype is None or self.reference_is_policy():
+            return policy_logps.detach()
+        with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
+            scoring = forward_logps(self.model, inputs, shared_prompt_mask=self._shared_prompt_mask, float32=True)
+        return scoring[:, -policy_logps.size(1) :]
+
     def score_noise_bound(self, model, inputs: dict) -> noise.NoiseBound:
         """The run's per-token noise bound (`noise.py`): `score_tie_tolerance` when set, else measured once, on the
         first batch given here, by running its pairs again one at a time through `model` (no gradients)."""
         if self.noise_bound is None:
             def forward(batch):
-                return forward_logps(model, batch, shared_prompt_mask=self._shared_prompt_mask)
+                return forward_logps(model, batch, shared_prompt_mask=self._shared_prompt_mask, float32=self.args.score_dtype == "float32")
 
             context = disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs)
             with torch.no_grad(), context, self.compute_loss_context_manager():
@@ -345,12 +356,14 @@ class SelectiveDPOTrainer(DPOTrainer):
         chosen_mask, rejected_mask = shift_mask.chunk(2, dim=0)  # TRL's collator stacks [chosen; rejected]
         given = spans.given_keep(inputs, shift_mask) if self.args.selection_rule == "spans" else (None, None)
         scorer = self._scorer_per_token_logps(inputs, shift_mask)
+        ranks_policy = self.args.selection_rule in ("scores", "confidence")  # rules whose scores use the policy's log-probs
+        scoring = self.policy_scoring_logps(inputs, policy_logps).chunk(2, dim=0) if ranks_policy else (None, None)
         result = selective_dpo_loss(
             *policy_logps.chunk(2, dim=0), *ref_logps.chunk(2, dim=0), chosen_mask=chosen_mask, rejected_mask=rejected_mask,
             threshold=self.args.sdpo_threshold, beta=self.beta, rule=self.args.selection_rule,
             generator=self._selection_generator(), count_rule=self.args.sdpo_count_rule,
             chosen_given=given[0], rejected_given=given[1], scorer_chosen_logps=scorer[0], scorer_rejected_logps=scorer[1],
-            noise=self.noise_bound,
+            scoring_chosen_logps=scoring[0], scoring_rejected_logps=scoring[1], noise=self.noise_bound,
         )  # fmt: skip
         with torch.no_grad():  # sums first, then the difference, in TRL's order
             logratios = masked_sum(policy_logps, shift_mask) - masked_sum(ref_logps, shift_mask)  # (2B,)
@@ -445,7 +458,8 @@ class SePOTrainer(SelectiveDPOTrainer):
         chosen_mask, rejected_mask = shift_mask.chunk(2, dim=0)
         rule = self.args.selection_rule
         if rule == "confidence":
-            chosen_rewards, rejected_rewards = confidence_token_scores(chosen_logps), confidence_token_scores(rejected_logps)
+            scoring = self.policy_scoring_logps(inputs, policy_logps).chunk(2, dim=0)
+            chosen_rewards, rejected_rewards = confidence_token_scores(scoring[0]), confidence_token_scores(scoring[1])
             score_mask = torch.cat([
                 select_tokens(scores, mask, keep_share=1.0, rule="confidence")
                 for scores, mask in ((chosen_rewards, chosen_mask), (rejected_rewards, rejected_mask))
