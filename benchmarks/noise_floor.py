@@ -56,14 +56,14 @@ THRESHOLD = 0.6
 
 
 def trainer_for(dtype: str, work: Path, *, ref: str | None = None, share_prompt: bool | None = None, pairs: int = 8,
-                precompute: bool = True, score_dtype: str | None = None):  # fmt: skip
+                precompute: bool = True, score_dtype: str | None = None, model: str = DEFAULT_MODEL):  # fmt: skip
     args = SelectiveDPOConfig(score_dtype=score_dtype,
         output_dir=str(work / "out"), report_to="none", precompute_ref_log_probs=precompute, precompute_ref_batch_size=3,
         per_device_train_batch_size=4, ref_logps_cache_dir=str(work / "cache"), model_init_kwargs={"dtype": getattr(torch, dtype)},
         ref_model_name_or_path=ref, share_prompt=share_prompt, sdpo_threshold=THRESHOLD, disable_dropout=True,
         plot_curves=False, max_length=256,
     )  # fmt: skip
-    return SelectiveDPOTrainer(model=DEFAULT_MODEL, args=args, train_dataset=load_preference_dataset("arithmetic", split="train").select(range(pairs)))
+    return SelectiveDPOTrainer(model=model, args=args, train_dataset=load_preference_dataset("arithmetic", split="train").select(range(pairs)))
 
 
 def batches(trainer, size: int = 4):
@@ -178,14 +178,21 @@ def noise_floor(dtype: str, work: Path, float64_logps: list) -> dict:
 
 
 def perturbed_reference(path: Path, scale: float) -> str:
+    return saved_copy(resolve_model_path(DEFAULT_MODEL), path, scale=scale)
+
+
+def saved_copy(source: str, path: Path, *, scale: float = 0.0, rounded_to: str | None = None) -> str:
+    """`source`'s weights (float32) times (1 + scale e), e ~ N(0, 1) (seed 0), optionally rounded to a dtype and back."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    source = resolve_model_path(DEFAULT_MODEL)
     model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for parameter in model.parameters():
-            parameter.mul_(1 + scale * torch.randn(parameter.shape, generator=generator))
+            if scale:
+                parameter.mul_(1 + scale * torch.randn(parameter.shape, generator=generator))
+            if rounded_to:
+                parameter.copy_(parameter.to(getattr(torch, rounded_to)).float())
     model.save_pretrained(path)
     AutoTokenizer.from_pretrained(source).save_pretrained(path)
     return str(path)
@@ -217,23 +224,38 @@ def variants(dtypes) -> list[tuple[str, str, str | None]]:
     return [(d, d, None) for d in dtypes] + [(f"{d} + float32 scores", d, "float32") for d in dtypes if d != "float32"]
 
 
+def float64_scores(work: Path, *, policy: str, ref: str) -> list:
+    """Per batch, float64's `(chosen, rejected)` scores of these two models."""
+    truth = step_results(trainer_for("float64", work, ref=ref, model=policy))
+    return [(r.chosen_scores.double(), r.rejected_scores.double()) for r, _ in truth]
+
+
 def fidelity(work: Path, dtypes, scale: float) -> dict:
     ref = perturbed_reference(work / f"perturbed-{scale}", scale)
     truth = step_results(trainer_for("float64", work / f"fid-float64-{scale}", ref=ref))
     true_scores = [(r.chosen_scores.double(), r.rejected_scores.double()) for r, _ in truth]
+    # Loading weights in bf16 or fp16 rounds them: a model of its own, whose exact scores float64 gives on the
+    # rounded weights. Agreement with those separates the dtype's arithmetic from its rounding of the weights.
+    policy = resolve_model_path(DEFAULT_MODEL)
+    same_weights = {d: float64_scores(work / f"fid-float64-{d}-{scale}", policy=saved_copy(policy, work / f"policy-{d}", rounded_to=d),
+                                      ref=saved_copy(ref, work / f"ref-{d}-{scale}", rounded_to=d))
+                    for d in dtypes if d != "float32"}  # fmt: skip
     gaps = torch.cat([s[m].abs() for scores, (_, masks) in zip(true_scores, truth) for s, m in zip(scores, masks)]).numpy()
     table = {"median_abs_score": float(np.median(gaps)), "p90_abs_score": float(np.quantile(gaps, 0.9))}
     for label, dtype, score_dtype in variants(dtypes):
         trainer = trainer_for(dtype, work / f"fid-{label.replace(' ', '')}-{scale}", ref=ref, score_dtype=score_dtype)
         seconds = {} if score_dtype else None
         measured = step_results(trainer, seconds)
-        counts = {"tokens": 0, "agree": 0, "kept": 0, "old_agree": 0, "old_kept": 0, "rows": 0, "fallback": 0, "ranked": 0, "uncertain": 0}
-        errors = []
-        for (result, masks), scores64 in zip(measured, true_scores):
+        counts = {"tokens": 0, "agree": 0, "agree_same_weights": 0, "kept": 0, "old_agree": 0, "old_kept": 0, "rows": 0,
+                  "fallback": 0, "ranked": 0, "uncertain": 0}  # fmt: skip
+        errors, errors_same_weights = [], []
+        for (result, masks), scores64, rounded64 in zip(measured, true_scores, same_weights.get(dtype, true_scores)):
             sides = ((result.chosen_scores, result.chosen_keep, result.chosen_fallback, result.chosen_uncertain),
                      (result.rejected_scores, result.rejected_keep, result.rejected_fallback, result.rejected_uncertain))  # fmt: skip
-            for (scores, keep, fallback, uncertain), score64, mask in zip(sides, scores64, masks):
+            for (scores, keep, fallback, uncertain), score64, rounded, mask in zip(sides, scores64, rounded64, masks):
                 true_keep = top_share_mask(score64, mask, keep_share=1 - THRESHOLD)
+                counts["agree_same_weights"] += int((keep == top_share_mask(rounded, mask, keep_share=1 - THRESHOLD))[mask].sum())
+                errors_same_weights.append((scores.double() - rounded).abs()[mask])
                 old_keep = top_share_mask(scores.float(), mask, keep_share=1 - THRESHOLD, tie_tolerance=OLD_BANDS[dtype])
                 errors.append((scores.double() - score64).abs()[mask])
                 counts["tokens"] += int(mask.sum())
@@ -248,6 +270,8 @@ def fidelity(work: Path, dtypes, scale: float) -> dict:
         n = counts["tokens"]
         table[label] = {
             "score_error_vs_float64_max": float(torch.cat(errors).max()),
+            "score_error_vs_float64_same_weights_max": float(torch.cat(errors_same_weights).max()),
+            "agreement_same_weights": counts["agree_same_weights"] / n,
             "noise_bound": list(trainer.noise_bound.per_bin),
             "agreement": counts["agree"] / n, "kept_share": counts["kept"] / n,
             "fallback_rows": counts["fallback"] / counts["rows"],
@@ -289,17 +313,19 @@ def markdown(result: dict) -> str:
         lines.append(f"| {dtype} | {fmt(found['stored'])} | {fmt(found['live'])} | {fmt(found['stored_fallback_only'])} |")
     lines += ["", "## A reference that differs: agreement with float64 and kept share (40% asked)", "",
               "The reference is the bundled model with every weight scaled by (1 + s e). Agreement: share of tokens whose",
-              "keep/drop decision matches float64's. Fallback: share of responses that kept every token. Uncertain: share of",
-              "the ranked responses' tokens whose decision lay within the noise bound. The one-band rule keeps every token within",
-              "a tie band per dtype (9e-5, 0.15, 1.0 nats for float32, fp16, bf16) of each response's cut.", "",
-              "| s | median / p90 \\|score\\| (float64) | dtype | agreement | kept share | fallback rows | uncertain | one band: agreement | kept share |",
-              "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]  # fmt: skip
+              "keep/drop decision matches float64's on the float32 weights; same weights: matches float64's on the weights",
+              "rounded to the dtype, as loading them in it does (the arithmetic's share of the disagreement). Fallback: share of",
+              "responses that kept every token. Uncertain: share of the ranked responses' tokens whose decision lay within the",
+              "noise bound. The one-band rule keeps every token within a tie band per dtype (9e-5, 0.15, 1.0 nats for float32,",
+              "fp16, bf16) of each response's cut.", "",
+              "| s | median / p90 \\|score\\| (float64) | dtype | agreement | same weights | kept share | fallback rows | uncertain | one band: agreement | kept share |",
+              "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]  # fmt: skip
     for scale, rows in result["fidelity"].items():
         for label, _, score_dtype in variants(result["dtypes"]):
             row = rows[label]
             earlier = "– | –" if score_dtype else f"{row['earlier_rule']['agreement']:.2%} | {row['earlier_rule']['kept_share']:.1%}"
             lines.append(f"| {scale} | {rows['median_abs_score']:.3f} / {rows['p90_abs_score']:.3f} | {label} | {row['agreement']:.2%} | "
-                         f"{row['kept_share']:.1%} | {row['fallback_rows']:.1%} | {row['uncertain_share']:.1%} | {earlier} |")  # fmt: skip
+                         f"{row['agreement_same_weights']:.2%} | {row['kept_share']:.1%} | {row['fallback_rows']:.1%} | {row['uncertain_share']:.1%} | {earlier} |")  # fmt: skip
     timed = [(scale, label, rows[label]["seconds_per_batch"]) for scale, rows in result["fidelity"].items()
              for label, _, score_dtype in variants(result["dtypes"]) if score_dtype]  # fmt: skip
     if timed:
