@@ -333,7 +333,7 @@ def markdown(result: dict) -> str:
                   "Seconds per batch of 4 pairs on this CPU, no gradients, the first batch left out: the policy's forward in",
                   "its own dtype beside the extra float32 pass. A training step adds the backward to the first, not to the",
                   "second. On CPU, bf16 and fp16 matmuls are slower than float32 ones, so the pass here costs less than",
-                  "the forward; on a GPU a float32 forward costs more than a bf16 one.", "",
+                  "the forward; on a GPU, where they are the fast ones, expect the opposite (not measured here).", "",
                   "| s | weights | policy forward (s) | float32 scoring pass (s) |", "| --- | --- | ---: | ---: |"]  # fmt: skip
         for scale, label, seconds in timed:
             lines.append(f"| {scale} | {label.split(' ')[0]} | {seconds['policy_forward']:.2f} | {seconds['scoring_pass']:.2f} |")
