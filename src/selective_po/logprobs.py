@@ -103,7 +103,7 @@ def _highest_float32_matmuls() -> Iterator[None]:
 def run_in_float32(module: torch.nn.Module, call: Callable[[torch.nn.Module], T]) -> T:
     """`call(module)` computed in float32, for no-grad scoring passes (`score_dtype="float32"`).
 
-    Weights and buffers in another floating dtype are replaced, for this call only, by float32 copies
+    bf16 and fp16 weights and buffers are replaced, for this call only, by float32 copies
     (`torch.func.functional_call`: the module itself is not changed; the copies cost 4 bytes a
     parameter while they live); autocast is off, accelerate's mixed-precision wrapper is set aside, and
     float32 matmuls run at full precision.
@@ -125,8 +125,8 @@ def run_in_float32(module: torch.nn.Module, call: Callable[[torch.nn.Module], T]
             "unset, or load the model unquantized."
         )
     tensors = {**params, **dict(module.named_buffers())}
-    upcast = {name: t.float() for name, t in tensors.items() if t.is_floating_point() and t.dtype != torch.float32}
-    sharded = [name for name in upcast if hasattr(tensors[name], "ds_id") or type(tensors[name]).__name__ == "DTensor"]
+    narrow = [name for name, t in tensors.items() if t.dtype in (torch.bfloat16, torch.float16)]  # float64 stays as it is
+    sharded = [name for name in narrow if hasattr(tensors[name], "ds_id") or type(tensors[name]).__name__ == "DTensor"]
     if sharded:
         raise ValueError(
             f"score_dtype='float32' cannot upcast sharded {tensors[sharded[0]].dtype} weights (ZeRO-3 or FSDP; e.g. "
@@ -134,6 +134,7 @@ def run_in_float32(module: torch.nn.Module, call: Callable[[torch.nn.Module], T]
         )
     device = next(iter(tensors.values())).device if tensors else torch.device("cpu")
     with _without_mixed_precision_wrapper(module), torch.autocast(device.type, enabled=False), _highest_float32_matmuls():
-        if not upcast:
+        if not narrow:
             return call(module)
-        return torch.func.functional_call(_Call(module, call), {f"inner.{name}": t for name, t in upcast.items()}, ())
+        upcast = {f"inner.{name}": tensors[name].float() for name in narrow}
+        return torch.func.functional_call(_Call(module, call), upcast, ())
