@@ -185,6 +185,8 @@ def saved_copy(source: str, path: Path, *, scale: float = 0.0, rounded_to: str |
     """`source`'s weights (float32) times (1 + scale e), e ~ N(0, 1) (seed 0), optionally rounded to a dtype and back."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if (path / "config.json").is_file():  # made for an earlier scale (the rounded policy is the same for every one)
+        return str(path)
     model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():

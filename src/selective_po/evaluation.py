@@ -154,7 +154,8 @@ def selected_tokens(
             batch = trainer._prepare_inputs(trainer.data_collator(rows))
             model = trainer.inference_model()
             _, policy, ref, mask = trainer.per_token_logps(model, batch)
-            policy = trainer.policy_scoring_logps(batch, policy)  # what training ranks (a float32 pass with score_dtype)
+            if rule != "scorer":  # what training ranks (a float32 pass with score_dtype); the scorer's scores leave out the policy
+                policy = trainer.policy_scoring_logps(batch, policy)
             chosen_mask, rejected_mask = mask.chunk(2)
             given = spans.given_keep(batch, mask) if rule == "spans" else (None, None)
             scorer = trainer._scorer_per_token_logps(batch, mask) if rule == "scorer" else (None, None)
