@@ -47,6 +47,7 @@ from selective_po.models import DEFAULT_MODEL, resolve_model_path
 from selective_po.reference_scoring import forward_logps, load_frozen
 from selective_po.noise import LOGP_EDGES, logp_bins
 from selective_po.selection import top_share_mask
+from selective_po.trainer import policy_forward
 
 DTYPES = ("float32", "bfloat16", "float16")
 # The earlier rule: one tie band per dtype, twice its worst layout difference.
@@ -116,12 +117,12 @@ def kept_shares(trainer, *, live_reference: bool, told: bool = True) -> dict:
         trainer.model.eval()
         with torch.no_grad():
             trainer.score_noise_bound(trainer.model, batch)
-            _, policy, mask = trainer._policy_forward(trainer.model, batch)
+            _, policy, mask = policy_forward(trainer.model, batch, trainer._shared_prompt_mask)
             if told:
-                result, *_ = trainer._sdpo_step(batch, policy, mask, None)
+                result, *_ = trainer.method_step(batch, policy, mask)
             else:  # the exact tie switched off: only the row fallback can keep every token
                 with _not_told(trainer):
-                    result, *_ = trainer._sdpo_step(batch, policy, mask, None)
+                    result, *_ = trainer.method_step(batch, policy, mask)
         for side, (keep, side_mask) in enumerate(zip((result.chosen_keep, result.rejected_keep), mask.chunk(2))):
             kept[side] += int(keep.sum())
             total[side] += int(side_mask.sum())
@@ -209,9 +210,9 @@ def step_results(trainer, seconds: dict | None = None) -> list:
         with torch.no_grad():
             trainer.score_noise_bound(trainer.model, batch)
             start = time.perf_counter()
-            _, policy, mask = trainer._policy_forward(trainer.model, batch)
+            _, policy, mask = policy_forward(trainer.model, batch, trainer._shared_prompt_mask)
             forward = time.perf_counter() - start
-            result, *_ = trainer._sdpo_step(batch, policy, mask, None)
+            result, *_ = trainer.method_step(batch, policy, mask)
             if seconds is not None:
                 start = time.perf_counter()
                 trainer.policy_scoring_logps(batch, policy)

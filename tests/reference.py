@@ -114,3 +114,59 @@ def reference_sepo(pc, pr, reward_c, reward_r, chosen_mask, rejected_mask, *, k_
 
         losses.append(-torch.log(torch.sigmoid(u(pc, keep_c) - u(pr, keep_r) - gamma)))
     return torch.stack(losses), keep_c, keep_r
+
+
+def reference_tgdpo(pc, pr, rc, rr, mc, mr, chosen_mask, rejected_mask, *, beta, alpha):
+    """TGDPO per-example losses in float64, as the official code (dvlab-research/TGDPO, `tgdpo/trainer.py`) computes
+    them: per-token log-probs zeroed off the completion, `D = pi - ref`, token rewards `r = rm - ref`, and
+    `-log sigmoid(sum_t beta (1 + alpha beta r^c_t) D^c_t - sum_t beta (1 - alpha beta r^r_t) D^r_t)`.
+
+    pc, pr: policy (float64 leaves for gradients); rc, rr: reference; mc, mr: the reward model's log-probs.
+    """
+    cm, rm_ = chosen_mask.double(), rejected_mask.double()
+    pc, pr, rc, rr, mc, mr = pc * cm, pr * rm_, rc * cm, rr * rm_, mc * cm, mr * rm_  # as `per_token_logps * loss_mask`
+    chosen_logratios, rejected_logratios = pc - rc, pr - rr
+    reward_chosen, reward_rejected = mc - rc, mr - rr
+    chosen = (beta * (1 + alpha * beta * reward_chosen) * chosen_logratios).sum(-1)
+    rejected = (beta * (1 - alpha * beta * reward_rejected) * rejected_logratios).sum(-1)
+    return -torch.nn.functional.logsigmoid(chosen - rejected)
+
+
+def python_rank_weights(values: list[float], low: float = 0.7, high: float = 1.3) -> list[float]:
+    """TIS-DPO's `rank_based` transform: the values ranked ascending by a stable sort, the `i`-th of `n` weighted
+    `low + (high - low) * i / (n - 1)`, a lone value 1.0."""
+    order = sorted(range(len(values)), key=lambda k: values[k])
+    weights = [0.0] * len(values)
+    for rank, index in enumerate(order):
+        weights[index] = 1.0 if len(values) == 1 else low + rank / (len(values) - 1) * (high - low)
+    return weights
+
+
+def reference_tisdpo_weights(forward, reverse, mask, end, *, chosen: bool, decimals=2) -> torch.Tensor:
+    """TIS-DPO's token weights `(B, T)` as the official code (exlaw/TIS-DPO) builds them, row by row in Python.
+
+    `token_weight_estimation.py`: each response token's raw weight is `score_2 - score_1`, the reverse model's
+    log-prob minus the forward model's, computed in float32 and rounded with Python's `round(float(w), 2)`.
+    `preference_datasets.py`: chosen weights are negated, then ranked (`rank_based`); the end-of-sequence token the
+    code appends weighs 0 (here: `end`, the end token and anything after it), as do prompt and padding.
+    forward, reverse: `(B, T)` float32 log-probs of the two models. decimals=None skips the rounding.
+    """
+    rows = []
+    for b in range(mask.shape[0]):
+        text = [t for t in range(mask.shape[1]) if mask[b, t] and not end[b, t]]
+        raw = [float(reverse[b, t].float() - forward[b, t].float()) for t in text]  # float32 subtraction, as numpy
+        raw = [round(w, decimals) if decimals is not None else w for w in raw]
+        ranked = python_rank_weights([-w for w in raw] if chosen else raw)
+        row = [0.0] * mask.shape[1]
+        for t, w in zip(text, ranked):
+            row[t] = w
+        rows.append(row)
+    return torch.tensor(rows, dtype=torch.float64).reshape(mask.shape)
+
+
+def reference_tisdpo(pc, pr, rc, rr, weights_c, weights_r, chosen_mask, rejected_mask, *, beta):
+    """TIS-DPO per-example losses in float64 (`trainers.py`, `token_level: false`): the margins
+    `sum_t w_t (pi_t - ref_t)` of each side, and `-log sigmoid(beta (margin_c - margin_r))`."""
+    chosen = ((pc - rc) * weights_c * chosen_mask.double()).sum(-1)
+    rejected = ((pr - rr) * weights_r * rejected_mask.double()).sum(-1)
+    return -torch.nn.functional.logsigmoid(beta * (chosen - rejected))

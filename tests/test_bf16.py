@@ -19,6 +19,7 @@ from conftest import build_model, preference_dataset
 from reference import reference_keep, reference_keep_with_noise, reference_sepo, reference_uncertain
 from selective_po import SelectiveDPOConfig, SelectiveDPOTrainer, SePOConfig, SePOTrainer
 from selective_po.selection import SCORE_TIE_TOLERANCE, keep_counts, select_tokens
+from selective_po.trainer import policy_forward
 from test_selection import random_mask
 from test_trainer import COMMON, one_batch_loss
 
@@ -115,7 +116,7 @@ def bf16_step(trainer):
     loss, _, metrics = one_batch_loss(trainer)
     batch = trainer._prepare_inputs(trainer.data_collator([trainer.train_dataset[i] for i in range(4)]))
     with torch.no_grad():
-        _, policy, mask = trainer._policy_forward(trainer.model, batch)
+        _, policy, mask = policy_forward(trainer.model, batch, trainer._shared_prompt_mask)
     return loss, batch, policy, mask, metrics
 
 
@@ -182,7 +183,7 @@ def test_a_bf16_selective_dpo_step_matches_float64(tmp_path, sharp_models):
     loss, batch, policy, mask, metrics = bf16_step(trainer)
     assert trainer.model.dtype == torch.bfloat16 and trainer.noise_bound.largest() > 1e-3  # measured: bf16 noise
     with torch.no_grad():
-        result, *_ = trainer._sdpo_step(batch, policy, mask, None)
+        result, *_ = trainer.method_step(batch, policy, mask)
     p64, r64 = float64_logps(sharp_models["policy"], batch), float64_logps(sharp_models["ref"], batch)
     ref = batch["ref_per_token_logps"]
     cm, rm = mask.chunk(2)
@@ -223,7 +224,7 @@ def test_a_bf16_sepo_step_matches_float64(tmp_path, sharp_models):
     rewards = batch["token_rewards"].double()
     exact = float64_logps(sharp_models["oracle"], batch) - float64_logps(sharp_models["oracle_ref"], batch)
     error = (rewards - exact).abs()[mask].max().item()
-    keep = trainer._score_mask(batch)
+    keep = torch.cat(trainer.method.weights(trainer.token_values(batch), trainer.noise_bound))
     cm, rm = mask.chunk(2)
     p64 = float64_logps(sharp_models["policy"], batch)
     _, keep_c, keep_r = reference_sepo(*p64.chunk(2), *exact.chunk(2), cm, rm, k_w=0.3, k_l=0.3, beta=1.0, gamma=0.0)
@@ -253,14 +254,14 @@ def test_a_bf16_sepo_step_matches_float64(tmp_path, sharp_models):
 def recorded_run(trainer) -> list[tuple[dict, float, float]]:
     """Train, recording per step the logged metrics and the share asked for on each side (from that step's masks)."""
     asked = []
-    step = trainer._sdpo_step
+    step = trainer.method_step
 
-    def recording(inputs, policy_logps, shift_mask, score_mask):
+    def recording(inputs, policy_logps, shift_mask, values=None, weights=None):
         chosen, rejected = shift_mask.chunk(2)
         asked.append(tuple(float(keep_counts(m.sum(-1), 0.4).sum() / m.sum()) for m in (chosen, rejected)))
-        return step(inputs, policy_logps, shift_mask, score_mask)
+        return step(inputs, policy_logps, shift_mask, values, weights)
 
-    trainer._sdpo_step = recording
+    trainer.method_step = recording
     trainer.train()
     logs = [entry for entry in trainer.state.log_history if "selection/kept_share_chosen" in entry]
     assert len(logs) == len(asked) == trainer.args.max_steps
@@ -303,7 +304,7 @@ def test_a_float32_scoring_pass_ranks_a_bf16_run_as_float32_does(tmp_path, sharp
     loss, batch, policy, mask, metrics = bf16_step(trainer)
     assert trainer.model.dtype == torch.bfloat16 and trainer.noise_bound.largest() < 1e-3  # measured in float32
     with torch.no_grad():
-        result, *_ = trainer._sdpo_step(batch, policy, mask, None)
+        result, *_ = trainer.method_step(batch, policy, mask)
     p64, r64 = float64_logps(sharp_models["policy"], batch), float64_logps(sharp_models["ref"], batch)
     assert (batch["ref_per_token_logps"].double() - r64).abs()[mask].max() < 1e-4  # stored in float32
     assert (policy.double() - p64).abs()[mask].max() > 1e-2  # the training forward is bf16

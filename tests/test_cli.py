@@ -58,7 +58,7 @@ def test_examples_parse_and_open_with_their_command(example, tmp_path):
         return
     # bf16 is overridden so the GPU example parses on this CPU-only machine too.
     _, training, _ = parse_train_args(["--config", str(example), "--output_dir", str(tmp_path), "--bf16", "false"])
-    assert training.loss_type in (["sdpo"], ["sigmoid"], ["sepo"])
+    assert training.loss_type in (["sdpo"], ["sigmoid"], ["sepo"], ["tgdpo"], ["tisdpo"])
 
 
 def test_train_command_end_to_end(tmp_path, tiny_model_dir):

@@ -28,7 +28,7 @@ def test_threshold_out_of_range(threshold):
 
 
 def test_unknown_loss_type_lists_the_allowed_ones():
-    with pytest.raises(ValueError, match="Unknown loss_type.*Allowed: sdpo, sigmoid"):
+    with pytest.raises(ValueError, match="Unknown loss_type.*Allowed: sdpo, tgdpo, tisdpo, sigmoid"):
         make(loss_type="sdp0")
 
 

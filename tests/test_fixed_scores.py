@@ -9,6 +9,7 @@ import torch
 from conftest import preference_dataset
 from reference import reference_keep, reference_sdpo
 from selective_po import SelectiveDPOConfig, SelectiveDPOTrainer
+from selective_po.trainer import policy_forward
 from test_sepo_trainer import direct_logps
 from test_trainer import COMMON, one_batch_loss
 
@@ -43,7 +44,7 @@ def test_the_kept_tokens_are_fixed_and_the_loss_is_the_reference_formula(tmp_pat
     scorer_c, scorer_r = batch["scorer_per_token_logps"].double().chunk(2)
     loss, _, metrics = one_batch_loss(trainer)
     with torch.no_grad():
-        _, policy, mask = trainer._policy_forward(trainer.model, batch)
+        _, policy, mask = policy_forward(trainer.model, batch, trainer._shared_prompt_mask)
     cm, rm = mask.chunk(2)
     # Step 0: the policy is its reference, so Selective-DPO's own scores would all be 0 (every token kept).
     expected, keep_c, keep_r = reference_sdpo(
@@ -55,8 +56,8 @@ def test_the_kept_tokens_are_fixed_and_the_loss_is_the_reference_formula(tmp_pat
     trainer.train()  # the policy moves; the same batch keeps the same tokens
     trainer.model.eval()
     with torch.no_grad():
-        _, moved, _ = trainer._policy_forward(trainer.model, batch)
-        result, *_ = trainer._sdpo_step(batch, moved, mask, None)
+        _, moved, _ = policy_forward(trainer.model, batch, trainer._shared_prompt_mask)
+        result, *_ = trainer.method_step(batch, moved, mask)
     assert not torch.allclose(moved, policy)
     assert torch.equal(result.chosen_keep, keep_c) and torch.equal(result.rejected_keep, keep_r)
 

@@ -8,6 +8,7 @@ import torch
 
 from selective_po import SelectiveDPOConfig, SelectiveDPOTrainer, load_preference_dataset
 from selective_po.models import resolve_model_path
+from selective_po.trainer import policy_forward
 
 pytestmark = pytest.mark.slow
 
@@ -61,11 +62,11 @@ def test_the_first_step_keeps_every_token_with_stored_values_in_both_dtypes(smol
     batch = trainer._prepare_inputs(trainer.data_collator([trainer.train_dataset[i] for i in range(3)]))
     with torch.no_grad():
         trainer.score_noise_bound(trainer.model, batch)
-        _, policy, mask = trainer._policy_forward(trainer.model, batch)
-        result, *_ = trainer._sdpo_step(batch, policy, mask, None)
+        _, policy, mask = policy_forward(trainer.model, batch, trainer._shared_prompt_mask)
+        result, *_ = trainer.method_step(batch, policy, mask)
         assert torch.equal(result.chosen_keep, mask.chunk(2)[0]) and torch.equal(result.rejected_keep, mask.chunk(2)[1])
         assert result.chosen_scores[mask.chunk(2)[0]].eq(0).all()  # exactly, by construction
         trainer._policy_updates.stepped = True  # as if the trainer could not tell
-        untold, *_ = trainer._sdpo_step(batch, policy, mask, None)
+        untold, *_ = trainer.method_step(batch, policy, mask)
     assert untold.chosen_fallback.all() and untold.rejected_fallback.all()
     assert torch.equal(untold.chosen_keep, mask.chunk(2)[0]) and torch.equal(untold.rejected_keep, mask.chunk(2)[1])

@@ -64,7 +64,7 @@ def test_non_finite_values_in_a_prepared_dataset_are_refused_by_the_collator():
 
 def corrupt_reference(trainer, monkeypatch, *, row: int, completion_index: int, side: str):
     """Make the live reference return NaN at one position; `completion_index` < 0 puts it on padding."""
-    original = trainer._reference_per_token_logps
+    original = trainer.reference.values
 
     def with_nan(inputs, shift_mask):
         logps = original(inputs, shift_mask).clone()
@@ -74,7 +74,7 @@ def corrupt_reference(trainer, monkeypatch, *, row: int, completion_index: int, 
         logps[batch_row, positions[completion_index if completion_index >= 0 else 0]] = float("nan")
         return logps
 
-    monkeypatch.setattr(trainer, "_reference_per_token_logps", with_nan)
+    monkeypatch.setattr(trainer.reference, "values", with_nan)
 
 
 def loss_of_first_batch(trainer):

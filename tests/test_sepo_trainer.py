@@ -8,6 +8,8 @@ import torch
 from conftest import build_model, build_tokenizer, preference_dataset
 from selective_po import SePOConfig, SePOTrainer, sepo_loss
 from selective_po.reference_cache import ReferenceLogpsStore
+import selective_po.trainer as trainer_module
+from selective_po.trainer import policy_forward
 from test_trainer import COMMON, one_batch_loss
 
 
@@ -51,7 +53,7 @@ def test_loss_is_sepo_on_the_policy_alone(tmp_path, tiny_model_dir, oracle_dirs)
     loss, _, metrics = one_batch_loss(trainer)
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
     with torch.no_grad():
-        _, policy, mask = trainer._policy_forward(trainer.model, batch)
+        _, policy, mask = policy_forward(trainer.model, batch, trainer._shared_prompt_mask)
     rewards = batch["token_rewards"]
     expected = sepo_loss(
         *policy.chunk(2), *rewards.chunk(2), chosen_mask=mask.chunk(2)[0], rejected_mask=mask.chunk(2)[1],
@@ -146,15 +148,20 @@ def test_the_lm_head_projects_only_the_selected_tokens(tmp_path, tiny_model_dir,
     monkeypatch.setattr(trl_utils._ChunkedLogProbFunction, "apply", lambda hidden, *a: (projected.append(hidden.shape[0]), original(hidden, *a))[1])
     loss, grads, _ = one_batch_loss(trainer)
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
-    kept = int(trainer._score_mask(batch).sum())
+    kept = int(score_mask_of(trainer, batch).sum())
     assert projected == [kept] and kept < int(batch["completion_mask"][:, 1:].sum())
 
-    every_position = lambda model, inputs, score_mask=None, forward=trainer._policy_forward: forward(model, inputs, None)  # noqa: E731
-    monkeypatch.setattr(trainer, "_policy_forward", every_position)
+    every_position = lambda model, inputs, shared, score_mask=None, aux_loss=False, forward=trainer_module.policy_forward: forward(model, inputs, shared, aux_loss=aux_loss)  # noqa: E731
+    monkeypatch.setattr(trainer_module, "policy_forward", every_position)
     full_loss, full_grads, _ = one_batch_loss(trainer)
     torch.testing.assert_close(loss, full_loss, rtol=1e-5, atol=1e-6)
     for name in grads:
         torch.testing.assert_close(grads[name], full_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def score_mask_of(trainer, batch) -> torch.Tensor:
+    """SePO's kept positions `(2B, T-1)`, known from stored values before the policy's forward."""
+    return torch.cat(trainer.method.weights(trainer.token_values(batch), trainer.noise_bound))
 
 
 def oracle_free(tmp_path, model_dir, dataset, **overrides) -> SePOTrainer:
@@ -168,7 +175,7 @@ def test_confidence_trains_sepo_on_the_policys_unsure_tokens_with_no_oracle(tmp_
     loss, grads, metrics = one_batch_loss(trainer)
     batch = trainer._prepare_inputs(trainer.data_collator([trainer.train_dataset[i] for i in range(4)]))
     with torch.no_grad():
-        _, policy, mask = trainer._policy_forward(trainer.model, batch)
+        _, policy, mask = policy_forward(trainer.model, batch, trainer._shared_prompt_mask)
     # float64 reference: keep each response's tokens whose probability is below the response's mean
     logps, mask = policy.double(), mask.bool()
     p = logps.exp()
@@ -187,14 +194,14 @@ def test_spans_train_sepo_on_exactly_the_named_tokens_with_no_oracle(tmp_path, t
     trainer = oracle_free(tmp_path, tiny_model_dir, with_answer_spans(preference_dataset(4)), selection_rule="spans")
     loss, _, metrics = one_batch_loss(trainer)
     batch = trainer._prepare_inputs(trainer.data_collator([trainer.train_dataset[i] for i in range(4)]))
-    score_mask = trainer._score_mask(batch)  # known before the forward: the LM head projects only these
+    score_mask = score_mask_of(trainer, batch)  # known before the forward: the LM head projects only these
     targets = batch["input_ids"][:, 1:]
     for r in range(8):
         side, row = ("chosen", "rejected")[r // 4], trainer.train_dataset[r % 4]
         (start, end), content = row[f"{side}_spans"][0], row[side][-1]["content"]
         assert tiny_tokenizer.decode(targets[r][score_mask[r]].tolist()).strip() == content[start:end]
     with torch.no_grad():
-        _, policy, mask = trainer._policy_forward(trainer.model, batch)
+        _, policy, mask = policy_forward(trainer.model, batch, trainer._shared_prompt_mask)
     logps, keep = policy.double(), score_mask
     u = (logps * keep).sum(-1) / keep.sum(-1)
     torch.testing.assert_close(loss.double(), -torch.nn.functional.logsigmoid(u[:4] - u[4:]).mean(), rtol=1e-5, atol=1e-6)

@@ -2,9 +2,11 @@
 
 Data flows one way, one module per stage:
     data.py (preference pairs) -> TRL tokenization -> per-token log-probs (the policy's in trainer.py;
-    the reference side's in references.py, live or stored once by reference_cache.py) -> scoring.py
-    (token scores) -> selection.py (keep mask) -> losses.py (per-example loss) -> trainer.py (wires it
-    into TRL's DPOTrainer). noise.py measures how far scores may lie from their exact values, which
+    the other models' in references.py, live or stored once by reference_cache.py), gathered per batch as
+    token_values.py's TokenValues -> scoring.py (a scorer: token scores) -> weighting.py (a weighting: a
+    keep mask or weights; selection.py holds the mask primitives) -> losses.py (a loss: per-example
+    values). methods.py names each method's composition of the three; trainer.py wires it into TRL's
+    DPOTrainer. noise.py measures how far scores may lie from their exact values, which
     selection.py uses so that rounding never chooses tokens. parity.py says what each TRL option does under the selective losses.
 """
 
@@ -16,21 +18,24 @@ warnings.filterwarnings("ignore", message=r".*gradient_checkpointing.*", categor
 
 from .config import SelectiveDPOConfig, SePOConfig  # noqa: E402
 from .data import load_preference_dataset  # noqa: E402
-from .losses import (  # noqa: E402
-    SelectiveDPOOutput,
-    SelectiveLossOutput,
-    dpo_sigmoid_loss,
-    masked_sum,
+from .losses import SelectiveDPOOutput, SelectiveLossOutput, dpo_sigmoid_loss, masked_sum  # noqa: E402
+from .methods import (  # noqa: E402
+    Method,
+    method_for,
     select_sdpo_tokens,
     selective_dpo_loss,
     sepo_loss,
+    tgdpo_loss,
+    tisdpo_loss,
 )
 from .noise import NoiseBound  # noqa: E402
 from .scoring import sdpo_token_scores  # noqa: E402
 from .selection import keep_counts, random_share_mask, rows_with_signal, select_tokens, top_share_mask  # noqa: E402
+from .token_values import TokenScores, TokenValues  # noqa: E402
 from .trainer import SelectiveDPOTrainer, SePOTrainer  # noqa: E402
 
 __all__ = [
+    "Method",
     "NoiseBound",
     "SePOConfig",
     "SePOTrainer",
@@ -38,10 +43,13 @@ __all__ = [
     "SelectiveDPOOutput",
     "SelectiveDPOTrainer",
     "SelectiveLossOutput",
+    "TokenScores",
+    "TokenValues",
     "dpo_sigmoid_loss",
     "keep_counts",
     "load_preference_dataset",
     "masked_sum",
+    "method_for",
     "random_share_mask",
     "rows_with_signal",
     "sdpo_token_scores",
@@ -49,6 +57,8 @@ __all__ = [
     "select_tokens",
     "selective_dpo_loss",
     "sepo_loss",
+    "tgdpo_loss",
+    "tisdpo_loss",
     "top_share_mask",
 ]
 __version__ = "0.1.0"

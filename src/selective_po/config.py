@@ -17,7 +17,10 @@ from trl import DPOConfig
 
 from .selection import COUNT_RULES, SELECTION_RULES
 
-SELECTIVE_LOSS_TYPES = ("sdpo",)
+SELECTIVE_LOSS_TYPES = ("sdpo", "tgdpo", "tisdpo")
+# The loss types that weight every token rather than select some: they read the models below, stored once.
+WEIGHTING_LOSS_TYPES = {"tgdpo": ("tgdpo_reward_model_name_or_path",),
+                        "tisdpo": ("tisdpo_forward_model_name_or_path", "tisdpo_reverse_model_name_or_path")}
 # Dtypes the ranked scores can be computed in apart from the run's own (None).
 SCORE_DTYPES = (None, "float32")
 # The loss types TRL 1.16's DPOTrainer implements. A test reads them off TRL's source, so an upgrade
@@ -77,8 +80,9 @@ class SelectiveDPOConfig(DPOConfig):
         default_factory=lambda: ["sdpo"],
         metadata={
             "help": "Type of loss. `sdpo` is Selective-DPO (DPO on the top `1 - sdpo_threshold` share of tokens "
-            f"by policy-reference gap). Also accepted, unchanged: TRL's {', '.join(TRL_LOSS_TYPES)}. `sdpo` cannot "
-            "be combined with other loss types."
+            "by policy-reference gap); `tgdpo` is TGDPO (DPO with token weights from a reward model's token rewards); "
+            "`tisdpo` is TIS-DPO (DPO with rank-based token weights from a forward and a reverse DPO model). Also "
+            f"accepted, unchanged: TRL's {', '.join(TRL_LOSS_TYPES)}. These three cannot be combined with other loss types."
         },
     )
     sdpo_threshold: float = field(
@@ -149,6 +153,39 @@ class SelectiveDPOConfig(DPOConfig):
             "with map_across_tokenizers. See docs/selection.md."
         },
     )
+    tgdpo_reward_model_name_or_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "With loss_type='tgdpo': the reward model, a model DPO-trained on the same data with the policy's "
+            "tokenizer. Its per-token log-probs are stored once; the token reward is its log-prob minus the reference's."
+        },
+    )
+    tgdpo_alpha: float = field(
+        default=0.5,
+        metadata={"help": "TGDPO's alpha: chosen tokens weigh 1 + alpha * beta * r and rejected ones 1 - alpha * beta * r "
+                  "(0.5, the official default; 0 is DPO)."},
+    )
+    tisdpo_forward_model_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "With loss_type='tisdpo': a model DPO-trained on the data (e.g. `selective-po train "
+                  "--loss_type sigmoid`), the forward half of the contrastive pair."},
+    )
+    tisdpo_reverse_model_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "With loss_type='tisdpo': a model DPO-trained on the data with chosen and rejected swapped "
+                  "(`--swap_chosen_rejected`). Token scores are log p_forward - log p_reverse, stored once."},
+    )
+    tisdpo_score_decimals: int | None = field(
+        default=None,
+        metadata={"help": "Round TIS-DPO's token scores to this many decimals before ranking them. The official code "
+                  "uses 2; None (the default) ranks the float32 scores, since rounding turns small score differences into "
+                  "ties that the stable sort then breaks by position (later tokens weigh more)."},
+    )
+    swap_chosen_rejected: bool = field(
+        default=False,
+        metadata={"help": "Train on the data with chosen and rejected swapped (and their spans or token masks), to "
+                  "learn the reversed preference: TIS-DPO's reverse model."},
+    )
     map_across_tokenizers: bool = field(
         default=False,
         metadata={
@@ -212,6 +249,14 @@ class SelectiveDPOConfig(DPOConfig):
             raise ValueError(f"selection_rule={self.selection_rule!r} is unknown. Allowed: {', '.join(SELECTION_RULES)}.")
         if self.sdpo_count_rule not in COUNT_RULES:
             raise ValueError(f"sdpo_count_rule={self.sdpo_count_rule!r} is unknown. Allowed: {', '.join(COUNT_RULES)}.")
+        if self.tisdpo_score_decimals is not None and not (isinstance(self.tisdpo_score_decimals, int) and self.tisdpo_score_decimals >= 0):
+            raise ValueError(f"tisdpo_score_decimals={self.tisdpo_score_decimals!r} must be a whole number >= 0 (2: the "
+                             "official code's rounding) or None.")  # fmt: skip
+        for loss_type, fields in WEIGHTING_LOSS_TYPES.items():
+            given = [name for name in fields if getattr(self, name) is not None]
+            if given and self.loss_type != [loss_type]:
+                raise ValueError(f"{', '.join(given)} {'is' if len(given) == 1 else 'are'} read only with "
+                                 f"loss_type='{loss_type}' (loss_type is {self.loss_type}): set it, or leave them unset.")  # fmt: skip
         if not self.uses_selection:
             if self.scorer_model_name_or_path is not None:
                 raise ValueError(
@@ -235,6 +280,7 @@ class SelectiveDPOConfig(DPOConfig):
                 f"loss_type={self.loss_type}: `{self.loss_type[0]}` cannot be combined with other loss types; "
                 "use one selective loss type alone."
             )
+        self._check_weighting_fields()
         if (self.selection_rule == "scorer") != (self.scorer_model_name_or_path is not None):
             raise ValueError(
                 "selection_rule='scorer' needs scorer_model_name_or_path (the model whose scores fix the kept tokens)."
@@ -286,9 +332,33 @@ class SelectiveDPOConfig(DPOConfig):
         bad = [name for name, is_set in unsupported.items() if is_set]
         if bad:
             raise ValueError(
-                f"loss_type='sdpo' does not support {', '.join(bad)}: leave them at TRL's defaults "
+                f"loss_type='{self.loss_type[0]}' does not support {', '.join(bad)}: leave them at TRL's defaults "
                 "(use_weighting=False, ld_alpha=None, f_divergence_type='reverse_kl')."
             )
+
+    def _check_weighting_fields(self) -> None:
+        """TGDPO's and TIS-DPO's models, and what they cannot be combined with."""
+        fields = WEIGHTING_LOSS_TYPES.get(self.loss_type[0])
+        if fields is None:
+            return
+        name = self.loss_type[0]
+        missing = [field for field in fields if getattr(self, field) is None]
+        if missing:
+            raise ValueError(f"loss_type='{name}' needs {' and '.join(missing)}: models DPO-trained on this data with the "
+                             "policy's tokenizer (train them with `selective-po train --loss_type sigmoid`"
+                             + (", once more with --swap_chosen_rejected for the reverse model)." if name == "tisdpo" else ")."))
+        if not self.precompute_ref_log_probs:
+            raise ValueError(f"loss_type='{name}' reads per-token values of {' and '.join(fields)} stored once before "
+                             "training: set precompute_ref_log_probs=True.")  # fmt: skip
+        if self.selection_rule != "scores":
+            raise ValueError(f"selection_rule={self.selection_rule!r} picks the tokens of Selective-DPO and SePO; "
+                             f"loss_type='{name}' weights every token. Leave selection_rule unset.")  # fmt: skip
+        if self.map_across_tokenizers:
+            raise ValueError(f"loss_type='{name}' compares models on the policy's own tokens, so they need its tokenizer: "
+                             "leave map_across_tokenizers=False.")  # fmt: skip
+        if self.score_dtype is not None:
+            raise ValueError(f"score_dtype sets the dtype of ranked policy log-probs; loss_type='{name}' ranks only stored "
+                             "values (computed in the models' dtype). Leave score_dtype unset.")  # fmt: skip
 
     @property
     def uses_selection(self) -> bool:

@@ -167,6 +167,26 @@ def _message_problem(message) -> str | None:
             "beside tool_calls")  # fmt: skip
 
 
+def swapped_preferences(kwargs: dict) -> dict:
+    """The trainer's keyword arguments with `chosen` and `rejected` swapped in every dataset given (with their spans
+    or token masks), so that a run learns the reversed preference: TIS-DPO's reverse model."""
+    def swap(dataset):
+        names = dataset.column_names
+        pairs = [(f"chosen{suffix}", f"rejected{suffix}") for suffix in ("", "_span", "_spans", "_token_mask")]
+        if "chosen" not in names or "rejected" not in names:
+            raise ValueError(f"swap_chosen_rejected needs 'chosen' and 'rejected' columns; the dataset has {names}.")
+        renames = {a: b for pair in pairs if set(pair) <= set(names) for a, b in (pair, pair[::-1])}
+        return dataset.rename_columns({name: f"__swap__{renames[name]}" for name in renames}).rename_columns(
+            {f"__swap__{renames[name]}": renames[name] for name in renames})  # fmt: skip
+
+    swapped = dict(kwargs)
+    for key in ("train_dataset", "eval_dataset"):
+        given = kwargs.get(key)
+        if given is not None:
+            swapped[key] = {name: swap(d) for name, d in given.items()} if isinstance(given, dict) else swap(given)
+    return swapped
+
+
 def report_dropped_rows(before: int, after: int, *, name: str, max_length: int | None) -> None:
     """One line for the rows TRL's tokenization dropped because their prompt alone fills `max_length`.
 

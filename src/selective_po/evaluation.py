@@ -27,7 +27,8 @@ import torch
 from . import spans
 from .alignment import span_token_mask
 from .intervals import bootstrap_interval  # noqa: F401  (re-exported: part of this module's API)
-from .losses import masked_sum, select_sdpo_tokens
+from .losses import masked_sum
+from .methods import select_sdpo_tokens
 from .models import generate_completions
 from .progress import bar
 from .trainer import SelectiveDPOTrainer
@@ -141,7 +142,7 @@ def selected_tokens(
     """
     if rule not in ("scores", "confidence", "spans", "scorer"):
         raise ValueError(f"rule={rule!r}: tokens are selected by 'scores', 'confidence', 'spans' or 'scorer'.")
-    if rule == "scorer" and trainer.scorer is None:
+    if rule == "scorer" and trainer.args.selection_rule != "scorer":
         raise ValueError("rule='scorer' shows a scorer's fixed scores: build the trainer with selection_rule='scorer' and "
                          "scorer_model_name_or_path.")  # fmt: skip
     dataset = trainer.eval_dataset if rows is None else rows
@@ -158,7 +159,7 @@ def selected_tokens(
                 policy = trainer.policy_scoring_logps(batch, policy)
             chosen_mask, rejected_mask = mask.chunk(2)
             given = spans.given_keep(batch, mask) if rule == "spans" else (None, None)
-            scorer = trainer._scorer_per_token_logps(batch, mask) if rule == "scorer" else (None, None)
+            scorer = trainer.token_values(batch).stored["scorer"] if rule == "scorer" else (None, None)
             chosen_scores, rejected_scores, chosen_keep, rejected_keep = select_sdpo_tokens(
                 *policy.chunk(2), *ref.chunk(2), chosen_mask=chosen_mask, rejected_mask=rejected_mask, threshold=threshold,
                 rule=rule, count_rule=trainer.args.sdpo_count_rule, chosen_given=given[0], rejected_given=given[1],

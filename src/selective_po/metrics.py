@@ -100,6 +100,20 @@ def selection_metrics(accelerator, result: SelectiveLossOutput, chosen_mask: Ten
     return logged
 
 
+def step_metrics(accelerator, result: SelectiveLossOutput, *, outputs, per_token_logps: Tensor, shift_mask: Tensor,
+                 score_mask: Tensor | None, rewards: tuple[Tensor, Tensor], aux_loss: bool) -> dict[str, float]:  # fmt: skip
+    """Everything a selective trainer logs for one step: TRL's DPO metrics (`dpo_metrics`, over the positions the LM
+    head projected: `score_mask` when it was limited), the selection's (`selection_metrics`) and a mixture-of-experts
+    model's `aux_loss`."""
+    logged = dpo_metrics(accelerator, outputs=outputs, per_token_logps=per_token_logps,
+                         shift_mask=shift_mask if score_mask is None else score_mask, chosen_rewards=rewards[0],
+                         rejected_rewards=rewards[1])  # fmt: skip
+    logged.update(selection_metrics(accelerator, result, *shift_mask.chunk(2, dim=0)))
+    if aux_loss:
+        logged["aux_loss"] = accelerator.gather_for_metrics(outputs.aux_loss).mean().item()
+    return logged
+
+
 def check_finite_scores(accelerator, result: SelectiveLossOutput, chosen_mask: Tensor, rejected_mask: Tensor, *,
                         where: str, description: str, remedy: str) -> None:  # fmt: skip
     """Raise if a score that selection ranked is NaN or inf: the top share of NaN is arbitrary tokens.

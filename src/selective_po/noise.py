@@ -159,3 +159,12 @@ def coarser_stored_dtypes(compute: set[torch.dtype], stored: set[torch.dtype]) -
     precision = {torch.float64: 52, torch.float32: 23, torch.float16: 10, torch.bfloat16: 7}
     finest = min((precision.get(d, 23) for d in compute), default=23)
     return {d for d in stored if d in STORED_DTYPE_FLOORS and precision[d] < finest}
+
+
+def run_bound(forward, inputs: dict, *, accelerator, coarser_stored: set[torch.dtype]) -> NoiseBound:
+    """A run's bound: measured on `inputs` (`calibrate_from_layouts`), widened by the floor of each coarser dtype its
+    stored values were made in."""
+    bound = calibrate_from_layouts(forward, inputs, accelerator=accelerator)
+    for dtype in sorted(coarser_stored, key=str):
+        bound = bound.widened(2 * STORED_DTYPE_FLOORS[dtype], reason=f"stored values computed in {dtype}")
+    return bound

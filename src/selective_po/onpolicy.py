@@ -29,6 +29,7 @@ import torch
 from .models import generate_completions
 from .files import atomic_write
 from .progress import bar
+from .token_values import end_token_ids
 from .verifiers import verify
 
 ARITHMETIC_TEMPLATES = (
@@ -190,7 +191,7 @@ def _sample_chunk(model, tokenizer, rows: list[dict], settings: SamplingSettings
         top_p=settings.top_p, max_new_tokens=settings.max_new_tokens, num_return_sequences=settings.samples_per_prompt,
         progress=progress,
     )  # fmt: skip
-    stop_ids = _stop_token_ids(model, tokenizer)
+    stop_ids = end_token_ids(model, tokenizer)
     complete = torch.isin(generated, torch.tensor(stop_ids)).any(dim=1).tolist()
     texts = tokenizer.batch_decode(generated, skip_special_tokens=True)
     records = []
@@ -205,13 +206,6 @@ def _sample_chunk(model, tokenizer, rows: list[dict], settings: SamplingSettings
     return records
 
 
-def _stop_token_ids(model, tokenizer) -> list[int]:
-    ids = model.generation_config.eos_token_id
-    ids = list(ids) if isinstance(ids, (list, tuple)) else [ids]
-    ids = [i for i in ids + [tokenizer.eos_token_id] if i is not None]
-    if not ids:
-        raise ValueError("Neither the model's generation config nor its tokenizer names an EOS token; set one.")
-    return sorted(set(ids))
 
 
 def sample_and_verify(model, tokenizer, rows: list[dict], settings: SamplingSettings, *, work_dir: Path, first_chunk: int = 0) -> list[dict]:

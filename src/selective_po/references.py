@@ -28,7 +28,7 @@ import contextlib
 import hashlib
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 import torch
 from accelerate.utils import broadcast_object_list, is_peft_model
@@ -43,8 +43,30 @@ from .models import cache_dir, check_model_folder, check_same_vocabulary, file_d
 from .packing import packed_model_problem
 from .progress import bar as progress_bar
 
-if TYPE_CHECKING:
-    from .trainer import SelectiveDPOTrainer
+
+class Run(Protocol):
+    """What the objects here read from the run that uses them (a `SelectiveDPOTrainer` is one): its settings, the
+    engine, the policy, TRL's reference module and collator, and where it records stored values."""
+
+    args: Any
+    accelerator: Any
+    model: Any
+    ref_model: Any
+    data_collator: Any
+    state: Any
+    precompute_ref_logps: bool
+    reference_stores: dict[str, Path]
+    is_deepspeed_enabled: bool
+    deepspeed: Any
+    _shared_prompt_mask: str | None
+    _tokenizer: Any
+    _policy_path: str | None
+    _policy_quantization: dict
+    _precompute_model_hash: str
+
+    def _prepare_inputs(self, inputs: dict) -> dict: ...
+
+    def compute_loss_context_manager(self): ...
 
 # Rows per stored shard of per-token values: the unit of resumption after an interruption.
 REFERENCE_SHARD_ROWS = 256
@@ -183,10 +205,11 @@ class Reference:
 
     columns = (reference_cache.CHOSEN_COLUMN, reference_cache.REJECTED_COLUMN)  # stored dataset columns
     batch_key = "ref_per_token_logps"  # where the collator puts stored values in a batch
+    value_name = "reference"  # what a method reads them as (`TokenValues.reference`, else a key of `TokenValues.stored`)
     description = "per-token reference log-probs"
     store_label = ""  # appended to the dataset's name in `trainer.reference_stores`
 
-    def __init__(self, trainer: SelectiveDPOTrainer):
+    def __init__(self, trainer: Run):
         self.trainer = trainer
         self._packing_checked = False
 
@@ -247,6 +270,19 @@ class Reference:
                 return reference_scoring.forward_logps(self._module(), inputs, shared_prompt_mask=trainer._shared_prompt_mask,
                                                        float32=trainer.args.score_dtype == "float32")  # fmt: skip
 
+    def values(self, inputs: dict, shift_mask: torch.Tensor) -> torch.Tensor:
+        """Its per-token values `(2B, T-1)` for a batch on the device: the stored ones the collator added, else (for a
+        model that can run live, without stored values) a live forward."""
+        if self.batch_key in inputs:
+            return inputs[self.batch_key].to(shift_mask.device)[:, -shift_mask.size(1) :]
+        if self.trainer.precompute_ref_logps or self.value_name != "reference":
+            raise ValueError(
+                f"The batch carries no {self.description}. The trainer stores them for the datasets it is given: pass "
+                "the dataset as train_dataset / eval_dataset, or to evaluate()"
+                + (", or set precompute_ref_log_probs=False to run the reference live." if self.value_name == "reference" else ".")
+            )
+        return self.logps(inputs)
+
     def row_scorer(self) -> reference_cache.RowScorer:
         """`rows -> (chosen values, rejected values)` for storage, through TRL's collator and `logps`."""
         trainer = self.trainer
@@ -293,7 +329,7 @@ class Reference:
 class FrozenModel:
     """A model from a path, loaded on first use for no-grad forwards (TRL's fused head, the run's engine)."""
 
-    def __init__(self, trainer: SelectiveDPOTrainer, path: str, init_kwargs: dict):
+    def __init__(self, trainer: Run, path: str, init_kwargs: dict):
         self.trainer, self.path, self.init_kwargs = trainer, path, init_kwargs
         self._loaded = None
 
@@ -358,6 +394,7 @@ class ScorerModel(PathReference):
 
     columns = ("scorer_chosen_token_logps", "scorer_rejected_token_logps")
     batch_key = "scorer_per_token_logps"
+    value_name = "scorer"
     description = "per-token scorer log-probs"
     store_label = "/scorer"
 
@@ -366,6 +403,17 @@ class ScorerModel(PathReference):
 
     def initial_scoring_done(self) -> None:
         self.frozen.release()
+
+
+class RewardModel(ScorerModel):
+    """TGDPO's `tgdpo_reward_model_name_or_path`: its per-token log-probs, stored once (the official code runs it
+    on every step), give the token rewards against the reference."""
+
+    columns = ("reward_model_chosen_token_logps", "reward_model_rejected_token_logps")
+    batch_key = "reward_model_per_token_logps"
+    value_name = "reward_model"
+    description = "per-token reward-model log-probs"
+    store_label = "/reward_model"
 
 
 class ModuleReference(Reference):
@@ -533,7 +581,9 @@ class OraclePair(Reference):
 
     columns = ("oracle_chosen_token_rewards", "oracle_rejected_token_rewards")
     batch_key = "token_rewards"
+    value_name = "oracle"
     description = "oracle token rewards"
+    kind = "sepo-token-rewards"  # in the cache key: the same two models give the same values whatever reads them
 
     def __init__(self, trainer, oracle: str, oracle_ref: str, *, init_kwargs: dict):
         super().__init__(trainer)
@@ -561,7 +611,7 @@ class OraclePair(Reference):
     def identity(self) -> dict:
         oracle, oracle_ref = self.oracle.identity(), self.oracle_ref.identity()
         quantized = {key: value for key, value in oracle.items() if key == "quantization"}
-        return {"kind": "sepo-token-rewards", "oracle": oracle["reference"], "oracle_ref": oracle_ref["reference"],
+        return {"kind": self.kind, "oracle": oracle["reference"], "oracle_ref": oracle_ref["reference"],
                 "dtype": oracle["dtype"], **quantized, **mapping_identity(self.trainer, self.oracle.path)}  # fmt: skip
 
     def weight_dtypes(self) -> set[torch.dtype]:
@@ -575,13 +625,41 @@ class OraclePair(Reference):
         self.oracle_ref.release()
 
 
-def build_scorer(trainer, policy, args, *, processing_class, quantization_config) -> ScorerModel | None:
-    """The scorer of `selection_rule="scorer"`, or None for every other rule."""
-    if not (args.uses_selection and args.selection_rule == "scorer"):
-        return None
-    path = checked_path(args.scorer_model_name_or_path, field="scorer_model_name_or_path", policy=policy, args=args,
-                        processing_class=processing_class, mappable=False)  # fmt: skip
-    return ScorerModel(trainer, path, init_kwargs=reference_load_kwargs(args, policy, quantization_config))
+class ContrastivePair(OraclePair):
+    """TIS-DPO's two models, DPO-trained on the data and on the data with chosen and rejected swapped: stored
+    contrastive scores `log p_forward - log p_reverse`, in float32 as the official code computes them."""
+
+    columns = ("contrastive_chosen_token_scores", "contrastive_rejected_token_scores")
+    batch_key = "contrastive_token_scores"
+    value_name = "contrastive"
+    description = "TIS-DPO contrastive token scores"
+    store_label = "/contrastive"
+    kind = "tisdpo-contrastive"
+
+    def initial_scoring_done(self) -> None:
+        self.release()
+
+
+def build_stored_models(trainer, policy, args, *, processing_class, quantization_config) -> list[Reference]:
+    """The models whose per-token values a method reads besides the reference's, stored once before training: the
+    fixed-score variant's scorer, TGDPO's reward model, TIS-DPO's forward and reverse models."""
+    if not args.uses_selection:
+        return []
+    load = reference_load_kwargs(args, policy, quantization_config)
+
+    def path(field: str) -> str:
+        return checked_path(getattr(args, field), field=field, policy=policy, args=args, processing_class=processing_class,
+                            mappable=False)  # fmt: skip
+
+    models = []
+    if args.selection_rule == "scorer":
+        models.append(ScorerModel(trainer, path("scorer_model_name_or_path"), init_kwargs=load))
+    if args.loss_type == ["tgdpo"]:
+        models.append(RewardModel(trainer, path("tgdpo_reward_model_name_or_path"), init_kwargs=load))
+    if args.loss_type == ["tisdpo"]:
+        forward, reverse = path("tisdpo_forward_model_name_or_path"), path("tisdpo_reverse_model_name_or_path")
+        models.append(ContrastivePair(trainer, forward, reverse, init_kwargs=load))
+    return models
 
 
 def build_reference(trainer, policy, ref_model, args, *, peft_config, processing_class, quantization_config) -> Reference:

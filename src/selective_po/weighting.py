@@ -1,0 +1,166 @@
+"""Weightings: how much each completion token counts in the loss, from its score.
+
+Data flow: token scores (`scoring.py`) -> **a mask or weights per token** (this module) -> loss.
+
+The second part of a method (`methods.py`). A weighting maps a batch's `TokenScores` (and, where it
+needs them, its `TokenValues`) to a `(chosen, rejected)` pair of `(B, T)` tensors: bool masks for the
+selective methods (a token is in or out), float weights for the reweighting ones. Either is zero
+outside the completion mask. The mask primitives live in `selection.py`.
+
+| weighting | tokens | used by |
+| --- | --- | --- |
+| `TopShare` | the top share of each response by score, ties kept; a response with no score outside its noise bound keeps all | Selective-DPO, SePO, the fixed-score variant |
+| `RandomShare`, `AllTokens` | as many tokens drawn uniformly; every token | the controls |
+| `AboveMean` | scores above their response's mean | ConfPO |
+| `Given` | the tokens the data names | span supervision |
+| `RankRange` | weight `low + (high - low) * rank / (n - 1)`, ranks ascending | TIS-DPO |
+| `Affine` | weight `1 + s * score` on chosen, `1 - s * score` on rejected tokens | TGDPO |
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .selection import (
+    CONFIDENCE_TIE_TOLERANCE,
+    SCORE_TIE_TOLERANCE,
+    above_mean_mask,
+    quantile_mask,
+    random_share_mask,
+    rows_with_signal,
+    top_share_mask,
+)
+from .token_values import Pair, TokenScores, TokenValues
+
+
+@dataclass(frozen=True)
+class TopShare:
+    """Keep the highest-scoring share of each response's tokens (`selection.top_share_mask`, or with
+    `count_rule="quantile"` the official Selective-DPO count, `selection.quantile_mask`). With noise bounds, a response
+    whose every score lies within its bound keeps every token."""
+
+    chosen_share: float
+    rejected_share: float
+    count_rule: str = "ceil"
+    tie_tolerance: float = SCORE_TIE_TOLERANCE
+    ranks_scores = True  # its cut needs the scores' noise bound
+
+    def __call__(self, scores: TokenScores, values: TokenValues) -> Pair:
+        sides = ((scores.chosen, values.mask[0], self.chosen_share, scores.chosen_bound),
+                 (scores.rejected, values.mask[1], self.rejected_share, scores.rejected_bound))  # fmt: skip
+        return tuple(self._side(*side) for side in sides)
+
+    def _side(self, scores: Tensor, mask: Tensor, share: float, bound: Tensor | None) -> Tensor:
+        if self.count_rule == "quantile":
+            keep = quantile_mask(scores, mask, quantile=1.0 - share, tie_tolerance=self.tie_tolerance)
+        else:
+            keep = top_share_mask(scores, mask, keep_share=share, tie_tolerance=self.tie_tolerance)
+        if bound is None:
+            return keep
+        return torch.where(rows_with_signal(scores, mask, bound).unsqueeze(-1), keep, mask.bool())  # (B, T)
+
+
+@dataclass(frozen=True)
+class RandomShare:
+    """The control for `TopShare`: as many tokens per response, drawn uniformly with the batch's generator."""
+
+    chosen_share: float
+    rejected_share: float
+    ranks_scores = False
+
+    def __call__(self, scores: TokenScores, values: TokenValues) -> Pair:
+        if values.generator is None:
+            raise ValueError("The random control needs a seeded torch.Generator (TokenValues.generator).")
+        return (random_share_mask(values.mask[0], keep_share=self.chosen_share, generator=values.generator),
+                random_share_mask(values.mask[1], keep_share=self.rejected_share, generator=values.generator))  # fmt: skip
+
+
+@dataclass(frozen=True)
+class AllTokens:
+    """Every completion token: with a selective loss, that loss's plain form (DPO, SimPO)."""
+
+    ranks_scores = False
+
+    def __call__(self, scores: TokenScores, values: TokenValues) -> Pair:
+        return values.mask[0].bool().clone(), values.mask[1].bool().clone()
+
+
+@dataclass(frozen=True)
+class AboveMean:
+    """ConfPO: each response's tokens scoring above its mean score (`selection.above_mean_mask`)."""
+
+    ranks_scores = False
+
+    def __call__(self, scores: TokenScores, values: TokenValues) -> Pair:
+        return (above_mean_mask(scores.chosen, values.mask[0], tie_tolerance=CONFIDENCE_TIE_TOLERANCE),
+                above_mean_mask(scores.rejected, values.mask[1], tie_tolerance=CONFIDENCE_TIE_TOLERANCE))  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Given:
+    """The tokens the data names (`TokenValues.given`), kept exactly whatever their scores."""
+
+    ranks_scores = False
+
+    def __call__(self, scores: TokenScores, values: TokenValues) -> Pair:
+        given = values.require("given")
+        return given[0].bool() & values.mask[0].bool(), given[1].bool() & values.mask[1].bool()
+
+
+def rank_range_weights(scores: Tensor, mask: Tensor, *, low: float, high: float) -> Tensor:
+    """Weights from ranks: each row's tokens sorted ascending by score (a stable sort: tied scores rank in position
+    order), the `i`-th of `n` weighted `low + (high - low) * i / (n - 1)`; a lone token weighs 1. Zero off `mask`.
+
+    Args:
+        scores: `(B, T)`.
+        mask: `(B, T)` bool, the tokens ranked.
+        low, high: The weights of the lowest- and highest-scoring token.
+
+    Returns:
+        `(B, T)` float32.
+    """
+    mask = mask.bool()
+    n = mask.sum(-1, keepdim=True)  # (B, 1)
+    # Unranked positions sort last (ties among them keep position order, and they get weight 0 below).
+    order = scores.float().masked_fill(~mask, float("inf")).sort(dim=-1, stable=True).indices  # (B, T)
+    ranks = torch.empty_like(order).scatter_(-1, order, torch.arange(order.size(-1), device=order.device).expand_as(order))
+    spread = ranks.float() / (n - 1).clamp(min=1).float()  # (B, T)
+    weights = torch.where(n > 1, low + (high - low) * spread, torch.ones_like(spread))
+    return torch.where(mask, weights, torch.zeros_like(weights))
+
+
+@dataclass(frozen=True)
+class RankRange:
+    """TIS-DPO's `rank_based` weights (`rank_range_weights`), per response. With `zero_end`, the official code's
+    treatment of the end of a response: its end-of-sequence token (and anything after it, `TokenValues.end`) weighs 0
+    and the ranks run over the tokens before it."""
+
+    low: float = 0.7
+    high: float = 1.3
+    zero_end: bool = True
+    ranks_scores = False
+
+    def __call__(self, scores: TokenScores, values: TokenValues) -> Pair:
+        ranked = values.mask
+        if self.zero_end:
+            end = values.require("end")
+            ranked = (values.mask[0].bool() & ~end[0], values.mask[1].bool() & ~end[1])
+        return (rank_range_weights(scores.chosen, ranked[0], low=self.low, high=self.high),
+                rank_range_weights(scores.rejected, ranked[1], low=self.low, high=self.high))  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Affine:
+    """TGDPO's weights: `1 + scale * r` on chosen and `1 - scale * r` on rejected tokens (`scale = alpha * beta` in
+    the official code). Unclipped, as there: a large reward can make a weight negative."""
+
+    scale: float
+    ranks_scores = False
+
+    def __call__(self, scores: TokenScores, values: TokenValues) -> Pair:
+        chosen = torch.where(values.mask[0].bool(), 1.0 + self.scale * scores.chosen, torch.zeros_like(scores.chosen))
+        rejected = torch.where(values.mask[1].bool(), 1.0 - self.scale * scores.rejected, torch.zeros_like(scores.rejected))
+        return chosen, rejected
