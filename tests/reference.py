@@ -170,3 +170,32 @@ def reference_tisdpo(pc, pr, rc, rr, weights_c, weights_r, chosen_mask, rejected
     chosen = ((pc - rc) * weights_c * chosen_mask.double()).sum(-1)
     rejected = ((pr - rr) * weights_r * rejected_mask.double()).sum(-1)
     return -torch.nn.functional.logsigmoid(beta * (chosen - rejected))
+
+
+def reference_ld_weights(chosen_mask, rejected_mask, alpha) -> tuple[torch.Tensor, torch.Tensor]:
+    """LD-DPO's per-token weights in float64: per pair, the first `min(n_c, n_r)` completion tokens of each response
+    weigh 1, the rest `alpha`, everything off the completion 0."""
+    out = []
+    for mask in (chosen_mask, rejected_mask):
+        rows = []
+        for b in range(mask.shape[0]):
+            shared = min(int(chosen_mask[b].sum()), int(rejected_mask[b].sum()))
+            row, seen = [], 0
+            for real in mask[b].tolist():
+                seen += bool(real)
+                row.append(0.0 if not real else (1.0 if seen <= shared else alpha))
+            rows.append(row)
+        out.append(torch.tensor(rows, dtype=torch.float64).reshape(mask.shape))
+    return out[0], out[1]
+
+
+def reference_f_divergence(logratio: float, kind: str, alpha: float = 0.5) -> float:
+    """`f'(t)` at `t = exp(logratio)`, written from each divergence's definition."""
+    t = math.exp(logratio)
+    if kind == "reverse_kl":
+        return math.log(t)
+    if kind == "forward_kl":
+        return 1 - 1 / t
+    if kind == "js_divergence":
+        return math.log(2 * t / (1 + t))
+    return (t ** (alpha - 1) - 1) / (alpha - 1)

@@ -6,7 +6,7 @@ import re
 import pytest
 from trl import DPOTrainer
 
-from selective_po import SelectiveDPOConfig
+from selective_po import SelectiveDPOConfig, SePOConfig
 from selective_po.config import TRL_LOSS_TYPES
 
 
@@ -37,12 +37,16 @@ def test_sdpo_cannot_be_combined():
         make(loss_type=["sdpo", "sft"], loss_weights=[1.0, 1.0])
 
 
-@pytest.mark.parametrize(
-    "field, value", [("use_weighting", True), ("ld_alpha", 0.5), ("f_divergence_type", "js_divergence")]
-)
-def test_unsupported_trl_options_fail_at_config_time(field, value):
-    with pytest.raises(ValueError, match=field):
-        make(**{field: value})
+def test_wpo_weighting_fails_at_config_time():
+    with pytest.raises(ValueError, match="use_weighting"):
+        make(use_weighting=True)
+
+
+@pytest.mark.parametrize("field, value", [("ld_alpha", 0.5), ("f_divergence_type", "js_divergence")])
+def test_ld_alpha_and_f_divergences_apply_to_the_reference_anchored_losses(field, value, tmp_path):
+    assert getattr(make(**{field: value}), field) == value
+    with pytest.raises(ValueError, match=f"{field}: SePO's loss has no reference"):
+        SePOConfig(output_dir=str(tmp_path), oracle_model_name_or_path="o", oracle_ref_model_name_or_path="r", **{field: value})
 
 
 def test_trl_loss_types_still_accepted_without_selection_checks():

@@ -63,6 +63,10 @@ def assert_same_step(trl_trainer, ours, *, n=4):
         {"precompute_ref_log_probs": True, "precompute_ref_batch_size": 3},
         {"dataset_num_proc": 2},
         {"gradient_checkpointing_kwargs": {"use_reentrant": True}},
+        {"ld_alpha": 0.5},
+        {"f_divergence_type": "forward_kl"},
+        {"f_divergence_type": "js_divergence"},
+        {"f_divergence_type": "alpha_divergence", "f_alpha_divergence_coef": 0.3},
     ],
     ids=lambda options: ",".join(options),
 )

@@ -148,3 +148,29 @@ def test_a_new_composition_is_a_few_lines():
     assert torch.equal(out.chosen_keep, sepo_keep[0]) and torch.equal(out.rejected_keep, sepo_keep[1])
     expected = -torch.nn.functional.logsigmoid(0.1 * (((pc - rc) * out.chosen_keep).sum(-1) - ((pr - rr) * out.rejected_keep).sum(-1)))
     torch.testing.assert_close(out.losses, expected)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_length_desensitized_weights_match_ld_dpo(shape, side):
+    from reference import reference_ld_weights
+    from selective_po.weighting import length_desensitized_weights
+
+    _, (cm, rm) = inputs(shape, side=side, seed=sum(shape), grid=False, models=0)
+    got = length_desensitized_weights(cm, rm, alpha=0.3)
+    want = reference_ld_weights(cm, rm, 0.3)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g.double(), w)
+
+
+@pytest.mark.parametrize("kind, alpha", [("reverse_kl", 0.5), ("forward_kl", 0.5), ("js_divergence", 0.5),
+                                         ("alpha_divergence", 0.3), ("alpha_divergence", 1.7)])  # fmt: skip
+def test_f_divergence_scores_match_their_definitions(kind, alpha):
+    from reference import reference_f_divergence
+    from selective_po.losses import f_divergence_scores
+
+    logratios = torch.linspace(-6, 6, 25, dtype=torch.float64)
+    expected = torch.tensor([reference_f_divergence(v, kind, alpha) for v in logratios.tolist()], dtype=torch.float64)
+    # TRL takes the alpha-divergence's exponential in float32 whatever the dtype: float32 precision there.
+    tolerance = dict(rtol=1e-6, atol=1e-6) if kind == "alpha_divergence" else {}
+    torch.testing.assert_close(f_divergence_scores(logratios, kind, alpha), expected, **tolerance)

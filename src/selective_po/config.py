@@ -319,22 +319,27 @@ class SelectiveDPOConfig(DPOConfig):
                 f"only in its robust, exo_pair, aot and aot_unpaired losses, and {self._label_smoothing_note} Leave "
                 "label_smoothing at 0, or train with one of those loss types."
             )
-        unsupported = {
-            "use_weighting": self.use_weighting,
-            "ld_alpha": self.ld_alpha is not None,
-            "f_divergence_type": self.f_divergence_type != "reverse_kl",
-        }
+        # WPO weighs whole responses by a mean over every token, which a selection does not change: refused. SePO's
+        # loss has no reference, so LD-DPO's and the f-divergences' log-ratios do not exist in it.
+        unsupported = {"use_weighting": self.use_weighting}
+        if self.loss_type == ["sepo"]:
+            unsupported |= {"ld_alpha": self.ld_alpha is not None, "f_divergence_type": self.f_divergence_type != "reverse_kl"}
         if self.map_across_tokenizers and not self.precompute_ref_log_probs:
             raise ValueError(
                 "map_across_tokenizers=True maps stored per-token values; set precompute_ref_log_probs=True (a live "
                 "reference with another tokenizer is not supported)."
             )
+        reasons = {
+            "use_weighting": "WPO's use_weighting=True weighs each pair by means over every token of its responses, which "
+            "no token selection or weighting changes; leave it False",
+            "ld_alpha": "SePO's loss has no reference, so LD-DPO's length-weighted log-ratios do not exist in it; leave "
+            "ld_alpha=None",
+            "f_divergence_type": "SePO's loss has no reference, so the f-divergences of its log-ratios do not exist; leave "
+            "f_divergence_type='reverse_kl'",
+        }
         bad = [name for name, is_set in unsupported.items() if is_set]
         if bad:
-            raise ValueError(
-                f"loss_type='{self.loss_type[0]}' does not support {', '.join(bad)}: leave them at TRL's defaults "
-                "(use_weighting=False, ld_alpha=None, f_divergence_type='reverse_kl')."
-            )
+            raise ValueError(f"loss_type='{self.loss_type[0]}' does not support " + "; ".join(f"{n}: {reasons[n]}" for n in bad) + ".")
 
     def _check_weighting_fields(self) -> None:
         """TGDPO's and TIS-DPO's models, and what they cannot be combined with."""

@@ -22,6 +22,7 @@ gradient.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -135,6 +136,34 @@ class SelectiveDPOOutput(SelectiveLossOutput):
 
 
 
+F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
+
+
+def f_divergence_scores(logratios: Tensor, kind: str = "reverse_kl", alpha: float = 0.5) -> Tensor:
+    """A response's score under TRL's `f_divergence_type`: `f'(t)` of the likelihood ratio `t = exp(logratio)`.
+
+    `reverse_kl` is DPO's `log t`; `forward_kl` `1 - 1/t`; `js_divergence` `log(2t / (1 + t))`; `alpha_divergence`
+    `(t^(alpha - 1) - 1) / (alpha - 1)` (`log t` at `alpha = 1`), its exponent clamped as TRL clamps it.
+
+    Args:
+        logratios: Shape `(B,)`: `log pi(y) - log ref(y)` over the response's (kept, weighted) tokens.
+
+    Returns:
+        Shape `(B,)`.
+    """
+    if kind == "reverse_kl" or (kind == "alpha_divergence" and abs(alpha - 1.0) < 1e-6):
+        return logratios
+    if kind == "forward_kl":
+        return 1 - torch.exp(-logratios)
+    if kind == "js_divergence":
+        return math.log(2) + F.logsigmoid(logratios)
+    if kind == "alpha_divergence":
+        exponent = (alpha - 1.0) * logratios
+        ceiling = {torch.float16: 11.0, torch.bfloat16: 80.0}.get(exponent.dtype, 80.0)  # exp stays finite once cast back
+        return (torch.exp(exponent.float().clamp(max=ceiling)) - 1.0).to(exponent.dtype) / (alpha - 1.0)
+    raise ValueError(f"Unknown f_divergence_type {kind!r}; expected one of {F_DIVERGENCES}.")
+
+
 @dataclass
 class LossTerms:
     """What a loss part returns: per-example `losses` `(B,)` (with gradient), the rewards it logs `(B,)` (detached),
@@ -148,7 +177,8 @@ class LossTerms:
 
 @dataclass(frozen=True)
 class WeightedDPO:
-    """DPO's sigmoid loss (with cDPO's `label_smoothing`) on weighted sums of policy and reference log-probs.
+    """DPO's sigmoid loss (with cDPO's `label_smoothing`, and TRL's `f_divergence_type` applied to each side's
+    log-ratio) on weighted sums of policy and reference log-probs.
 
     Sums first, then their difference, in TRL's order, so 0/1 weights give TRL's `sigmoid` loss's rounding.
     Rewards are `beta * (sum w pi - sum w ref)` per side.
@@ -156,6 +186,8 @@ class WeightedDPO:
 
     beta: float
     label_smoothing: float = 0.0
+    f_divergence: str = "reverse_kl"  # TRL's `f_divergence_type`, on each side's weighted log-ratio
+    f_alpha: float = 0.5  # TRL's `f_alpha_divergence_coef`
     sparse = False  # reads the policy's log-probs at every completion position (the rewards logged use them all)
 
     def __call__(self, values: TokenValues, weights: Pair) -> LossTerms:
@@ -164,7 +196,8 @@ class WeightedDPO:
         ref_chosen = weighted_sum(rc, weights[0], cm.bool()).detach()
         ref_rejected = weighted_sum(rr, weights[1], rm.bool()).detach()
         chosen_logratios, rejected_logratios = chosen - ref_chosen, rejected - ref_rejected
-        losses = dpo_sigmoid_loss(chosen_logratios, rejected_logratios, beta=self.beta, label_smoothing=self.label_smoothing)
+        chosen_scores, rejected_scores = (f_divergence_scores(r, self.f_divergence, self.f_alpha) for r in (chosen_logratios, rejected_logratios))
+        losses = dpo_sigmoid_loss(chosen_scores, rejected_scores, beta=self.beta, label_smoothing=self.label_smoothing)
         sums = {"chosen_logps": chosen, "rejected_logps": rejected, "ref_chosen_logps": ref_chosen, "ref_rejected_logps": ref_rejected}
         return LossTerms(losses, self.beta * chosen_logratios.detach(), self.beta * rejected_logratios.detach(), sums)
 

@@ -22,7 +22,7 @@ composition on plain tensors, for use outside the trainer.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 import torch
@@ -33,7 +33,7 @@ from .noise import NoiseBound
 from .scoring import Confidence, ContrastiveGap, FixedGap, GivenTokens, OracleReward, PolicyGap, RewardModelGap
 from .selection import COUNT_RULES, SCORE_TIE_TOLERANCE, SELECTION_RULES, rows_with_signal, uncertain_decisions
 from .token_values import Pair, TokenScores, TokenValues
-from .weighting import AboveMean, Affine, AllTokens, Given, RandomShare, RankRange, TopShare
+from .weighting import AboveMean, Affine, AllTokens, Given, LengthDesensitized, RandomShare, RankRange, TopShare
 
 
 class Scorer(Protocol):
@@ -104,7 +104,7 @@ def report(scores: TokenScores, weights: Pair, terms: LossTerms, mask: Pair, *, 
     values than it ranks), the kept tokens (non-zero weight) and the noise diagnostics."""
     selective = weights[0].dtype == torch.bool
     keep = tuple(w if selective else (w != 0) & m.bool() for w, m in zip(weights, mask))
-    bounds = (scores.chosen_bound, scores.rejected_bound) if selective else (None, None)
+    bounds = (scores.chosen_bound, scores.rejected_bound)  # only where the weighting cut ranked scores
     chosen_fallback, chosen_uncertain = noise_diagnostics(scores.chosen, mask[0].bool(), keep[0], bounds[0])
     rejected_fallback, rejected_uncertain = noise_diagnostics(scores.rejected, mask[1].bool(), keep[1], bounds[1])
     output = SelectiveDPOOutput if terms.sums is not None else SelectiveLossOutput
@@ -174,21 +174,26 @@ def tisdpo(*, beta: float, decimals: int | None = None, low: float = 0.7, high: 
 
 
 def method_for(args) -> Method | None:
-    """The composition a config asks for; `None` for TRL's own loss types (or several of them)."""
+    """The composition a config asks for, with TRL's `ld_alpha` and `f_divergence_type` applied to the reference-anchored
+    losses; `None` for TRL's own loss types (or several of them)."""
     if len(args.loss_type) != 1:
         return None
     loss_type = args.loss_type[0]
-    if loss_type == "sdpo":
-        return selective_dpo(args.selection_rule, threshold=args.sdpo_threshold, beta=args.beta,
-                             label_smoothing=args.label_smoothing, count_rule=args.sdpo_count_rule)  # fmt: skip
     if loss_type == "sepo":
         return sepo(args.selection_rule, chosen_share=args.sepo_chosen_share, rejected_share=args.sepo_rejected_share,
                     beta=args.beta, gamma=args.sepo_gamma)  # fmt: skip
-    if loss_type == "tgdpo":
-        return tgdpo(beta=args.beta, alpha=args.tgdpo_alpha)
-    if loss_type == "tisdpo":
-        return tisdpo(beta=args.beta, decimals=args.tisdpo_score_decimals)
-    return None
+    if loss_type == "sdpo":
+        method = selective_dpo(args.selection_rule, threshold=args.sdpo_threshold, beta=args.beta,
+                               label_smoothing=args.label_smoothing, count_rule=args.sdpo_count_rule)  # fmt: skip
+    elif loss_type == "tgdpo":
+        method = tgdpo(beta=args.beta, alpha=args.tgdpo_alpha)
+    elif loss_type == "tisdpo":
+        method = tisdpo(beta=args.beta, decimals=args.tisdpo_score_decimals)
+    else:
+        return None
+    loss = replace(method.loss, f_divergence=args.f_divergence_type, f_alpha=args.f_alpha_divergence_coef)
+    weighting = method.weighting if args.ld_alpha is None else LengthDesensitized(method.weighting, args.ld_alpha)
+    return replace(method, weighting=weighting, loss=loss)
 
 
 # ---------------------------------------------------------------------------------------------

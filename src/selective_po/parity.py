@@ -67,17 +67,24 @@ SELECTIVE_DPO: dict[str, Verdict] = {
         (T + "test_disable_dropout_reaches_the_policy_and_every_reference",),
     ),
     "discopop_tau": NotApplicable("Only TRL's `discopop` loss reads it (with `loss_type='discopop'` it is TRL's)."),
-    "f_alpha_divergence_coef": NotApplicable("Only read with `f_divergence_type='alpha_divergence'`, which is refused."),
-    "f_divergence_type": Refused(
-        "anything but `reverse_kl`", "`reverse_kl`: the token scores and the loss are defined on log-ratios",
-        example={"f_divergence_type": "js_divergence"},
+    "f_alpha_divergence_coef": Honoured(
+        "The alpha of `f_divergence_type='alpha_divergence'`, as in TRL.", (STEP + "[f_divergence_type,f_alpha_divergence_coef]",)
+    ),
+    "f_divergence_type": Honoured(
+        "TRL's `f'(t)` of each response's log-ratio, here over the kept (or weighted) tokens; with every token kept the "
+        "step is TRL's.",
+        (STEP + "[f_divergence_type]", STEP + "[f_divergence_type,f_alpha_divergence_coef]"),
     ),
     "label_smoothing": Refused(
         "any value but 0: TRL's `sigmoid` loss, the one applied to the kept tokens, ignores it",
         "0, or one of TRL's loss types that read it (`robust`, `exo_pair`, `aot`, `aot_unpaired`)",
         example={"label_smoothing": 0.1}, tests=(T + "test_label_smoothing_is_refused_where_trls_sigmoid_ignores_it",),
     ),
-    "ld_alpha": Refused("any value", "`None`: LD-DPO's length weighting of whole responses", example={"ld_alpha": 0.5}),
+    "ld_alpha": Honoured(
+        "LD-DPO's weights, 1 up to the shorter response's length and `ld_alpha` past it, multiply each token's weight (a "
+        "kept token past that length counts `ld_alpha`); with every token kept the step is TRL's.",
+        (STEP + "[ld_alpha]",),
+    ),
     "loss_type": Honoured(
         "`sdpo` is Selective-DPO; every TRL loss type runs TRL's own code, untouched. `sdpo` is not combined with others.",
         ("tests/test_trainer.py::test_other_trl_loss_types_are_untouched", "tests/test_config.py::test_sdpo_cannot_be_combined"),
@@ -135,7 +142,10 @@ SELECTIVE_DPO: dict[str, Verdict] = {
         ("tests/test_model_loading.py::test_custom_code_is_not_run_without_trust_remote_code",
          "tests/test_model_loading.py::test_trust_remote_code_is_off_by_default"),
     ),  # fmt: skip
-    "use_weighting": Refused("`True`", "`False`: WPO's weights are defined on whole responses", example={"use_weighting": True}),
+    "use_weighting": Refused(
+        "`True`: WPO weighs each pair by means over every token of its responses, which no token selection or weighting "
+        "changes", "`False`", example={"use_weighting": True},
+    ),
     # ----- arguments of DPOTrainer.__init__ -----
     "model": Honoured(
         "A path, hub id, module or PeftModel, as in TRL; also an embedded name such as `smollm2-135m-instruct`.",
@@ -262,6 +272,13 @@ SEPO: dict[str, Verdict] = {
         "any value but 0: SePO's loss has no label smoothing", "0", example={"label_smoothing": 0.1},
         tests=(T + "test_label_smoothing_is_refused_where_trls_sigmoid_ignores_it",),
     ),
+    "f_divergence_type": Refused(
+        f"anything but `reverse_kl`: {_NO_REFERENCE}, so its loss has no log-ratio to take an f-divergence of",
+        "`reverse_kl`", example={"f_divergence_type": "js_divergence"},
+    ),
+    "f_alpha_divergence_coef": NotApplicable("Only read with `f_divergence_type='alpha_divergence'`, which is refused."),
+    "ld_alpha": Refused(f"any value: {_NO_REFERENCE}, so it has no log-ratio to weight by length", "`None`",
+                        example={"ld_alpha": 0.5}),
 }
 
 METHODS = {"Selective-DPO": SELECTIVE_DPO, "SePO": SEPO}

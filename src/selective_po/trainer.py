@@ -36,7 +36,7 @@ from . import engines, methods, noise, references, spans
 from .config import ORACLE_FREE_RULES, SelectiveDPOConfig, SePOConfig
 from .data import check_preference_dataset, report_dropped_rows, swapped_preferences
 from .logprobs import compact_lm_head
-from .losses import masked_sum
+from .losses import weighted_sum
 from .methods import kept_token_sums
 from .metrics import check_finite_scores, step_metrics
 from .models import check_model_folder, check_same_vocabulary, resolve_model_path
@@ -47,6 +47,7 @@ from .reference_cache import PerTokenReferenceCollator
 from .reference_scoring import NON_MODEL_KEYS, forward_logps
 from .selection import RandomControlSeeds, compute_dtypes
 from .token_values import TokenValues, end_of_sequence_mask, end_token_ids
+from .weighting import length_desensitized_weights
 
 logger = logging.get_logger(__name__)
 
@@ -88,14 +89,7 @@ class SelectiveDPOTrainer(DPOTrainer):
     mask_unimportant_tokens = staticmethod(kept_token_sums)
 
     def __init__(self, model, ref_model: PreTrainedModel | None = None, args: SelectiveDPOConfig | None = None, **kwargs):
-        if args is None:
-            name = model if isinstance(model, str) else get_config_model_id(model.config)
-            args = SelectiveDPOConfig(output_dir=f"{name.split('/')[-1]}-SelectiveDPO")
-        elif not isinstance(args, SelectiveDPOConfig):
-            raise TypeError(
-                f"SelectiveDPOTrainer needs a SelectiveDPOConfig, got {type(args).__name__}. Build it with "
-                "`SelectiveDPOConfig(**your_dpo_config.to_dict())` or switch the class in your script."
-            )
+        args = _selective_args(model, args)
         _check_datasets(kwargs, selective=args.uses_selection)
         kwargs = swapped_preferences(kwargs) if args.swap_chosen_rejected else kwargs
         self._policy_path = None
@@ -112,7 +106,12 @@ class SelectiveDPOTrainer(DPOTrainer):
             self, model, args, processing_class=kwargs.get("processing_class"), quantization_config=quantization
         )  # fmt: skip
         self._random_seeds = RandomControlSeeds(args.seed, args.process_index)
-        super().__init__(model, ref_model=self.reference.trl_ref_model() if self.reference else None, args=args, **kwargs)
+        # TRL refuses f-divergences with loss types it does not implement; the selective losses apply them themselves.
+        f_divergence, args.f_divergence_type = args.f_divergence_type, args.f_divergence_type if self.method is None else "reverse_kl"
+        try:
+            super().__init__(model, ref_model=self.reference.trl_ref_model() if self.reference else None, args=args, **kwargs)
+        finally:
+            args.f_divergence_type = self.f_divergence_type = f_divergence
         for stored in self.value_models():
             stored.initial_scoring_done()
         # The scores' per-token noise bound: the user's, or measured on the first batch that ranks scores.
@@ -134,10 +133,8 @@ class SelectiveDPOTrainer(DPOTrainer):
                 self.data_collator = PerTokenReferenceCollator(self.data_collator, columns=stored.columns, output_key=stored.batch_key)
 
     def _build_reference(self, model, ref_model, args, kwargs) -> references.Reference | None:
-        return references.build_reference(
-            self, model, ref_model, args, peft_config=kwargs.get("peft_config"),
-            processing_class=kwargs.get("processing_class"), quantization_config=kwargs.get("quantization_config"),
-        )  # fmt: skip
+        given = {key: kwargs.get(key) for key in ("peft_config", "processing_class", "quantization_config")}
+        return references.build_reference(self, model, ref_model, args, **given)
 
     def value_models(self) -> list[references.Reference]:
         """Every model whose per-token values the method reads: the reference side, then the stored-only models."""
@@ -158,9 +155,8 @@ class SelectiveDPOTrainer(DPOTrainer):
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
-        """TRL's `evaluate`. With stored values, data passed here is scored by the reference object, which
-        refuses only what it cannot score any more (TRL refuses any new data once a step has run and no
-        `ref_model` is kept, even where a reference path or PEFT's base model could score it)."""
+        """TRL's `evaluate`; with stored values, new data is scored by the reference object, which refuses only what it
+        cannot score any more (TRL refuses any once a step has run and no `ref_model` is kept)."""
         if eval_dataset is None or isinstance(eval_dataset, str) or not (self.precompute_ref_logps and self.args.uses_selection):
             return super().evaluate(eval_dataset=eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
         named = eval_dataset if isinstance(eval_dataset, dict) else {None: eval_dataset}
@@ -283,8 +279,8 @@ class SelectiveDPOTrainer(DPOTrainer):
             loss = loss + self.router_aux_loss_coef * outputs.aux_loss
         if mode == "train":
             self._total_train_tokens += self.accelerator.gather_for_metrics(inputs["attention_mask"].sum()).sum().item() // self._tp_size
-        logged = step_metrics(
-            self.accelerator, result, outputs=outputs, per_token_logps=policy_logps.detach(), shift_mask=shift_mask,
+        logged = step_metrics(  # TRL's logps/* sum the tokens as its loss does (LD-DPO's weights with ld_alpha)
+            self.accelerator, result, outputs=outputs, per_token_logps=policy_logps.detach() * self.response_weights(shift_mask), shift_mask=shift_mask,
             score_mask=score_mask, rewards=(chosen_rewards, rejected_rewards), aux_loss=self.aux_loss_enabled,
         )  # fmt: skip
         self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
@@ -295,6 +291,10 @@ class SelectiveDPOTrainer(DPOTrainer):
                 outputs = model(**{k: v for k, v in inputs.items() if k not in NON_MODEL_KEYS}, use_cache=False)
             return loss, outputs
         return loss
+
+    def response_weights(self, shift_mask: torch.Tensor) -> torch.Tensor:
+        """Each completion token's weight `(2B, T-1)` in TRL's full-response sums: the mask, or LD-DPO's with `ld_alpha`."""
+        return shift_mask if self.args.ld_alpha is None else torch.cat(length_desensitized_weights(*shift_mask.chunk(2), alpha=self.args.ld_alpha))
 
     def method_step(self, inputs: dict, policy_logps: torch.Tensor, shift_mask: torch.Tensor, values: TokenValues | None = None,
                     weights=None):  # fmt: skip
@@ -310,7 +310,8 @@ class SelectiveDPOTrainer(DPOTrainer):
         if values.reference is None:
             return result, result.chosen_rewards, result.rejected_rewards
         with torch.no_grad():  # sums first, then the difference, in TRL's order
-            logratios = masked_sum(policy_logps, shift_mask) - masked_sum(torch.cat(values.reference), shift_mask)  # (2B,)
+            weights = self.response_weights(shift_mask)
+            logratios = weighted_sum(policy_logps, weights, shift_mask) - weighted_sum(torch.cat(values.reference), weights, shift_mask)  # (2B,)
         chosen_rewards, rejected_rewards = (self.beta * logratios).chunk(2, dim=0)
         return result, chosen_rewards, rejected_rewards
 
@@ -394,6 +395,19 @@ def policy_forward(model, inputs: dict, shared_prompt_mask: str | None, *, score
             outputs = model(**model_kwargs, labels=labels, fused_lm_head=True, use_cache=False)
     # Prompt-learning PEFT prepends virtual tokens to the outputs; keep the real positions.
     return outputs, outputs.log_probs[:, -shift_mask.size(1) :], shift_mask
+
+
+def _selective_args(model, args: SelectiveDPOConfig | None) -> SelectiveDPOConfig:
+    """`args`, or TRL's default config for `model` when None; any config but a `SelectiveDPOConfig` is refused."""
+    if args is None:
+        name = model if isinstance(model, str) else get_config_model_id(model.config)
+        return SelectiveDPOConfig(output_dir=f"{name.split('/')[-1]}-SelectiveDPO")
+    if not isinstance(args, SelectiveDPOConfig):
+        raise TypeError(
+            f"SelectiveDPOTrainer needs a SelectiveDPOConfig, got {type(args).__name__}. Build it with "
+            "`SelectiveDPOConfig(**your_dpo_config.to_dict())` or switch the class in your script."
+        )
+    return args
 
 
 def _dropout_active(model) -> bool:

@@ -15,6 +15,7 @@ outside the completion mask. The mask primitives live in `selection.py`.
 | `Given` | the tokens the data names | span supervision |
 | `RankRange` | weight `low + (high - low) * rank / (n - 1)`, ranks ascending | TIS-DPO |
 | `Affine` | weight `1 + s * score` on chosen, `1 - s * score` on rejected tokens | TGDPO |
+| `LengthDesensitized` | another weighting's, times `alpha` past the shorter response's length | TRL's `ld_alpha` (LD-DPO) |
 """
 
 from __future__ import annotations
@@ -164,3 +165,43 @@ class Affine:
         chosen = torch.where(values.mask[0].bool(), 1.0 + self.scale * scores.chosen, torch.zeros_like(scores.chosen))
         rejected = torch.where(values.mask[1].bool(), 1.0 - self.scale * scores.rejected, torch.zeros_like(scores.rejected))
         return chosen, rejected
+
+
+def length_desensitized_weights(chosen_mask: Tensor, rejected_mask: Tensor, *, alpha: float) -> Pair:
+    """LD-DPO's per-token weights (TRL's `ld_alpha`): 1 on each response's first `m` completion tokens, `m` the
+    shorter response's length, and `alpha` on the rest of the longer one; 0 off the completion.
+
+    Args:
+        chosen_mask: `(B, T)` bool, the chosen completion tokens.
+        rejected_mask: `(B, T)` bool, the rejected ones.
+        alpha: The weight of the tokens past the shared length.
+
+    Returns:
+        `(chosen, rejected)`, each `(B, T)` float32.
+    """
+    shared = torch.minimum(chosen_mask.sum(-1), rejected_mask.sum(-1)).unsqueeze(-1)  # (B, 1)
+
+    def side(mask: Tensor) -> Tensor:
+        position = mask.long().cumsum(-1)  # 1-based among the completion tokens
+        weights = torch.where(position <= shared, 1.0, alpha).float()
+        return torch.where(mask.bool(), weights, torch.zeros_like(weights))
+
+    return side(chosen_mask), side(rejected_mask)
+
+
+@dataclass(frozen=True)
+class LengthDesensitized:
+    """Another weighting's masks or weights times LD-DPO's (`length_desensitized_weights`): with every token kept,
+    TRL's `ld_alpha`; with a selection, the kept tokens past the shorter response's length count `alpha`."""
+
+    inner: object
+    alpha: float
+
+    @property
+    def ranks_scores(self) -> bool:
+        return self.inner.ranks_scores
+
+    def __call__(self, scores: TokenScores, values: TokenValues) -> Pair:
+        inner = self.inner(scores, values)
+        lengths = length_desensitized_weights(values.mask[0].bool(), values.mask[1].bool(), alpha=self.alpha)
+        return tuple(w.float() * ld for w, ld in zip(inner, lengths))
