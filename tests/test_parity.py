@@ -18,7 +18,7 @@ from transformers import TrainingArguments
 from trl import DPOConfig, DPOTrainer
 
 from conftest import preference_dataset
-from selective_po import SelectiveDPOConfig, SePOConfig, SePOTrainer, parity
+from selective_po import SelectiveDPOConfig, SelectiveDPOTrainer, SePOConfig, SePOTrainer, parity
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -153,3 +153,24 @@ def test_the_docs_table_is_generated_from_the_lists(tmp_path):
         "docs/trl_parity.md is out of date: run `python -m selective_po.parity docs/trl_parity.md`"
     )
     assert "docs/trl_parity.md" in (ROOT / "README.md").read_text()
+
+
+def test_an_iterable_dataset_with_stored_values_is_refused_as_trl_refuses_it(tmp_path, tiny_model_dir):
+    """Both refuse; ours names the dataset and the two ways out."""
+    from trl import DPOTrainer
+
+    streamed = preference_dataset().to_iterable_dataset()
+    common = dict(report_to="none", max_steps=2, per_device_train_batch_size=2, precompute_ref_log_probs=True)
+    with pytest.raises(ValueError, match="not supported with IterableDataset"):
+        DPOTrainer(model=tiny_model_dir, args=DPOConfig(output_dir=str(tmp_path / "trl"), bf16=False, **common),
+                   train_dataset=streamed)  # fmt: skip
+    with pytest.raises(ValueError, match="train dataset is an IterableDataset. Materialize it, or set precompute_ref_log_probs=False"):
+        SelectiveDPOTrainer(model=tiny_model_dir, args=SelectiveDPOConfig(output_dir=str(tmp_path / "ours"), **common),
+                            train_dataset=streamed)  # fmt: skip
+
+
+def test_every_difference_names_a_test_that_exists():
+    for *_, reference in parity.DIFFERENCES:
+        path, _, test = reference.partition("::")
+        functions = {n.name for n in ast.walk(ast.parse((ROOT / path).read_text())) if isinstance(n, ast.FunctionDef)}
+        assert test in functions, reference

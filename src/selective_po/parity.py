@@ -283,6 +283,20 @@ SEPO: dict[str, Verdict] = {
 
 METHODS = {"Selective-DPO": SELECTIVE_DPO, "SePO": SEPO}
 
+# Where TRL's own DPO tests, run against these classes, see another behaviour than TRL's: (case, TRL, here, test).
+DIFFERENCES = (
+    ("`precompute_ref_log_probs=True` with an `IterableDataset`",
+     "refused: \"`precompute_ref_log_probs=True` is not supported with IterableDataset\"",
+     "refused too, in other words: the per-token values are stored per row of a map-style `Dataset`; the error names "
+     "the dataset and says to materialize it or to set `precompute_ref_log_probs=False`",
+     "tests/test_parity.py::test_an_iterable_dataset_with_stored_values_is_refused_as_trl_refuses_it"),
+    ("a non-finite score (e.g. an fp16 overflow)",
+     "trains on: the loss becomes NaN and so do the weights",
+     "stops at that step with an error naming the response, the position and the value, since the top share of NaN "
+     "scores is arbitrary tokens",
+     "tests/test_non_finite.py::test_non_finite_live_scores_stop_selective_dpo"),
+)  # fmt: skip
+
 
 def counts(verdicts: dict[str, Verdict]) -> dict[str, int]:
     kinds = {"honoured": Honoured, "refused": Refused, "not applicable": NotApplicable}
@@ -333,6 +347,10 @@ def markdown(sections: dict[str, list[str]]) -> str:
             cells = [_cell(verdicts[name]).replace("|", "\\|") for verdicts in METHODS.values()]
             checked = "<br>".join(dict.fromkeys(entry for verdicts in METHODS.values() for entry in _checks(verdicts[name])))
             lines.append(f"| `{name}` | {cells[0]} | {'same' if cells[1] == cells[0] else cells[1]} | {checked} |")
+    lines += ["", "## Where TRL's own DPO tests see another behaviour", "",
+              "Run against these classes, TRL's own test file for its `DPOTrainer` meets two behaviours that differ on "
+              "purpose:", "", "| case | TRL | selective-po | checked by |", "| --- | --- | --- | --- |"]
+    lines += [f"| {case} | {trl} | {ours} | `{test}` |" for case, trl, ours, test in DIFFERENCES]
     return "\n".join(lines) + "\n"
 
 
