@@ -99,6 +99,12 @@ def main_methods(preset: dict, sepo_beta: float | None) -> dict[str, dict]:
         # Ours: the DPO model's scores of the start model, fixed before training; the start model stays the loss's reference.
         "sdpo-fixed-scores": sdpo(0.4, selection_rule="scorer", scorer_model_name_or_path="@dpo"),
         "sdpo-dpo-ref-random": sdpo(0.4, ref_model_name_or_path="@dpo", selection_rule="random", **controls),
+        # The token-weighting methods: TGDPO with the DPO model as reward model; TIS-DPO with it and a DPO model trained
+        # on the swapped pairs as its forward and reverse models.
+        "dpo-reversed": {**preset["dpo"], "swap_chosen_rejected": True, **controls},
+        "tgdpo": {"loss_type": "tgdpo", "tgdpo_reward_model_name_or_path": "@dpo", **controls},
+        "tisdpo": {"loss_type": "tisdpo", "tisdpo_forward_model_name_or_path": "@dpo",
+                   "tisdpo_reverse_model_name_or_path": "@dpo-reversed", **controls},
     }
     if preset["sweep"]:
         for k in SWEEP:
@@ -288,6 +294,14 @@ def experiment(opts) -> None:
     else:
         tuned = True
         tasks, on_done = tuned_tasks(preset, dataset, out, main_file, untuned_file, tune_file)
+    if opts.only:  # these methods' runs, the start model's, and every run they wait for
+        wanted, by_key = {t["key"] for t in tasks if t["method"] in {"base", *opts.only}}, {t["key"]: t for t in tasks}
+        frontier = list(wanted)
+        while frontier:
+            for dep in by_key[frontier.pop()]["deps"] - wanted:
+                wanted.add(dep)
+                frontier.append(dep)
+        tasks = [t for t in tasks if t["key"] in wanted]
     workers = opts.workers or preset["workers"]
     started, interrupted = time.time(), False
     try:
@@ -328,6 +342,7 @@ def main() -> None:
         return
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
+    parser.add_argument("--only", nargs="+", metavar="METHOD", help="run only these methods (and the runs they wait for)")
     parser.add_argument("--dataset", default="onpolicy-smollm2-large", help="the pairs (bundled name or build-pairs folder)")
     parser.add_argument("--build_data", action="store_true", help="sample the pairs first, into output_dir/data (resumable)")
     parser.add_argument("--workers", type=int, default=None, help="runs at once, each its own process with an equal share of the cores (default: the preset's, 2 on CPU)")

@@ -32,6 +32,11 @@ from .noise import NoiseBound  # noqa: E402
 from .scoring import sdpo_token_scores  # noqa: E402
 from .selection import keep_counts, random_share_mask, rows_with_signal, select_tokens, top_share_mask  # noqa: E402
 from .token_values import TokenScores, TokenValues  # noqa: E402
+from . import losses as _losses, methods as _methods  # noqa: E402
+
+# The compositions on plain tensors were once defined in `losses`; their old import path still works.
+for _name in ("kept_token_sums", "noise_diagnostics", "select_sdpo_tokens", "selective_dpo_loss", "sepo_keep_masks", "sepo_loss"):
+    setattr(_losses, _name, getattr(_methods, _name))
 from .trainer import SelectiveDPOTrainer, SePOTrainer  # noqa: E402
 
 __all__ = [

@@ -221,15 +221,3 @@ class LengthNormalizedKept:
         losses = -F.logsigmoid(chosen_u - rejected_u - self.gamma)
         return LossTerms(losses, chosen_u.detach(), rejected_u.detach())
 
-
-# The named compositions used to live here; `methods.py` builds them from the parts above. Their old import path
-# still works, resolved on first use (importing `methods` at module level would be an import cycle).
-_MOVED_TO_METHODS = ("kept_token_sums", "noise_diagnostics", "select_sdpo_tokens", "selective_dpo_loss", "sepo_keep_masks", "sepo_loss")
-
-
-def __getattr__(name: str):
-    if name in _MOVED_TO_METHODS:
-        from . import methods
-
-        return getattr(methods, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

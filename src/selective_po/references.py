@@ -1,9 +1,10 @@
-"""The reference side of a run: one object owns the model that token scores are measured against.
+"""The other models of a run: one object owns each model (or pair) whose per-token values a method reads.
 
-Data flow: tokens -> **per-token values of the reference side** (this module: a live forward, or
-rows scored once and stored) -> token scores -> selection -> loss.
+Data flow: tokens -> **per-token values of the models besides the policy** (this module: a live
+forward, or rows scored once and stored) -> `TokenValues` -> scorer -> weighting -> loss.
 
-Whatever the reference is, the trainer builds one object for it (`build_reference`). The object
+Whatever the reference is, the trainer builds one object for it (`build_reference`), and one for each
+stored-only model a method reads (`build_stored_models`). The object
 knows how its model is loaded and placed on the run's engine, runs the live forward, scores rows for
 storage through the *same* forward, says what identifies its values in the cache key, and says when
 it can no longer score new data. Live and stored values cannot disagree about which model, or which
@@ -17,6 +18,9 @@ state of it, they come from.
 | nothing | `InitialPolicyReference` | TRL's frozen copy of the policy | the policy before its first step | the policy's files or weights |
 | `map_across_tokenizers=True` | `CrossTokenizerReference` | none (stored only) | scored in its own tokens, moved onto the policy's | its files and the mapping |
 | SePO's two oracle paths | `OraclePair` | none (stored only) | `log p_oracle - log p_oracle_ref` | both models' files |
+| `scorer_model_name_or_path` | `ScorerModel` | none (stored only) | its log-probs | its files, dtype, quantization |
+| `tgdpo_reward_model_name_or_path` | `RewardModel` | none (stored only) | its log-probs | its files, dtype, quantization |
+| TIS-DPO's forward and reverse paths | `ContrastivePair` | none (stored only) | `log p_forward - log p_reverse` | both models' files |
 
 A model that is stored-only is never kept in memory while training. TRL's own loss types get the
 same reference model TRL would use; only the selective losses call these objects.

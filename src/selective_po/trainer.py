@@ -1,12 +1,13 @@
-"""`SelectiveDPOTrainer`: TRL's `DPOTrainer` with token-selective losses wired in.
+"""`SelectiveDPOTrainer`: TRL's `DPOTrainer` with the token-level methods of `methods.py` wired in.
 
 Everything but the loss is TRL's: tokenization, collation, accelerate, DeepSpeed/FSDP, PEFT,
-logging. The reference side (a path, a `ref_model` module, PEFT's base model or `"ref"` adapter, the
-initial policy, a model of another tokenizer, SePO's oracle pair) is one object from
-`references.py`, which runs it live and scores it for storage through the same forward. For
-`loss_type="sdpo"` the trainer runs one policy forward with gradients and the reference's per-token
-log-probs without, and hands them to the pure functions in `losses.py`. Any other loss type goes
-to TRL unchanged.
+logging. Every other model a method reads (the reference: a path, a `ref_model` module, PEFT's base
+model or `"ref"` adapter, the initial policy, a model of another tokenizer; SePO's oracle pair; the
+fixed scorer; TGDPO's reward model; TIS-DPO's forward and reverse models) is one object from
+`references.py`, which runs it live or scores it for storage through the same forward. Per batch the
+trainer runs one policy forward with gradients, gathers every model's per-token values into
+`TokenValues` and hands them to the method (`loss_type` picks it: `methods.method_for`), a
+composition of a scorer, a weighting and a loss. Any other loss type goes to TRL unchanged.
 
 Two things keep rounding noise from choosing tokens in any dtype. While the reference is the policy
 itself (the initial policy before any update), its log-probs are the policy's own, detached, so every
