@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -213,3 +214,25 @@ def test_the_results_page_shows_the_committed_reports_tables(tables, capsys, mon
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and not line.startswith("| ---")]
     page = (SCRIPT.parents[1] / "docs" / "results.md").read_text().splitlines()
     assert len(rows) > 30 and [row for row in rows if row not in page] == []
+
+
+def test_the_methods_page_shows_the_committed_weighting_report():
+    """docs/methods.md's table of TGDPO and TIS-DPO against DPO quotes the committed compare report cell by cell."""
+    docs = SCRIPT.parents[1] / "docs"
+    report = (docs / "results" / "cpu_weighting.md").read_text()
+    sections = {title: body for title, body in re.findall(r"### (\w+)\n(.*?)(?=\n### |\Z)", report, re.S)}
+    row_names = {"DPO": "dpo", "TGDPO": "tgdpo", "TIS-DPO": "tisdpo", "DPO, swapped pairs": "dpo-reversed"}
+    columns = ("likelihood_accuracy", "reward_accuracy", "greedy_accuracy_arithmetic", "ifeval_pass_rate")
+    page = (docs / "methods.md").read_text().split("## Measured on the CPU preset")[1]
+    checked = 0
+    for line in page.splitlines():
+        cells = [c.strip() for c in line.strip("| ").split(" | ")]
+        if cells[0] not in row_names:
+            continue
+        for metric, cell in zip(columns, cells[1:], strict=True):
+            row = next(r for r in sections[metric].splitlines() if r.startswith(f"| {row_names[cells[0]]} |"))
+            parts = [p.strip() for p in row.strip("| ").split(" | ")]
+            expected = parts[2] if cells[0] == "DPO" else f"{parts[4]} {parts[5].split(' (')[0]}"
+            assert cell.replace("\u2212", "-") == expected, (cells[0], metric)
+            checked += 1
+    assert checked == 16
