@@ -112,6 +112,11 @@ def main_methods(preset: dict, sepo_beta: float | None) -> dict[str, dict]:
                 methods[f"sdpo-dpo-ref-k{round(k * 100)}"] = sdpo(k, ref_model_name_or_path="@dpo", **controls)
     if sepo_beta is not None:
         methods["sepo"] = sepo(0.3, sepo_beta)
+        # The end-of-turn token kept on both sides, as DPO counts it: the scorers of SePO and the fixed-score variant
+        # kept it on most rejected and few chosen responses, and their greedy answers stopped ending.
+        methods["sepo-end-keep"] = sepo(0.3, sepo_beta, end_token_selection="keep")
+        methods["sdpo-fixed-scores-end-keep"] = sdpo(0.4, selection_rule="scorer", scorer_model_name_or_path="@dpo",
+                                                     end_token_selection="keep")  # fmt: skip
         if preset["sepo_controls"]:
             methods["sepo-random"] = sepo(0.3, sepo_beta, selection_rule="random", **controls)
             methods["sepo-all"] = sepo(1.0, sepo_beta, **controls)

@@ -13,16 +13,33 @@ The first report is the grid against DPO; each further one is the same runs agai
    differences to the first baseline on rows with every seed. A difference smaller than that
    half-width cannot exclude 0 with these seeds and items: it is the smallest these rows resolve;
 4. the verdicts: for each claim in `CLAIMS` whose two rows are in the reports, per metric, "holds"
-   when the paired interval lies on the claimed side of 0, "does not" when it lies on the other
-   side, "cannot tell" when it holds 0.
+   when the difference lies on the claimed side of 0, "does not" when on the other side, "cannot
+   tell" otherwise, at a 5% family-wise error rate: Holm's adjustment over the claim's metrics (each
+   claim is one family);
+5. for every claim row, the interval the reports used before (the bootstrap over seeds and items)
+   beside the one they use now (`selective_po.intervals.difference_summary`), so the change is visible.
+
+    python benchmarks/results_tables.py --rebuild docs/results/cpu_main.json --runs docs/results/cpu_runs.json --every_run
+
+recomputes a committed report (its summary, `.md` and `.png`) from a runs file with this version's
+intervals. Each run's per-item results are kept once, in the runs file; a report keeps its summary,
+the keys of its runs and the runs file's name and SHA-256 (a report that still holds its runs moves
+them to the runs file first).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import re
 import statistics
 from pathlib import Path
+from types import SimpleNamespace
+
+from selective_po.compare import markdown_report, plot_differences, report_caption, summarize
+from selective_po.files import atomic_write
+from selective_po.intervals import holm
 
 LABELS = {
     "base": "start model (base)",
@@ -33,10 +50,16 @@ LABELS = {
     "confidence": "ConfPO (confidence)",
     "sepo": "SePO, DPO oracle, 30%",
     "sdpo-dpo-ref-random": "Selective-DPO, DPO reference, random 40%",
+    "sepo-end-keep": "SePO, end-of-turn token kept on both sides",
+    "sdpo-fixed-scores-end-keep": "fixed scores (ours), end-of-turn token kept on both sides",
+    "tgdpo": "TGDPO, DPO model as reward model",
+    "tisdpo": "TIS-DPO, DPO models on the pairs and on the swapped pairs",
+    "dpo-reversed": "DPO on the swapped pairs (TIS-DPO's reverse model)",
 }
 BASELINE_LABELS = {"dpo": "DPO", "sdpo-dpo-ref": "Sel.-DPO, DPO ref.", "sepo": "SePO"}
-GENERATION = ("greedy_accuracy_arithmetic", "ifeval_pass_rate", "likelihood_accuracy", "reward_accuracy")
+GENERATION = ("greedy_accuracy_arithmetic", "ifeval_pass_rate", "answers_that_end", "likelihood_accuracy", "reward_accuracy")
 HEADINGS = {
+    "answers_that_end": "answers that end",
     "greedy_accuracy_arithmetic": "greedy arithmetic",
     "ifeval_pass_rate": "IFEval pass",
     "likelihood_accuracy": "likelihood acc.",
@@ -56,22 +79,28 @@ CLAIMS = (
     ("Instruction following: Selective-DPO (DPO reference) lowers IFEval against DPO", "sdpo-dpo-ref", "dpo", -1, ("ifeval_pass_rate",)),
     ("Our variant (fixed scores) beats DPO", "sdpo-fixed-scores", "dpo", +1, None),
     ("Our variant (fixed scores) beats Selective-DPO with the DPO reference", "sdpo-fixed-scores", "sdpo-dpo-ref", +1, None),
+    ("SePO with the end-of-turn token kept on both sides beats DPO", "sepo-end-keep", "dpo", +1, None),
+    ("Our variant (fixed scores) with the end-of-turn token kept on both sides beats DPO", "sdpo-fixed-scores-end-keep", "dpo", +1, None),
+    ("TGDPO beats DPO", "tgdpo", "dpo", +1, None),
+    ("TIS-DPO beats DPO", "tisdpo", "dpo", +1, None),
 )
-PERCENT = {"greedy_accuracy_arithmetic", "ifeval_pass_rate", "likelihood_accuracy", "reward_accuracy"}
+PERCENT = {"greedy_accuracy_arithmetic", "ifeval_pass_rate", "answers_that_end", "likelihood_accuracy", "reward_accuracy"}
+ALPHA = 0.05  # the family-wise error rate of each claim's verdicts
 
 
 def value(metric: str, x: float) -> str:
     return (f"{100 * x:.1f}%" if metric in PERCENT else f"{x:+.3f}").replace("-", "−")
 
 
-def difference(metric: str, cell: dict | None) -> str:
-    """`+1.2 [-0.3, +2.5]` in points (or nats), with `**` when the interval excludes 0; blank for the baseline."""
+def difference(metric: str, cell: dict | None, interval: str = "difference_interval", *, bold: bool = True) -> str:
+    """`+1.2 [-0.3, +2.5]` in points (or nats), with `**` when the interval excludes 0 (and `bold`); blank for the
+    baseline."""
     if not cell or "difference" not in cell:
         return ""
     scale, digits = (100, 1) if metric in PERCENT else (1, 3)
-    low, high = cell["difference_interval"]
+    low, high = cell[interval]
     text = f"{scale * cell['difference']:+.{digits}f} [{scale * low:+.{digits}f}, {scale * high:+.{digits}f}]".replace("-", "−")
-    return f"**{text}**" if low > 0 or high < 0 else text
+    return f"**{text}**" if bold and (low > 0 or high < 0) else text
 
 
 def table(reports: list[dict], metrics: tuple[str, ...]) -> str:
@@ -100,48 +129,113 @@ def seed_spread(report: dict, metrics: tuple[str, ...]) -> str:
     for metric in metrics:
         cells = [HEADINGS[metric]]
         for method in [report["baseline"], *full]:
-            per_seed = methods[method][metric].get("per_seed")
+            per_seed = methods[method].get(metric, {}).get("per_seed")
             cells.append(" / ".join(value(metric, x) for x in per_seed) if per_seed else "n/a")
-        halves = [(methods[m][metric]["difference_interval"][1] - methods[m][metric]["difference_interval"][0]) / 2 for m in full]
+        halves = [(methods[m][metric]["difference_interval"][1] - methods[m][metric]["difference_interval"][0]) / 2
+                  for m in full if "difference" in methods[m].get(metric, {})]  # fmt: skip
         scale, unit = (100, " points") if metric in PERCENT else (1, " nats")
         cells.append(f"{scale * statistics.median(halves):.1f}{unit}" if halves else "n/a")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def verdict(interval: tuple[float, float], sign: int) -> str:
-    """"holds" if the paired interval of (method - baseline) lies on the `sign` side of 0, "does not" if on the other."""
-    low, high = interval
-    if low > 0 or high < 0:
-        return "holds" if (low > 0) == (sign > 0) else "does not"
-    return "cannot tell"
-
-
-def verdicts(reports: list[dict], metrics: tuple[str, ...]) -> str:
-    """One row per claim and metric whose method is measured in the report against the claim's baseline."""
+def claim_rows(reports: list[dict], metrics: tuple[str, ...]) -> list[tuple[str, str, dict, dict, int, float]]:
+    """`(claim, metric, row, cell, sign, Holm-adjusted p)` for every claim and metric measured against the claim's
+    baseline; each claim's metrics are one family."""
     by_baseline = {report["baseline"]: report["summary"]["methods"] for report in reports}
-    lines = ["| claim | metric | seeds | difference [95% interval] | verdict |", "| --- | --- | --- | --- | --- |"]
+    rows = []
     for claim, method, baseline, sign, judged in CLAIMS:
         row = by_baseline.get(baseline, {}).get(method)
         if row is None:
             continue
-        for metric in (m for m in judged or metrics if m in metrics and "difference" in row.get(m, {})):
-            cell = row[metric]
-            seeds = ",".join(map(str, row["seeds"]))
-            lines.append(f"| {claim} | {HEADINGS[metric]} | {seeds} | {difference(metric, cell)} | {verdict(cell['difference_interval'], sign)} |")
+        family = [m for m in judged or metrics if m in metrics and "difference" in row.get(m, {})]
+        adjusted = holm([row[m]["p_value"] for m in family])
+        rows += [(claim, metric, row, row[metric], sign, p) for metric, p in zip(family, adjusted)]
+    return rows
+
+
+def verdict(cell: dict, sign: int, adjusted_p: float) -> str:
+    """"holds" if the difference is on the `sign` side of 0 at the family's error rate, "does not" if on the other."""
+    if adjusted_p > ALPHA:
+        return "cannot tell"
+    return "holds" if (cell["difference"] > 0) == (sign > 0) else "does not"
+
+
+def verdicts(reports: list[dict], metrics: tuple[str, ...]) -> str:
+    """One row per claim and metric whose method is measured in the report against the claim's baseline."""
+    lines = ["| claim | metric | seeds | difference [95% interval] | p, Holm-adjusted | verdict |", "| --- | --- | --- | --- | ---: | --- |"]
+    for claim, metric, row, cell, sign, p in claim_rows(reports, metrics):
+        seeds = ",".join(map(str, row["seeds"]))
+        lines.append(f"| {claim} | {HEADINGS[metric]} | {seeds} | {difference(metric, cell, bold=False)} | {p:.3f} | {verdict(cell, sign, p)} |")
     return "\n".join(lines)
+
+
+def interval_change(reports: list[dict], metrics: tuple[str, ...]) -> str:
+    """Every claim row's interval before (the bootstrap over seeds and items) and now."""
+    lines = ["| claim | metric | seeds | bootstrap over seeds and items (before) | now | how |", "| --- | --- | --- | --- | --- | --- |"]
+    for claim, metric, row, cell, _, _ in claim_rows(reports, metrics):
+        seeds = ",".join(map(str, row["seeds"]))
+        lines.append(f"| {claim} | {HEADINGS[metric]} | {seeds} | {difference(metric, cell, 'bootstrap_interval')} | "
+                     f"{difference(metric, cell)} | {cell['interval_method']} |")  # fmt: skip
+    return "\n".join(lines)
+
+
+# ----- rebuilding the committed reports from their runs -----
+
+CAPTION = re.compile(r"^(?P<model>\S+) on `(?P<dataset>[^`]+)` \((?P<train_split>\w+) trains, (?P<eval_split>\w+) is held out\); "
+                     r"every model measured against (?P<reference>\S+) with beta (?P<eval_beta>[\d.]+)\.")  # fmt: skip
+
+
+def baseline_of(summary: dict) -> str:
+    """The one method without differences."""
+    return next(m for m, row in summary["methods"].items() if all("difference" not in c for c in row.values() if isinstance(c, dict)))
+
+
+def rebuild(reports: list[Path], runs_path: Path, *, resamples: int, every_run: bool) -> None:
+    """Recompute each report from `runs_path` (moving any runs a report still holds there first), writing its
+    summary with its run keys and the runs file's digest, its `.md` and its `.png`."""
+    runs = json.loads(runs_path.read_text()) if runs_path.is_file() else {}
+    loaded = {path: json.loads(path.read_text()) for path in reports}
+    for report in loaded.values():
+        if isinstance(report.get("runs"), dict):
+            for key, run in report["runs"].items():
+                if key in runs and runs[key]["per_item"] != run["per_item"]:
+                    raise ValueError(f"{key} differs between {runs_path} and a report that holds it: not merging.")
+                runs.setdefault(key, run)
+    data = json.dumps(runs, separators=(",", ":")).encode()
+    atomic_write(runs_path, data)
+    digest = hashlib.sha256(data).hexdigest()
+    for path, report in loaded.items():
+        own = set(runs) if every_run else set(report["runs"] if isinstance(report.get("runs"), dict) else report["run_keys"])
+        keys = [key for key in runs if key in own]  # the runs file's order: the grid's, new rows last
+        head = CAPTION.match(path.with_suffix(".md").read_text())
+        if head is None:
+            raise ValueError(f"{path.with_suffix('.md')} does not start with a compare report's caption.")
+        config = SimpleNamespace(**{**head.groupdict(), "eval_beta": float(head["eval_beta"])}, baseline=baseline_of(report["summary"]))
+        summary = summarize(config, {key: runs[key] for key in keys}, resamples=resamples)
+        atomic_write(path.with_suffix(".md"), markdown_report(config, summary, caption=report_caption(config)).encode())
+        plot_differences(config, summary, path.with_suffix(".png"))
+        atomic_write(path, json.dumps({"summary": summary, "runs_file": runs_path.name, "runs_sha256": digest, "run_keys": keys}, indent=1).encode())
+        print(f"{path}: {len(keys)} runs, baseline {config.baseline}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("reports", nargs="+", help="compare.json files of one grid: against DPO first, then other baselines")
+    parser.add_argument("--rebuild", action="store_true", help="recompute these reports from --runs instead of printing tables")
+    parser.add_argument("--runs", type=Path, help="with --rebuild: the runs file (created or extended)")
+    parser.add_argument("--every_run", action="store_true", help="with --rebuild: every run in the runs file, not only the report's own")
+    parser.add_argument("--resamples", type=int, default=4000)
     opts = parser.parse_args()
+    if opts.rebuild:
+        if opts.runs is None:
+            parser.error("--rebuild needs --runs")
+        rebuild([Path(p) for p in opts.reports], opts.runs, resamples=opts.resamples, every_run=opts.every_run)
+        return
     reports = []
     for path in opts.reports:
         report = json.loads(Path(path).read_text())
-        # The baseline is the one method without differences.
-        report["baseline"] = next(m for m, row in report["summary"]["methods"].items()
-                                  if all("difference" not in c for c in row.values() if isinstance(c, dict)))  # fmt: skip
+        report["baseline"] = baseline_of(report["summary"])
         reports.append(report)
     measured = set(reports[0]["summary"]["metrics"])
 
@@ -154,8 +248,10 @@ def main() -> None:
     print(table(reports, present("chosen_logp_change", "rejected_logp_change", "mean_margin")))
     print(f"\n### Seed spread (each seed's mean) and the smallest difference the rows resolve (vs {reports[0]['baseline']})\n")
     print(seed_spread(reports[0], present(*GENERATION, "chosen_logp_change", "rejected_logp_change")))
-    print("\n### The claims, per metric: the paired interval of (row - baseline) and what it says\n")
+    print(f"\n### The claims, per metric: the paired interval of (row - baseline), and the verdict at a {ALPHA:.0%} family-wise error rate per claim (Holm)\n")
     print(verdicts(reports, present(*GENERATION)))
+    print("\n### The claims' intervals: the bootstrap over seeds and items these pages used before, and the interval now\n")
+    print(interval_change(reports, present(*GENERATION)))
 
 
 if __name__ == "__main__":

@@ -199,3 +199,52 @@ def reference_f_divergence(logratio: float, kind: str, alpha: float = 0.5) -> fl
     if kind == "js_divergence":
         return math.log(2 * t / (1 + t))
     return (t ** (alpha - 1) - 1) / (alpha - 1)
+
+
+def reference_end_token_selection(scores_c, scores_r, ids_c, ids_r, mask_c, mask_r, end_ids, *, share_c, share_r, mode):
+    """Kept tokens of a top-share selection under an `end_token_selection` mode, row by row from the token ids.
+
+    candidate: the top share of every completion token. keep / exclude: the top share of the tokens before each
+    response's first end-of-turn token (the whole completion where it has none), plus that token under keep.
+    paired: the top share of the tokens up to and including it, its end token kept only where the other side of
+    the pair kept its own. Tokens after the first end-of-turn token are never kept outside candidate.
+    """
+    def first_end(ids, mask):
+        return next((t for t, (i, real) in enumerate(zip(ids, mask)) if real and i in end_ids), None)
+
+    def candidates(ids, mask):
+        if mode == "candidate":
+            return list(mask)
+        end = first_end(ids, mask)
+        if end is None:
+            return list(mask)
+        last = end if mode == "paired" else end - 1
+        return [real and t <= last for t, real in enumerate(mask)]
+
+    keep = []
+    for scores, ids, mask, share in ((scores_c, ids_c, mask_c, share_c), (scores_r, ids_r, mask_r, share_r)):
+        allowed = torch.tensor([candidates(i, m) for i, m in zip(ids.tolist(), mask.bool().tolist())], dtype=torch.bool)
+        keep.append(reference_keep(scores, allowed.reshape(mask.shape), 1 - share))
+    ends = [[first_end(i, m) for i, m in zip(ids.tolist(), mask.bool().tolist())] for ids, mask in ((ids_c, mask_c), (ids_r, mask_r))]
+    for b in range(mask_c.shape[0]):
+        end_c, end_r = ends[0][b], ends[1][b]
+        if mode == "keep":
+            for side, end in ((0, end_c), (1, end_r)):
+                if end is not None:
+                    keep[side][b, end] = True
+        if mode == "paired":
+            both = end_c is not None and end_r is not None and bool(keep[0][b, end_c]) and bool(keep[1][b, end_r])
+            for side, end in ((0, end_c), (1, end_r)):
+                if end is not None and not both:
+                    keep[side][b, end] = False
+    return keep[0], keep[1]
+
+
+def reference_kept_dpo(pc, pr, rc, rr, keep_c, keep_r, *, beta):
+    """DPO's sigmoid loss per example on the kept tokens' log-ratio sums, in float64."""
+    losses = []
+    for b in range(pc.shape[0]):
+        chosen = sum((pc[b, t] - rc[b, t] for t in range(pc.shape[1]) if keep_c[b, t]), torch.zeros((), dtype=torch.float64))
+        rejected = sum((pr[b, t] - rr[b, t] for t in range(pr.shape[1]) if keep_r[b, t]), torch.zeros((), dtype=torch.float64))
+        losses.append(-torch.log(torch.sigmoid(beta * (chosen - rejected))))
+    return torch.stack(losses)

@@ -203,3 +203,16 @@ def test_a_grown_held_out_split_is_measured_again_without_training_again(tmp_pat
     again = json.loads((run_dir(config, "dpo", 0) / "result.json").read_text())
     assert len(again["per_item"]["reward_accuracy"]) == 8 and again["measured_on"] != first["measured_on"]
     assert again["per_item"]["likelihood_accuracy"][:6] == first["per_item"]["likelihood_accuracy"]
+
+
+def test_compare_reports_the_answers_that_end_per_prompt(tmp_path, tiny_model_dir):
+    from selective_po.onpolicy import arithmetic_prompts
+
+    grid = grid_files(tmp_path, tiny_model_dir, seeds=[0], prompts=4, max_new_tokens=3,
+                      methods={"dpo": {"loss_type": "sigmoid"}})  # fmt: skip
+    (tmp_path / "pairs" / "test_prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in arithmetic_prompts(4, seed=0)))
+    assert main(["compare", "--config", str(grid), "--resamples", "100"]) == 0
+    config = CompareConfig.from_yaml(grid)
+    items = json.loads((run_dir(config, "dpo", 0) / "result.json").read_text())["per_item"]
+    assert len(items["answers_that_end"]) == 4 and set(items["answers_that_end"]) <= {0.0, 1.0}
+    assert "### answers_that_end" in (Path(config.output_dir) / "compare.md").read_text()

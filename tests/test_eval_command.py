@@ -60,7 +60,9 @@ def test_eval_reports_ifeval_pass_rate_from_a_prompt_file(tmp_path, tiny_model_d
     # Fix what "the model" says, so the rates are known: the right answer to both arithmetic prompts, and one
     # IFEval response that fails every instruction used here (empty text follows no instruction).
     said = ["calm sea", "Calm sea, P.S.", "", str(rows[3]["answer"]), str(rows[4]["answer"])]
-    monkeypatch.setattr(evaluation, "greedy_generations", lambda model, tokenizer, task_rows, **_: said[: len(task_rows)])
+    ended = [True, False, True, True, False]
+    monkeypatch.setattr(evaluation, "greedy_generations",
+                        lambda model, tokenizer, task_rows, **_: evaluation.GreedyAnswers(said[: len(task_rows)], ended[: len(task_rows)]))  # fmt: skip
     out = tmp_path / "eval.json"
     main(["eval", "--model", tiny_model_dir, "--ref_model", tiny_model_dir, "--pairs", "2", "--task_prompts", str(prompts),
           "--output_json", str(out)])  # fmt: skip
@@ -70,6 +72,7 @@ def test_eval_reports_ifeval_pass_rate_from_a_prompt_file(tmp_path, tiny_model_d
     expected = [evaluation.verify(said[i], rows[i]) for i in range(3)]
     assert expected[2] is False
     assert results["ifeval_pass_rate"] == pytest.approx(sum(expected) / 3)
+    assert results["answers_that_end"] == pytest.approx(3 / 5)
 
 
 def test_balanced_task_rows_takes_the_first_rows_of_each_task():
@@ -79,3 +82,19 @@ def test_balanced_task_rows_takes_the_first_rows_of_each_task():
     rows = arithmetic_prompts(5, seed=0) + ifeval_prompts(3, seed=0)
     assert balanced_task_rows(rows, 4) == rows[:2] + rows[5:7]
     assert balanced_task_rows(rows, 0) == rows
+
+
+def test_an_answer_ends_when_it_emits_any_end_of_turn_id(tiny_model_dir, monkeypatch):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from selective_po import evaluation
+
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(tiny_model_dir), AutoTokenizer.from_pretrained(tiny_model_dir)
+    model.generation_config.eos_token_id = [tokenizer.eos_token_id, 7]  # a second end id, as Llama 3 has
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    generated = torch.tensor([[40, eos, pad, pad], [40, 41, 42, 43], [40, 7, pad, pad], [eos, pad, pad, pad]])
+    monkeypatch.setattr(evaluation, "generate_completions", lambda model, tokenizer, chats, **_: generated[: len(chats)])
+    rows = [{"prompt": [{"role": "user", "content": "Hi"}]}] * 4
+    answers = evaluation.greedy_generations(model, tokenizer, rows, batch_size=4, max_new_tokens=4)
+    assert answers.ended == [True, False, True, True]

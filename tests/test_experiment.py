@@ -54,7 +54,11 @@ def test_every_run_of_each_preset_makes_a_valid_config(experiment, preset, tmp_p
     assert seeds["dpo"] == seeds["sepo"] == seeds["sdpo-fixed-scores"] == settings["seeds"]
     assert seeds["sdpo-dpo-ref-random"] == settings["control_seeds"]
     assert ("sepo-random" in seeds and "sepo-all" in seeds) == settings["sepo_controls"]
-    assert [m for m in seeds if "-k" in m] == (["sdpo-dpo-ref-k20", "sdpo-dpo-ref-k60", "sdpo-dpo-ref-k80", "sdpo-dpo-ref-k100"] if settings["sweep"] else [])
+    assert [m for m in seeds if re.search(r"-k\d+$", m)] == (["sdpo-dpo-ref-k20", "sdpo-dpo-ref-k60", "sdpo-dpo-ref-k80", "sdpo-dpo-ref-k100"] if settings["sweep"] else [])
+    assert seeds["sepo-end-keep"] == seeds["sdpo-fixed-scores-end-keep"] == settings["seeds"]
+    for name in ("sepo-end-keep", "sdpo-fixed-scores-end-keep"):
+        args = training_args(main, next(m for m in main.methods if m.name == name), 0, "start-model")
+        assert args.end_token_selection == "keep" and args.selection_rule == ("scorer" if "fixed" in name else "scores")
     by_name = {m.name: m.fields for m in main.methods}
     assert by_name["sdpo-dpo-ref"]["sdpo_threshold"] == 0.6
     fixed = training_args(main, next(m for m in main.methods if m.name == "sdpo-fixed-scores"), 1, "start-model")

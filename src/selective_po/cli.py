@@ -339,7 +339,7 @@ def evaluate(argv: list[str]) -> dict[str, float]:
             ))  # fmt: skip
     print(f"\n{opts.model} on {opts.dataset} (split {split!r}), reference {opts.ref_model}")
     for key, value in results.items():
-        shown = f"{value:.1%}" if any(word in key for word in ("accuracy", "rate")) else f"{value:+.4f}" if isinstance(value, float) else str(value)
+        shown = f"{value:.1%}" if any(word in key for word in ("accuracy", "rate", "answers_that_end")) else f"{value:+.4f}" if isinstance(value, float) else str(value)
         print(f"  {key:<28}{shown:>12}")
     if quality:
         print_selection_quality(quality, keep_share=1 - opts.sdpo_threshold, rule=opts.selection_rule)

@@ -1,6 +1,6 @@
 """`selective-po compare`: train several methods for several seeds from one start, measure each on the
-same held-out pairs (and prompts) against one reference, and report every metric with paired bootstrap
-95% intervals of its difference to a baseline method.
+same held-out pairs (and prompts) against one reference, and report every metric with paired 95%
+intervals of its difference to a baseline method (`intervals.difference_summary`).
 
 One YAML file describes the grid (see `example_config` and the README):
 
@@ -51,9 +51,9 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from .evaluation import TASK_METRICS
+from .evaluation import ANSWERS_END, TASK_METRICS
 from .files import atomic_write
-from .intervals import paired_bootstrap_interval
+from .intervals import difference_summary, paired_bootstrap_interval, seed_t_interval
 from .progress import bar
 
 TOP_LEVEL = {
@@ -63,7 +63,7 @@ TOP_LEVEL = {
 # Per held-out pair. The two changes are the model's log-likelihood of the whole chosen (rejected) response
 # minus the evaluation reference's (the start model, by default), in nats: DPO's known failure lowers both.
 PAIR_METRICS = ("likelihood_accuracy", "reward_accuracy", "mean_margin", "chosen_logp_change", "rejected_logp_change")
-PERCENT = {"likelihood_accuracy", "reward_accuracy", *TASK_METRICS.values()}
+PERCENT = {"likelihood_accuracy", "reward_accuracy", *TASK_METRICS.values(), ANSWERS_END}
 
 
 @dataclass
@@ -395,12 +395,13 @@ def run_grid(config: CompareConfig, *, seeds: list[int] | None = None, methods: 
 
 
 def summarize(config: CompareConfig, results: dict[str, dict], *, resamples: int = 4000) -> dict:
-    """Per method and metric: mean over seeds and items with a bootstrap interval, each seed's mean, and
-    the paired difference to the baseline (seeds both ran, the same items) with its interval."""
+    """Per method and metric: mean over seeds and items with its interval, each seed's mean, and the paired
+    difference to the baseline (seeds both ran, the same items) with its interval and p-value
+    (`intervals.difference_summary`: a t-interval with 2 or more seeds, the bootstrap over items with one)."""
     by_method: dict[str, dict[int, dict]] = {}
     for result in results.values():
         by_method.setdefault(result["method"], {})[result["seed"]] = result["per_item"]
-    metrics = [m for m in (*PAIR_METRICS, *TASK_METRICS.values()) if any(m in r["per_item"] for r in results.values())]
+    metrics = [m for m in (*PAIR_METRICS, *TASK_METRICS.values(), ANSWERS_END) if any(m in r["per_item"] for r in results.values())]
     baseline = by_method[config.baseline]
     summary = {}
     for method, seeds in by_method.items():
@@ -409,7 +410,8 @@ def summarize(config: CompareConfig, results: dict[str, dict], *, resamples: int
             if not all(metric in per_item for per_item in seeds.values()):
                 continue
             values = np.array([seeds[s][metric] for s in sorted(seeds)], dtype=np.float64)  # (S, N)
-            cell = {"mean": float(values.mean()), "interval": paired_bootstrap_interval(values, resamples=resamples),
+            interval = seed_t_interval(values)[:2] if len(values) > 1 else paired_bootstrap_interval(values, resamples=resamples)
+            cell = {"mean": float(values.mean()), "interval": interval,
                     "per_seed": values.mean(axis=1).tolist()}  # the seed spread, beside the interval it widens
             if method != config.baseline:
                 # The untrained start model is the same for every seed: pair it with each baseline seed.
@@ -417,9 +419,7 @@ def summarize(config: CompareConfig, results: dict[str, dict], *, resamples: int
                 mine = np.array([seeds[s if method != "base" else min(seeds)][metric] for s in shared], dtype=np.float64)
                 theirs = np.array([baseline[s][metric] for s in shared], dtype=np.float64)
                 if shared:
-                    difference = mine - theirs
-                    cell["difference"] = float(difference.mean())
-                    cell["difference_interval"] = paired_bootstrap_interval(difference, resamples=resamples)
+                    cell.update(difference_summary(mine - theirs, resamples=resamples))
             row[metric] = cell
         summary[method] = row
     return {"metrics": metrics, "methods": summary}
@@ -478,7 +478,7 @@ def plot_differences(config: CompareConfig, summary: dict, path: Path) -> None:
         ax.axvline(0, color="gray", ls="--")
         ax.set_yticks(range(len(names)), names)
         ax.set_xlabel(f"{metric} vs {config.baseline}" + (" (points)" if metric in PERCENT else ""))
-    fig.suptitle("Difference to the baseline, paired bootstrap 95% intervals")
+    fig.suptitle("Difference to the baseline, paired 95% intervals (t over seeds; bootstrap over items with one seed)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -499,16 +499,23 @@ def write_report(config: CompareConfig, results: dict[str, dict], *, resamples: 
             "every run on the current data."
         )
     summary = summarize(config, results, resamples=resamples)
-    caption = (
-        f"{config.model} on `{config.dataset}` ({config.train_split} trains, {config.eval_split} is held out); every "
-        f"model measured against {config.reference or config.model} with beta {config.eval_beta}. Means over seeds and "
-        f"items; intervals: bootstrap over seeds and items, paired with {config.baseline} on the same seeds and items."
-    )
     out = Path(config.output_dir)
     atomic_write(out / f"{stem}.json", json.dumps({"summary": summary, "runs": results}, indent=1).encode())
-    atomic_write(out / f"{stem}.md", markdown_report(config, summary, caption=caption).encode())
+    atomic_write(out / f"{stem}.md", markdown_report(config, summary, caption=report_caption(config)).encode())
     plot_differences(config, summary, out / f"{stem}.png")
     return summary
+
+
+def report_caption(config: CompareConfig) -> str:
+    """What a report measured and how its intervals are computed (the first paragraph of `compare.md`)."""
+    return (
+        f"{config.model} on `{config.dataset}` ({config.train_split} trains, {config.eval_split} is held out); every "
+        f"model measured against {config.reference or config.model} with beta {config.eval_beta}. Means over seeds and "
+        f"items. 95% intervals, paired with {config.baseline} on the same seeds and items: with 2 or more seeds, Student's t "
+        "over the per-seed means (S - 1 degrees of freedom) or, where wider, over seeds and items together; with one seed, "
+        "the bootstrap over items, which says nothing of another training seed. \"Excludes 0\" is per row, with no "
+        "correction for the number of rows."
+    )
 
 
 def compare(

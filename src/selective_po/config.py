@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from trl import DPOConfig
 
-from .selection import COUNT_RULES, SELECTION_RULES
+from .selection import COUNT_RULES, END_TOKEN_MODES, SELECTION_RULES
 
 SELECTIVE_LOSS_TYPES = ("sdpo", "tgdpo", "tisdpo")
 # The loss types that weight every token rather than select some: they read the models below, stored once.
@@ -121,6 +121,17 @@ class SelectiveDPOConfig(DPOConfig):
             "help": "With selection_rule='scorer': the model whose per-token log-probs, against the reference's, fix "
             "the kept tokens before training (e.g. a DPO-trained copy of the policy); the reference still anchors the "
             "loss. Stored once like the reference's values; it must have the policy's vocabulary."
+        },
+    )
+    end_token_selection: str = field(
+        default="candidate",
+        metadata={
+            "help": "How a selection rule treats each response's end-of-turn token (any id in the tokenizer's "
+            "eos_token_id or the model's generation_config.eos_token_id): `candidate` ranks it like any other token, "
+            "as the published methods do; `keep` always keeps it on both sides; `exclude` never keeps it; `paired` keeps "
+            "it on one side only when the rule kept it on the other too. The rule then chooses its share among the other "
+            "tokens up to the end of turn (`keep`, `exclude`) or among them and it (`paired`); the tokens after the first "
+            "end-of-turn token (a chat template's trailing newline) are then never selected. Selective-DPO and SePO only."
         },
     )
     sdpo_count_rule: str = field(
@@ -249,6 +260,13 @@ class SelectiveDPOConfig(DPOConfig):
             raise ValueError(f"selection_rule={self.selection_rule!r} is unknown. Allowed: {', '.join(SELECTION_RULES)}.")
         if self.sdpo_count_rule not in COUNT_RULES:
             raise ValueError(f"sdpo_count_rule={self.sdpo_count_rule!r} is unknown. Allowed: {', '.join(COUNT_RULES)}.")
+        if self.end_token_selection not in END_TOKEN_MODES:
+            raise ValueError(f"end_token_selection={self.end_token_selection!r} is unknown. Allowed: {', '.join(END_TOKEN_MODES)}.")
+        if self.end_token_selection != "candidate" and self.loss_type not in (["sdpo"], ["sepo"]):
+            raise ValueError(f"end_token_selection={self.end_token_selection!r} decides the end-of-turn token of a token "
+                             f"selection (loss_type 'sdpo' or 'sepo'); loss_type={self.loss_type} selects no tokens"
+                             + (" (TIS-DPO gives that token weight 0 by its own definition)" if self.loss_type == ["tisdpo"] else "")
+                             + ". Leave it unset.")  # fmt: skip
         if self.tisdpo_score_decimals is not None and not (isinstance(self.tisdpo_score_decimals, int) and self.tisdpo_score_decimals >= 0):
             raise ValueError(f"tisdpo_score_decimals={self.tisdpo_score_decimals!r} must be a whole number >= 0 (2: the "
                              "official code's rounding) or None.")  # fmt: skip

@@ -4,7 +4,8 @@
 - each response's token scores against its known differing span (`span_responses`; the measures
   are in `selection_quality.py`);
 - greedy task accuracy under each row's verifier (`greedy_task_accuracy`; arithmetic answers and
-  IFEval instructions, see `verifiers.py`).
+  IFEval instructions, see `verifiers.py`), and the share of greedy answers that end: emit an
+  end-of-turn token within the token budget (a model trained to push that token down rambles on).
 
 Two accuracies per pair, both from one policy and one reference forward over TRL's own batches:
 
@@ -205,9 +206,13 @@ def span_responses(trainer: SelectiveDPOTrainer, *, threshold: float, batch_size
     return responses
 
 
-def greedy_generations(model, tokenizer, rows: list[dict], *, batch_size: int = 16, max_new_tokens: int = 96) -> list[str]:
-    """The greedy completion of each row's prompt, in batches."""
+def greedy_generations(model, tokenizer, rows: list[dict], *, batch_size: int = 16, max_new_tokens: int = 96) -> GreedyAnswers:
+    """The greedy completion of each row's prompt, in batches, and whether it ended within `max_new_tokens`."""
+    from .token_values import end_token_ids
+
+    end_ids = torch.tensor(end_token_ids(model, tokenizer))
     texts: list[str] = []
+    ended: list[bool] = []
     with bar(total=len(rows), desc="Greedy generation", unit="prompt") as progress:
         for start in range(0, len(rows), batch_size):
             chats = [row["prompt"] for row in rows[start : start + batch_size]]
@@ -216,7 +221,18 @@ def greedy_generations(model, tokenizer, rows: list[dict], *, batch_size: int = 
                 model, tokenizer, chats, do_sample=False, max_new_tokens=max_new_tokens, progress=advance
             )  # fmt: skip
             texts += tokenizer.batch_decode(generated, skip_special_tokens=True)
-    return [text.strip() for text in texts]
+            # A completion that ends emits an end-of-turn id (decoding stops there; any padding comes after it).
+            ended += torch.isin(generated, end_ids).any(-1).tolist()
+    return GreedyAnswers([text.strip() for text in texts], ended)
+
+
+@dataclass
+class GreedyAnswers:
+    """Greedy completions, one per prompt: the text (special tokens dropped) and whether an end-of-turn token ended
+    it within the token budget."""
+
+    texts: list[str]
+    ended: list[bool]
 
 
 def balanced_task_rows(rows: list[dict], n: int) -> list[dict]:
@@ -230,14 +246,18 @@ def balanced_task_rows(rows: list[dict], n: int) -> list[dict]:
 
 
 TASK_METRICS = {"arithmetic": "greedy_accuracy_arithmetic", "ifeval": "ifeval_pass_rate"}
+# The share of greedy answers, over every task prompt, that emit an end-of-turn token within the token budget.
+ANSWERS_END = "answers_that_end"
 
 
 def greedy_task_outcomes(model, tokenizer, rows: list[dict], *, batch_size: int = 16, max_new_tokens: int = 96) -> dict[str, list[bool]]:
-    """Per task metric (`TASK_METRICS`), whether each of its prompts' greedy completion passes the task's verifier."""
-    texts = greedy_generations(model, tokenizer, rows, batch_size=batch_size, max_new_tokens=max_new_tokens)
+    """Per task metric (`TASK_METRICS`), whether each of its prompts' greedy completion passes the task's verifier,
+    and under `ANSWERS_END` whether each prompt's completion (all tasks, in `rows`' order) ended."""
+    answers = greedy_generations(model, tokenizer, rows, batch_size=batch_size, max_new_tokens=max_new_tokens)
     outcomes: dict[str, list[bool]] = {}
-    for text, row in zip(texts, rows):
+    for text, row in zip(answers.texts, rows):
         outcomes.setdefault(TASK_METRICS[task_of(row)], []).append(verify(text, row))
+    outcomes[ANSWERS_END] = list(answers.ended)
     return dict(sorted(outcomes.items()))
 
 
@@ -245,7 +265,8 @@ def greedy_task_accuracy(model, tokenizer, rows: list[dict], *, batch_size: int 
     """Share of prompts whose greedy completion passes the verifier of its task, per task.
 
     Keys: `greedy_accuracy_arithmetic` (exact answer) and `ifeval_pass_rate` (every instruction of the
-    prompt passes, IFEval's strict prompt-level rate), for the tasks present in `rows`.
+    prompt passes, IFEval's strict prompt-level rate), for the tasks present in `rows`, and `answers_that_end`
+    (the share of all the completions that emitted an end-of-turn token within `max_new_tokens`).
     """
     outcomes = greedy_task_outcomes(model, tokenizer, rows, batch_size=batch_size, max_new_tokens=max_new_tokens)
     return {metric: sum(passed) / len(passed) for metric, passed in outcomes.items()}

@@ -33,7 +33,7 @@ from .noise import NoiseBound
 from .scoring import Confidence, ContrastiveGap, FixedGap, GivenTokens, OracleReward, PolicyGap, RewardModelGap
 from .selection import COUNT_RULES, SCORE_TIE_TOLERANCE, SELECTION_RULES, rows_with_signal, uncertain_decisions
 from .token_values import Pair, TokenScores, TokenValues
-from .weighting import AboveMean, Affine, AllTokens, Given, LengthDesensitized, RandomShare, RankRange, TopShare
+from .weighting import AboveMean, Affine, AllTokens, EndTokens, Given, LengthDesensitized, RandomShare, RankRange, TopShare
 
 
 class Scorer(Protocol):
@@ -87,7 +87,9 @@ class Method:
         scores = self.scorer(values, noise if self.needs_noise_bound else None)
         if weights is None:
             weights = self.weighting(scores, values)
-        return report(scores, weights, self.loss(values, weights), values.mask, shown=getattr(self.scorer, "shown", None))
+        # The noise diagnostics read the tokens the rule chose among (`EndTokens` leaves out those after the end of turn).
+        candidates = self.weighting.candidates(values) if hasattr(self.weighting, "candidates") else values.mask
+        return report(scores, weights, self.loss(values, weights), candidates, shown=getattr(self.scorer, "shown", None))
 
 
 def noise_diagnostics(scores: Tensor, mask: Tensor, keep: Tensor, bound: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
@@ -101,7 +103,8 @@ def noise_diagnostics(scores: Tensor, mask: Tensor, keep: Tensor, bound: Tensor 
 
 def report(scores: TokenScores, weights: Pair, terms: LossTerms, mask: Pair, *, shown=None) -> SelectiveLossOutput:
     """The method's output: the loss's terms, the scores (as `shown(scores)` gives them, when a scorer reports other
-    values than it ranks), the kept tokens (non-zero weight) and the noise diagnostics."""
+    values than it ranks), the kept tokens (non-zero weight) and the noise diagnostics over `mask`, the tokens the
+    weighting chose among."""
     selective = weights[0].dtype == torch.bool
     keep = tuple(w if selective else (w != 0) & m.bool() for w, m in zip(weights, mask))
     bounds = (scores.chosen_bound, scores.rejected_bound)  # only where the weighting cut ranked scores
@@ -174,17 +177,20 @@ def tisdpo(*, beta: float, decimals: int | None = None, low: float = 0.7, high: 
 
 
 def method_for(args) -> Method | None:
-    """The composition a config asks for, with TRL's `ld_alpha` and `f_divergence_type` applied to the reference-anchored
-    losses; `None` for TRL's own loss types (or several of them)."""
+    """The composition a config asks for: the selection rules choose among each response's tokens up to its end of
+    turn, deciding that token by `end_token_selection` (`weighting.EndTokens`), and TRL's `ld_alpha` and
+    `f_divergence_type` apply to the reference-anchored losses; `None` for TRL's own loss types (or several of them)."""
     if len(args.loss_type) != 1:
         return None
     loss_type = args.loss_type[0]
     if loss_type == "sepo":
-        return sepo(args.selection_rule, chosen_share=args.sepo_chosen_share, rejected_share=args.sepo_rejected_share,
-                    beta=args.beta, gamma=args.sepo_gamma)  # fmt: skip
+        method = sepo(args.selection_rule, chosen_share=args.sepo_chosen_share, rejected_share=args.sepo_rejected_share,
+                      beta=args.beta, gamma=args.sepo_gamma)  # fmt: skip
+        return replace(method, weighting=EndTokens(method.weighting, args.end_token_selection))
     if loss_type == "sdpo":
         method = selective_dpo(args.selection_rule, threshold=args.sdpo_threshold, beta=args.beta,
                                label_smoothing=args.label_smoothing, count_rule=args.sdpo_count_rule)  # fmt: skip
+        method = replace(method, weighting=EndTokens(method.weighting, args.end_token_selection))
     elif loss_type == "tgdpo":
         method = tgdpo(beta=args.beta, alpha=args.tgdpo_alpha)
     elif loss_type == "tisdpo":

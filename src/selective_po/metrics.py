@@ -62,15 +62,17 @@ def dpo_metrics(
     return logged
 
 
-def selection_metrics(accelerator, result: SelectiveLossOutput, chosen_mask: Tensor, rejected_mask: Tensor) -> dict[str, float]:
-    """Share of completion tokens kept, mean score of kept and dropped tokens, the loss's own margin, and
-    what the noise bound decided: `fallback_rows` (share of responses that kept every token because no
-    score left the bound) and `uncertain_share` (share of the ranked responses' tokens whose cut decision
-    lay within the bound, so noise may have made it).
+def selection_metrics(accelerator, result: SelectiveLossOutput, chosen_mask: Tensor, rejected_mask: Tensor,
+                      end_turn: tuple[Tensor, Tensor] | None = None) -> dict[str, float]:  # fmt: skip
+    """Share of completion tokens kept, mean score of kept and dropped tokens, the loss's own margin, what the
+    noise bound decided: `fallback_rows` (share of responses that kept every token because no score left the
+    bound) and `uncertain_share` (share of the ranked responses' tokens whose cut decision lay within the bound,
+    so noise may have made it), and `end_kept` (share of the responses with an end-of-turn token that kept it).
 
     Args:
         result: The selective loss's output (scores and keep masks `(B, T)`, rewards `(B,)`).
         chosen_mask, rejected_mask: Shape `(B, T)`, bool, completion positions.
+        end_turn: `(chosen, rejected)`, `(B, T)` bool each: each response's first end-of-turn token.
     """
     gather_sum = lambda t: accelerator.gather_for_metrics(t).sum().item()  # noqa: E731
     logged = {"selection/rewards_margin_kept": accelerator.gather(result.chosen_rewards - result.rejected_rewards).mean().item()}
@@ -78,7 +80,9 @@ def selection_metrics(accelerator, result: SelectiveLossOutput, chosen_mask: Ten
         ("chosen", result.chosen_scores, result.chosen_keep, chosen_mask, result.chosen_fallback, result.chosen_uncertain),
         ("rejected", result.rejected_scores, result.rejected_keep, rejected_mask, result.rejected_fallback, result.rejected_uncertain),
     )
-    for side, scores, keep, mask, fallback, uncertain in sides:
+    for (side, scores, keep, mask, fallback, uncertain), end in zip(sides, end_turn or (None, None)):
+        if end is not None and (n_ends := gather_sum(end.sum())) > 0:
+            logged[f"selection/end_kept_{side}"] = gather_sum((keep & end).sum()) / n_ends
         dropped = mask & ~keep
         n_tokens, n_kept, n_dropped = gather_sum(mask.sum()), gather_sum(keep.sum()), gather_sum(dropped.sum())
         kept_score = gather_sum(masked_sum(scores, keep).sum())
@@ -101,14 +105,15 @@ def selection_metrics(accelerator, result: SelectiveLossOutput, chosen_mask: Ten
 
 
 def step_metrics(accelerator, result: SelectiveLossOutput, *, outputs, per_token_logps: Tensor, shift_mask: Tensor,
-                 score_mask: Tensor | None, rewards: tuple[Tensor, Tensor], aux_loss: bool) -> dict[str, float]:  # fmt: skip
+                 score_mask: Tensor | None, rewards: tuple[Tensor, Tensor], aux_loss: bool,
+                 end_turn: tuple[Tensor, Tensor] | None = None) -> dict[str, float]:  # fmt: skip
     """Everything a selective trainer logs for one step: TRL's DPO metrics (`dpo_metrics`, over the positions the LM
     head projected: `score_mask` when it was limited), the selection's (`selection_metrics`) and a mixture-of-experts
     model's `aux_loss`."""
     logged = dpo_metrics(accelerator, outputs=outputs, per_token_logps=per_token_logps,
                          shift_mask=shift_mask if score_mask is None else score_mask, chosen_rewards=rewards[0],
                          rejected_rewards=rewards[1])  # fmt: skip
-    logged.update(selection_metrics(accelerator, result, *shift_mask.chunk(2, dim=0)))
+    logged.update(selection_metrics(accelerator, result, *shift_mask.chunk(2, dim=0), end_turn=end_turn))
     if aux_loss:
         logged["aux_loss"] = accelerator.gather_for_metrics(outputs.aux_loss).mean().item()
     return logged

@@ -112,6 +112,8 @@ def top_share_mask(scores: Tensor, completion_mask: Tensor, *, keep_share: float
 SELECTION_RULES = ("scores", "random", "all", "confidence", "spans", "scorer")
 # How many tokens `scores` keeps: `ceil` (the module docstring) or `quantile` (the official Selective-DPO code).
 COUNT_RULES = ("ceil", "quantile")
+# How a selection rule treats each response's end-of-turn token (`weighting.EndTokens`); `candidate` as published.
+END_TOKEN_MODES = ("candidate", "keep", "exclude", "paired")
 
 
 def quantile_cut(scores: Tensor, completion_mask: Tensor, *, quantile: float) -> Tensor:

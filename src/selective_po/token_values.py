@@ -32,8 +32,10 @@ class TokenValues:
             log-probs), `oracle` (SePO's token rewards), `reward_model` (TGDPO's reward model's log-probs),
             `contrastive` (TIS-DPO's `log p_forward - log p_reverse`).
         given: `(B, T)` bool each: the tokens the data names (`selection_rule="spans"`).
-        end: `(B, T)` bool each: each response's final end-of-sequence token and everything after it (the last
+        end: `(B, T)` bool each: each response's first end-of-sequence token and everything after it (the last
             completion token where a truncated response has none).
+        end_turn: `(B, T)` bool each: each response's first end-of-turn token only (none where a response was
+            truncated before it); what the selection rules' `end_token_selection` acts on.
         generator: Seeds the `random` control's draw for this batch.
     """
 
@@ -44,6 +46,7 @@ class TokenValues:
     stored: dict[str, Pair] = field(default_factory=dict)
     given: Pair | None = None
     end: Pair | None = None
+    end_turn: Pair | None = None
     generator: torch.Generator | None = None
 
     def require(self, name: str) -> Pair:
@@ -61,7 +64,7 @@ class TokenValues:
         return chosen.detach(), rejected.detach()
 
 
-_FIELDS = ("mask", "policy", "reference", "scoring", "given", "end")
+_FIELDS = ("mask", "policy", "reference", "scoring", "given", "end", "end_turn")
 
 
 @dataclass
@@ -98,6 +101,21 @@ def end_of_sequence_mask(token_ids: Tensor, mask: Tensor, end_ids: list[int]) ->
     positions = torch.arange(mask.size(-1), device=mask.device).expand_as(mask)
     last = positions == torch.where(mask, positions, -1).amax(-1, keepdim=True)  # (B, T)
     return mask & torch.where(is_end.any(-1, keepdim=True), after_first, last)
+
+
+def end_of_turn_mask(token_ids: Tensor, mask: Tensor, end_ids: list[int]) -> Tensor:
+    """Each completion's first end-of-turn token: the first completion position holding any of `end_ids`.
+
+    Args:
+        token_ids: `(B, T)` int, the token at each position.
+        mask: `(B, T)` bool, the completion positions.
+        end_ids: The end-of-turn token ids (`end_token_ids`: never guessed from the pad id).
+
+    Returns:
+        `(B, T)` bool, at most one position per row; none for a completion truncated before its end.
+    """
+    is_end = torch.isin(token_ids, torch.tensor(end_ids, device=token_ids.device)) & mask.bool()  # (B, T)
+    return is_end & (is_end.long().cumsum(-1) == 1)
 
 
 def end_token_ids(model, tokenizer) -> list[int]:

@@ -47,7 +47,7 @@ from .progress import TickingProgressCallback
 from .reference_cache import PerTokenReferenceCollator
 from .reference_scoring import NON_MODEL_KEYS, forward_logps
 from .selection import RandomControlSeeds, compute_dtypes
-from .token_values import TokenValues, end_of_sequence_mask, end_token_ids
+from .token_values import TokenValues, end_of_sequence_mask, end_of_turn_mask, end_token_ids
 from .weighting import length_desensitized_weights
 
 logger = logging.get_logger(__name__)
@@ -254,8 +254,9 @@ class SelectiveDPOTrainer(DPOTrainer):
         stored = {m.value_name: m.values(inputs, shift_mask).chunk(2) for m in self.value_models() if m.value_name != "reference"}
         given = spans.given_keep(inputs, shift_mask) if self.args.selection_rule == "spans" else None
         end = end_of_sequence_mask(inputs["input_ids"][:, 1:], shift_mask, self._end_ids).chunk(2)
+        end_turn = end_of_turn_mask(inputs["input_ids"][:, 1:], shift_mask, self._end_ids).chunk(2)
         generator = self._random_seeds.generator(self.state.global_step) if self.args.selection_rule == "random" else None
-        return TokenValues(mask=shift_mask.chunk(2), stored=stored, given=given, end=end, generator=generator)
+        return TokenValues(mask=shift_mask.chunk(2), stored=stored, given=given, end=end, end_turn=end_turn, generator=generator)
 
     # ----- the loss -----
 
@@ -282,7 +283,7 @@ class SelectiveDPOTrainer(DPOTrainer):
             self._total_train_tokens += self.accelerator.gather_for_metrics(inputs["attention_mask"].sum()).sum().item() // self._tp_size
         logged = step_metrics(  # TRL's logps/* sum the tokens as its loss does (LD-DPO's weights with ld_alpha)
             self.accelerator, result, outputs=outputs, per_token_logps=policy_logps.detach() * self.response_weights(shift_mask), shift_mask=shift_mask,
-            score_mask=score_mask, rewards=(chosen_rewards, rejected_rewards), aux_loss=self.aux_loss_enabled,
+            score_mask=score_mask, rewards=(chosen_rewards, rejected_rewards), aux_loss=self.aux_loss_enabled, end_turn=values.end_turn,
         )  # fmt: skip
         self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
         for name, value in logged.items():

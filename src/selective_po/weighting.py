@@ -16,17 +16,19 @@ outside the completion mask. The mask primitives live in `selection.py`.
 | `RankRange` | weight `low + (high - low) * rank / (n - 1)`, ranks ascending | TIS-DPO |
 | `Affine` | weight `1 + s * score` on chosen, `1 - s * score` on rejected tokens | TGDPO |
 | `LengthDesensitized` | another weighting's, times `alpha` past the shorter response's length | TRL's `ld_alpha` (LD-DPO) |
+| `EndTokens` | another selection's, on the tokens up to each response's end-of-turn token, which it ranks, keeps, drops or pairs | `end_token_selection` |
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
 
 from .selection import (
     CONFIDENCE_TIE_TOLERANCE,
+    END_TOKEN_MODES,
     SCORE_TIE_TOLERANCE,
     above_mean_mask,
     quantile_mask,
@@ -201,7 +203,86 @@ class LengthDesensitized:
     def ranks_scores(self) -> bool:
         return self.inner.ranks_scores
 
+    def candidates(self, values: TokenValues) -> Pair:
+        """The tokens the inner weighting chooses among."""
+        return self.inner.candidates(values) if hasattr(self.inner, "candidates") else values.mask
+
     def __call__(self, scores: TokenScores, values: TokenValues) -> Pair:
         inner = self.inner(scores, values)
         lengths = length_desensitized_weights(values.mask[0].bool(), values.mask[1].bool(), alpha=self.alpha)
         return tuple(w.float() * ld for w, ld in zip(inner, lengths))
+
+
+
+def end_token_candidates(mask: Tensor, end_turn: Tensor, mode: str) -> Tensor:
+    """The tokens a selection rule chooses among. Under `candidate` (the published methods) every completion token,
+    as in the official code and TRL's DPO (so `sdpo_threshold=0` stays TRL's step). Under the other modes each
+    completion up to its first end-of-turn token, that token included under `paired` only: the tokens after it (a
+    chat template's trailing newline, which decoding never produces) are never candidates.
+
+    Args:
+        mask: `(B, T)` bool, the completion tokens.
+        end_turn: `(B, T)` bool, each row's first end-of-turn token (none for a truncated response).
+        mode: One of `END_TOKEN_MODES`.
+
+    Returns:
+        `(B, T)` bool, a subset of `mask`.
+    """
+    if mode == "candidate":
+        return mask.bool()
+    end_turn = end_turn.bool()
+    after = (end_turn.long().cumsum(-1) > 0) & ~end_turn  # (B, T)
+    candidates = mask.bool() & ~after
+    return candidates if mode == "paired" else candidates & ~end_turn
+
+
+def end_token_keep(keep: Pair, end_turn: Pair, mode: str) -> Pair:
+    """A selection's masks with `mode`'s rule for the end-of-turn token applied: `keep` adds it on both sides,
+    `paired` keeps it on a side only where the other side's is kept too; `candidate` and `exclude` leave the
+    masks as the rule chose them (`end_token_candidates` already removed it for `exclude`).
+
+    Args:
+        keep: `(chosen, rejected)`, `(B, T)` bool each, the rule's kept tokens.
+        end_turn: `(chosen, rejected)`, `(B, T)` bool each, each response's first end-of-turn token.
+        mode: One of `END_TOKEN_MODES`.
+
+    Returns:
+        `(chosen, rejected)`, `(B, T)` bool each.
+    """
+    end_turn = (end_turn[0].bool(), end_turn[1].bool())
+    if mode == "keep":
+        return keep[0] | end_turn[0], keep[1] | end_turn[1]
+    if mode == "paired":
+        both = (keep[0] & end_turn[0]).any(-1, keepdim=True) & (keep[1] & end_turn[1]).any(-1, keepdim=True)  # (B, 1)
+        return keep[0] & (~end_turn[0] | both), keep[1] & (~end_turn[1] | both)
+    return keep
+
+
+@dataclass(frozen=True)
+class EndTokens:
+    """A selection rule with `mode` deciding each response's end-of-turn token: ranked like any other (`candidate`, as
+    the published methods do: the masks are the rule's own), always kept (`keep`), never kept (`exclude`), or kept on
+    one side only when kept on the other (`paired`). Under the last three the rule chooses among the tokens up to
+    the end of turn (`end_token_candidates`). Needs `TokenValues.end_turn`."""
+
+    inner: object
+    mode: str = "candidate"
+
+    def __post_init__(self):
+        if self.mode not in END_TOKEN_MODES:
+            raise ValueError(f"end_token_selection={self.mode!r} is unknown. Allowed: {', '.join(END_TOKEN_MODES)}.")
+
+    @property
+    def ranks_scores(self) -> bool:
+        return self.inner.ranks_scores
+
+    def candidates(self, values: TokenValues) -> Pair:
+        """`(chosen, rejected)`, `(B, T)` bool each: the tokens the inner rule chooses among."""
+        end_turn = values.require("end_turn")
+        return tuple(end_token_candidates(m, e, self.mode) for m, e in zip(values.mask, end_turn))
+
+    def __call__(self, scores: TokenScores, values: TokenValues) -> Pair:
+        keep = self.inner(scores, replace(values, mask=self.candidates(values)))
+        if keep[0].dtype != torch.bool:
+            raise TypeError(f"EndTokens decides kept tokens; {type(self.inner).__name__} returns weights.")
+        return end_token_keep(keep, values.require("end_turn"), self.mode)
