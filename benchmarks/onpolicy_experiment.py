@@ -23,13 +23,15 @@ tuning), `--workers` at a time, each in its own process (`compare`'s `run_grid` 
 seed) with the cores split between them (`OMP_NUM_THREADS`, unless it is set already). Every finished
 run keeps its `result.json`, so a stopped experiment resumes where it stopped; a run measured on other
 held-out data than the dataset's now (a grown test split) is measured again, not retrained.
-Outputs: the grids' `compare.md/json/png` in `--output_dir`, copied to `--docs_dir` with every finished
-run's `result.json` (per-item outcomes, training curves, wall times) in `<preset>_runs.json`.
+Outputs: the grids' `compare.md/json/png` in `--output_dir`, copied to `--docs_dir`, where every finished
+run's `result.json` (per-item outcomes, training curves, wall times) is kept once, in `<preset>_runs.json`
+(added to the runs already there), and each report's JSON names its runs in that file by key and digest.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import shutil
@@ -316,24 +318,35 @@ def experiment(opts) -> None:
     print(f"\nruns {'stopped' if interrupted else 'finished'} after {time.time() - started:.0f} s; failed: {failed or 'none'}", flush=True)
     docs = Path(opts.docs_dir) if opts.docs_dir else None
     main_grid = main_file if main_file.is_file() else untuned_file
+    store, runs, digest = None, {}, None
+    if docs:  # every run's per-item outcomes, kept once: the runs already there, and the finished ones here over them
+        docs.mkdir(parents=True, exist_ok=True)
+        store = docs / f"{opts.preset}_runs.json"
+        runs = {**(json.loads(store.read_text()) if store.is_file() else {}), **finished_results(CompareConfig.from_yaml(main_grid))}
+        data = json.dumps(runs, separators=(",", ":")).encode()
+        atomic_write(store, data)
+        digest = hashlib.sha256(data).hexdigest()
     # The main grid against DPO, then the same runs against the rows the papers' claims compare with.
     reports = [*((("tune", tune_file, None),) if tuned else ()), ("main", main_grid, None), *((f"main-vs-{b}", main_grid, b) for b in CLAIM_BASELINES)]
     for name, grid_file, baseline in reports:
         config = CompareConfig.from_yaml(grid_file, **({"baseline": baseline} if baseline else {}))
         stem = "compare" if baseline is None else f"compare-vs-{baseline}"
+        results = finished_results(config)
+        if docs and grid_file == main_grid:  # the stored runs of this grid too, also those whose models are gone
+            wanted = {f"{method}/seed{seed}" for method, seed in config.runs()}
+            results = {key: run for key, run in runs.items() if key in wanted}
         try:
-            write_report(config, finished_results(config), resamples=opts.resamples, stem=stem)
+            summary = write_report(config, results, resamples=opts.resamples, stem=stem)
         except ValueError as error:
             print(f"{name}: no report yet ({error})")
             continue
         print(f"\n## {name}\n" + Path(config.output_dir, f"{stem}.md").read_text())
         if docs:
-            docs.mkdir(parents=True, exist_ok=True)
-            for suffix in ("md", "json", "png"):
+            for suffix in ("md", "png"):
                 shutil.copy(Path(config.output_dir, f"{stem}.{suffix}"), docs / f"{opts.preset}_{name}.{suffix}")
-    if docs:  # every finished run's per-item outcomes, so a report needs none of output_dir
-        runs = finished_results(CompareConfig.from_yaml(main_grid))
-        atomic_write(docs / f"{opts.preset}_runs.json", json.dumps(runs, separators=(",", ":")).encode())
+            # The docs' copy keeps the summary and names its runs in the runs file (by key, with that file's digest).
+            reference = {"runs_file": store.name, "runs_sha256": digest, "run_keys": list(results)} if grid_file == main_grid else {"runs": results}
+            atomic_write(docs / f"{opts.preset}_{name}.json", json.dumps({"summary": summary, **reference}, indent=1).encode())
     if interrupted:
         raise SystemExit("Stopped before every run finished; the reports above cover the finished runs. Run again to resume.")
     if failed:

@@ -6,7 +6,7 @@ The first report is the grid against DPO; each further one is the same runs agai
 (`onpolicy_experiment.py` writes `<preset>_main-vs-<baseline>.json`). Prints, in markdown:
 
 1. what the models generate and how they rank the held-out pairs: each metric's mean over seeds and
-   items, and its paired difference to each baseline with the 95% interval;
+   items, and its paired difference to the first baseline with the 95% interval;
 2. the likelihood changes: the held-out chosen and rejected responses' log-likelihood against the
    start model (nats), and the margin;
 3. the seed spread: each seed's mean per metric, and the half-width of the paired intervals of the
@@ -52,6 +52,12 @@ LABELS = {
     "sdpo-dpo-ref-random": "Selective-DPO, DPO reference, random 40%",
     "sepo-end-keep": "SePO, end-of-turn token kept on both sides",
     "sdpo-fixed-scores-end-keep": "fixed scores (ours), end-of-turn token kept on both sides",
+    "sdpo-dpo-ref-k20": "Selective-DPO, DPO reference, k=20%",
+    "sdpo-dpo-ref-k60": "Selective-DPO, DPO reference, k=60%",
+    "sdpo-dpo-ref-k80": "Selective-DPO, DPO reference, k=80%",
+    "sdpo-dpo-ref-k100": "Selective-DPO, DPO reference, k=100%",
+    "sepo-random": "SePO, random 30%",
+    "sepo-all": "SePO, every token",
     "tgdpo": "TGDPO, DPO model as reward model",
     "tisdpo": "TIS-DPO, DPO models on the pairs and on the swapped pairs",
     "dpo-reversed": "DPO on the swapped pairs (TIS-DPO's reverse model)",
@@ -79,6 +85,10 @@ CLAIMS = (
     ("Instruction following: Selective-DPO (DPO reference) lowers IFEval against DPO", "sdpo-dpo-ref", "dpo", -1, ("ifeval_pass_rate",)),
     ("Our variant (fixed scores) beats DPO", "sdpo-fixed-scores", "dpo", +1, None),
     ("Our variant (fixed scores) beats Selective-DPO with the DPO reference", "sdpo-fixed-scores", "sdpo-dpo-ref", +1, None),
+    *((f"Keeping {k}% of the tokens loses to keeping 40% (DPO reference)", f"sdpo-dpo-ref-k{k}", "sdpo-dpo-ref", -1, None)
+      for k in (20, 60, 80, 100)),
+    ("SePO on every token beats SePO on the oracle's 30%", "sepo-all", "sepo", +1, None),
+    ("SePO's random 30% loses to the oracle's 30%", "sepo-random", "sepo", -1, None),
     ("SePO with the end-of-turn token kept on both sides beats DPO", "sepo-end-keep", "dpo", +1, None),
     ("Our variant (fixed scores) with the end-of-turn token kept on both sides beats DPO", "sdpo-fixed-scores-end-keep", "dpo", +1, None),
     ("TGDPO beats DPO", "tgdpo", "dpo", +1, None),
@@ -242,15 +252,24 @@ def main() -> None:
     def present(*metrics: str) -> tuple[str, ...]:
         return tuple(m for m in metrics if m in measured)
 
-    print("### What the models generate, and how they rank the held-out pairs\n")
-    print(table(reports, present(*GENERATION)))
-    print("\n### The likelihood changes (nats, against the start model)\n")
-    print(table(reports, present("chosen_logp_change", "rejected_logp_change", "mean_margin")))
-    print(f"\n### Seed spread (each seed's mean) and the smallest difference the rows resolve (vs {reports[0]['baseline']})\n")
+    # Against the first baseline only, so that each table fits a page; the claims below use the others.
+    against = BASELINE_LABELS.get(reports[0]["baseline"], reports[0]["baseline"])
+    sections = (
+        (f"What the models generate (vs {against})", present("greedy_accuracy_arithmetic", "ifeval_pass_rate", "answers_that_end")),
+        (f"How they rank the held-out pairs (vs {against})", present("likelihood_accuracy", "reward_accuracy")),
+        (f"The likelihood changes (nats, against the start model; vs {against})", present("chosen_logp_change", "rejected_logp_change", "mean_margin")),
+    )
+    for title, metrics in sections:
+        if metrics:  # a grid without greedy answers has no first table
+            print(f"### {title}\n\n{table(reports[:1], metrics)}\n")
+    print(f"### Seed spread (each seed's mean) and the smallest difference the rows resolve (vs {against})\n")
     print(seed_spread(reports[0], present(*GENERATION, "chosen_logp_change", "rejected_logp_change")))
-    print(f"\n### The claims, per metric: the paired interval of (row - baseline), and the verdict at a {ALPHA:.0%} family-wise error rate per claim (Holm)\n")
+    print("\n### The claims, metric by metric\n")
+    print(f"Each claim as the paired difference of two rows, per metric, judged at a {ALPHA:.0%} family-wise error rate over "
+          "the claim's metrics (Holm's adjusted p-value).\n")
     print(verdicts(reports, present(*GENERATION)))
-    print("\n### The claims' intervals: the bootstrap over seeds and items these pages used before, and the interval now\n")
+    print("\n### The claims' intervals, before and now\n")
+    print("The bootstrap over seeds and items these pages used before, and the interval they use now.\n")
     print(interval_change(reports, present(*GENERATION)))
 
 

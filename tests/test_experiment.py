@@ -3,6 +3,7 @@ and its scheduler runs each run after what it needs, several at once, and contai
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import os
@@ -147,45 +148,78 @@ def test_runs_are_queued_first_dpo_then_seed_by_seed_main_rows_before_controls(e
 
 def test_results_tables_are_the_reports_figures(tables, tmp_path, capsys, monkeypatch):
     """benchmarks/results_tables.py prints each report's means and paired differences, marks the intervals that
-    exclude 0, and gives as the smallest resolvable difference the median half-width over rows with every seed."""
+    exclude 0, gives as the smallest resolvable difference the median half-width over rows with every seed, judges
+    each claim at a 5% family-wise error rate over its metrics (Holm), and shows each claim's interval before and now."""
 
-    def cell(mean, per_seed=None, diff=None):
+    def cell(mean, per_seed=None, diff=None, p=None):
         out = {"mean": mean, "interval": [mean - 0.01, mean + 0.01]}
         if per_seed:
             out["per_seed"] = per_seed
         if diff:
             out["difference"], out["difference_interval"] = diff
+            out["bootstrap_interval"] = [diff[1][0] / 2, diff[1][1] / 2]
+            out["p_value"], out["interval_method"] = p, f"t over {len(per_seed or [0])} seeds"
         return out
 
+    def both(a, b):
+        return {"likelihood_accuracy": a, "reward_accuracy": b}
+
     methods = {
-        "base": {"seeds": [0], "likelihood_accuracy": cell(0.5, [0.5], (-0.1, [-0.14, -0.06]))},
-        "dpo": {"seeds": [0, 1, 2], "likelihood_accuracy": cell(0.6, [0.59, 0.6, 0.61])},
-        "sdpo-dpo-ref": {"seeds": [0, 1, 2], "likelihood_accuracy": cell(0.61, [0.6, 0.61, 0.62], (0.01, [-0.02, 0.04]))},
-        "confidence": {"seeds": [0, 1, 2], "likelihood_accuracy": cell(0.62, [0.62] * 3, (0.02, [0.01, 0.03]))},
-        "sdpo-dpo-ref-random": {"seeds": [0], "likelihood_accuracy": cell(0.55, [0.55], (-0.05, [-0.2, 0.1]))},
+        "base": {"seeds": [0], **both(cell(0.5, [0.5], (-0.1, [-0.14, -0.06]), 0.001), cell(0.0, [0.0], (-0.7, [-0.8, -0.6]), 0.001))},
+        "dpo": {"seeds": [0, 1, 2], **both(cell(0.6, [0.59, 0.6, 0.61]), cell(0.7, [0.7] * 3))},
+        # each alone under 5%, not both after Holm (0.06, 0.06): cannot tell
+        "sdpo-dpo-ref": {"seeds": [0, 1, 2], **both(cell(0.61, [0.6, 0.61, 0.62], (0.01, [0.001, 0.04]), 0.03),
+                                                     cell(0.72, [0.72] * 3, (0.02, [0.001, 0.05]), 0.04))},
+        # 0.02 x 2 = 0.04 holds; 0.6 does not reach it
+        "confidence": {"seeds": [0, 1, 2], **both(cell(0.62, [0.62] * 3, (0.02, [0.01, 0.03]), 0.02),
+                                                   cell(0.69, [0.69] * 3, (-0.01, [-0.05, 0.03]), 0.6))},
+        "sdpo-dpo-ref-random": {"seeds": [0], **both(cell(0.55, [0.55], (-0.05, [-0.2, 0.1]), 0.5), cell(0.6, [0.6], (-0.1, [-0.3, 0.1]), 0.4))},
     }
     path = tmp_path / "compare.json"
-    path.write_text(json.dumps({"summary": {"metrics": ["likelihood_accuracy"], "methods": methods}}))
+    path.write_text(json.dumps({"summary": {"metrics": ["likelihood_accuracy", "reward_accuracy"], "methods": methods}}))
     report = json.loads(path.read_text()) | {"baseline": "dpo"}
     shown = tables.table([report], ("likelihood_accuracy",))
     assert "| DPO | 0,1,2 | 60.0% |  |" in shown
-    assert "| Selective-DPO, DPO model as reference, k=40% | 0,1,2 | 61.0% | +1.0 [−2.0, +4.0] |" in shown
+    assert "| Selective-DPO, DPO model as reference, k=40% | 0,1,2 | 61.0% | **+1.0 [+0.1, +4.0]** |" in shown
     assert "| ConfPO (confidence) | 0,1,2 | 62.0% | **+2.0 [+1.0, +3.0]** |" in shown  # excludes 0
     spread = tables.seed_spread(report, ("likelihood_accuracy",))
-    # rows on every seed but the baseline: half-widths 3.0 and 1.0 points; the one-seed control is left out
-    assert "| likelihood acc. | 59.0% / 60.0% / 61.0% | 60.0% / 61.0% / 62.0% | 62.0% / 62.0% / 62.0% | 2.0 points |" in spread
-    judged = tables.verdicts([report], ("likelihood_accuracy",))
-    assert "| ConfPO beats DPO | likelihood acc. | 0,1,2 | **+2.0 [+1.0, +3.0]** | holds |" in judged
-    assert "| Selective-DPO with a DPO-trained reference beats DPO | likelihood acc. | 0,1,2 | +1.0 [−2.0, +4.0] | cannot tell |" in judged
+    # rows on every seed but the baseline: half-widths 1.95 and 1.0 points; the one-seed control is left out
+    assert "| likelihood acc. | 59.0% / 60.0% / 61.0% | 60.0% / 61.0% / 62.0% | 62.0% / 62.0% / 62.0% | 1.5 points |" in spread
+    judged = tables.verdicts([report], ("likelihood_accuracy", "reward_accuracy"))
+    assert "| ConfPO beats DPO | likelihood acc. | 0,1,2 | +2.0 [+1.0, +3.0] | 0.040 | holds |" in judged
+    assert "| ConfPO beats DPO | reward acc. | 0,1,2 | −1.0 [−5.0, +3.0] | 0.600 | cannot tell |" in judged
+    assert "| Selective-DPO with a DPO-trained reference beats DPO | likelihood acc. | 0,1,2 | +1.0 [+0.1, +4.0] | 0.060 | cannot tell |" in judged
+    assert "| Selective-DPO with a DPO-trained reference beats DPO | reward acc. | 0,1,2 | +2.0 [+0.1, +5.0] | 0.060 | cannot tell |" in judged
     # the instruction-following claim is judged on IFEval alone, which this report lacks
     assert "Instruction following" not in judged
     # claims against a baseline no report has are left out, not judged against another one
     assert "random 40%" not in judged and "stronger reference" not in judged
-    assert tables.verdict((0.01, 0.03), -1) == "does not" and tables.verdict((-0.03, -0.01), -1) == "holds"
+    assert tables.verdict({"difference": 0.02}, -1, 0.01) == "does not" and tables.verdict({"difference": -0.02}, -1, 0.01) == "holds"
+    assert tables.verdict({"difference": -0.02}, -1, 0.051) == "cannot tell"
+    change = tables.interval_change([report], ("likelihood_accuracy",))
+    assert "| ConfPO beats DPO | likelihood acc. | 0,1,2 | **+2.0 [+0.5, +1.5]** | **+2.0 [+1.0, +3.0]** | t over 3 seeds |" in change
     monkeypatch.setattr(sys, "argv", ["results_tables.py", str(path)])
     tables.main()
     out = capsys.readouterr().out
-    assert "Seed spread" in out and "| holds |" in out
+    assert "Seed spread" in out and "| holds |" in out and "before" in out
+
+
+def test_rebuilding_a_report_moves_its_runs_to_the_runs_file_and_keeps_a_digest(tables, tmp_path):
+    def run(method, seed, values):
+        return {"method": method, "seed": seed, "per_item": {"likelihood_accuracy": values}, "measured_on": "d"}
+
+    runs = {f"{m}/seed{s}": run(m, s, [float((s + i + (m == "x")) % 2) for i in range(6)]) for m in ("dpo", "x") for s in (0, 1)}
+    report = tmp_path / "cpu_main.json"
+    report.write_text(json.dumps({"summary": {"methods": {"dpo": {"seeds": [0, 1]}, "x": {"seeds": [0, 1]}}}, "runs": runs}))
+    report.with_suffix(".md").write_text("m on `d` (train trains, test is held out); every model measured against m with beta 0.1. Old.\n")
+    store = tmp_path / "cpu_runs.json"
+    tables.rebuild([report], store, resamples=200, every_run=False)
+    rebuilt = json.loads(report.read_text())
+    assert json.loads(store.read_text()) == runs and "runs" not in rebuilt
+    assert rebuilt["runs_sha256"] == hashlib.sha256(store.read_bytes()).hexdigest() and rebuilt["run_keys"] == list(runs)
+    cell = rebuilt["summary"]["methods"]["x"]["likelihood_accuracy"]
+    assert cell["interval_method"] == "t over 2 seeds" and "p_value" in cell
+    assert "Student's t" in report.with_suffix(".md").read_text() and report.with_suffix(".png").is_file()
 
 
 def test_kept_tokens_splits_each_change_into_the_scorers_kept_share_and_the_rest():
@@ -209,15 +243,17 @@ def test_kept_tokens_splits_each_change_into_the_scorers_kept_share_and_the_rest
         kept.first_end([5, 6, 7], 1, end_id=2)
 
 
-def test_the_results_page_shows_the_committed_reports_tables(tables, capsys, monkeypatch):
-    """Every table row of the CPU preset's section in docs/results.md is what benchmarks/results_tables.py prints
-    from the committed reports: the page's figures cannot drift from the runs."""
+@pytest.mark.parametrize("reports", [("cpu_main", "cpu_main-vs-sdpo-dpo-ref"), ("cuda_main",),
+                                     ("cpu_40x4_main", "cpu_40x4_main-vs-sdpo-dpo-ref", "cpu_40x4_main-vs-sepo")])
+def test_the_results_page_shows_the_committed_reports_tables(tables, capsys, monkeypatch, reports):
+    """Every table row of each grid's section in docs/results.md is what benchmarks/results_tables.py prints from the
+    committed reports: the page's figures cannot drift from the runs."""
     results = SCRIPT.parents[1] / "docs" / "results"
-    monkeypatch.setattr(sys, "argv", ["results_tables.py", str(results / "cpu_main.json"), str(results / "cpu_main-vs-sdpo-dpo-ref.json")])
+    monkeypatch.setattr(sys, "argv", ["results_tables.py", *(str(results / f"{name}.json") for name in reports)])
     tables.main()
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and not line.startswith("| ---")]
     page = (SCRIPT.parents[1] / "docs" / "results.md").read_text().splitlines()
-    assert len(rows) > 30 and [row for row in rows if row not in page] == []
+    assert len(rows) > 15 and [row for row in rows if row not in page] == []
 
 
 def test_the_methods_page_shows_the_committed_weighting_report():
@@ -240,3 +276,36 @@ def test_the_methods_page_shows_the_committed_weighting_report():
             assert cell.replace("\u2212", "-") == expected, (cells[0], metric)
             checked += 1
     assert checked == 16
+
+
+def test_every_committed_report_names_its_runs_by_digest_and_reproduces_from_them():
+    """docs/results keeps each run's per-item results once; a report names them by key with the runs file's digest,
+    and its t-intervals follow from them."""
+    import numpy as np
+
+    from selective_po.intervals import seed_t_interval
+
+    results = SCRIPT.parents[1] / "docs" / "results"
+    checked = 0
+    for path in sorted(results.glob("*.json")):
+        report = json.loads(path.read_text())
+        if "runs_file" not in report:
+            assert "summary" not in report or len(path.read_bytes()) < 200_000, f"{path.name} holds its runs: rebuild it"
+            continue
+        runs_path = results / report["runs_file"]
+        assert hashlib.sha256(runs_path.read_bytes()).hexdigest() == report["runs_sha256"], path.name
+        runs = json.loads(runs_path.read_text())
+        assert set(report["run_keys"]) <= set(runs)
+        for method, row in report["summary"]["methods"].items():
+            for metric, cell in row.items():
+                if isinstance(cell, dict) and cell.get("interval_method", "").startswith("t over"):
+                    baseline = next(m for m, r in report["summary"]["methods"].items() if "difference" not in r.get(metric, {"difference": 0}))
+                    theirs_seeds = report["summary"]["methods"][baseline]["seeds"]
+                    # the start model is the same for every seed: it is paired with each of the baseline's
+                    seeds = theirs_seeds if method == "base" else sorted(set(row["seeds"]) & set(theirs_seeds))
+                    mine = [runs[f"{method}/seed{row['seeds'][0] if method == 'base' else s}"]["per_item"][metric] for s in seeds]
+                    theirs = [runs[f"{baseline}/seed{s}"]["per_item"][metric] for s in seeds]
+                    low, high, p = seed_t_interval(np.array(mine) - np.array(theirs))
+                    assert cell["difference_interval"] == pytest.approx([low, high]) and cell["p_value"] == pytest.approx(p)
+                    checked += 1
+    assert checked > 100

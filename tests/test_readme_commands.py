@@ -13,8 +13,9 @@ Model names map onto tiny models built here, so each command runs in seconds:
 
 `make X` runs the `selective-po` line of the Makefile's recipe for X. `selective-po ...` runs in this
 process; `accelerate launch` and `torchrun` lines run as processes. A command the tests cannot run
-carries `# not run by the tests: <why>` in the README and is reported as a skip with that reason;
-nothing is skipped without one.
+carries `# not run by the tests: <why>`, after it on its line or on a comment line above it (which
+marks every command down to the next blank or comment line), and is reported as a skip with that
+reason; nothing is skipped without one. A command continued over lines with `\\` runs as one line.
 """
 
 from __future__ import annotations
@@ -41,16 +42,34 @@ HUB_IDS = ("Qwen/Qwen2.5-0.5B-Instruct", "Qwen/Qwen2.5-1.5B-Instruct", "Qwen/Qwe
 
 
 def readme_commands(text: str) -> list[tuple[str, str | None]]:
-    """`(command line, reason it is not run or None)` for every command in the README's bash blocks."""
+    """`(command line, reason it is not run or None)` for every command in the README's bash blocks.
+
+    A command continued over lines with `\\` is one command, its pieces joined by single spaces. The
+    reason comes from the command's own trailing `# not run by the tests: ...` comment, or from a
+    comment line of that form above it (continued on the comment lines right after it), which marks
+    every command below it up to the next blank line or comment line.
+    """
     commands = []
     for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
-        for line in block.replace("\\\n", " ").splitlines():
+        above, continued = None, False  # the reason a `# not run by the tests: ...` line gives the lines below
+        for line in re.sub(r"[ \t]*\\\n[ \t]*", " ", block).splitlines():
+            if line.strip().startswith("#"):
+                note = line.strip().lstrip("#").strip()
+                if note.startswith(NOT_RUN):
+                    above, continued = note[len(NOT_RUN) :].strip(), True
+                elif continued:
+                    above = f"{above} {note}"
+                else:
+                    above = None
+                continue
+            continued = False
             code, _, comment = line.partition(" #")
             code = code.strip()
-            if not code or code.startswith("#"):
+            if not code:
+                above = None
                 continue
             comment = comment.strip()
-            reason = comment[len(NOT_RUN) :].strip() if comment.startswith(NOT_RUN) else None
+            reason = comment[len(NOT_RUN) :].strip() if comment.startswith(NOT_RUN) else above
             commands.append((code, reason))
     return commands
 

@@ -463,8 +463,13 @@ def plot_differences(config: CompareConfig, summary: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     metrics = summary["metrics"]
-    fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 0.5 + 0.45 * len(summary["methods"])), squeeze=False)
-    for ax, metric in zip(axes[0], metrics):
+    columns = min(3, len(metrics))  # rows of three panels: readable at a page's width
+    rows = math.ceil(len(metrics) / columns)
+    height = 0.8 + 0.3 * len(summary["methods"])
+    fig, axes = plt.subplots(rows, columns, figsize=(5.2 * columns, height * rows), squeeze=False)
+    for ax in axes.flat[len(metrics):]:
+        ax.axis("off")
+    for ax, metric in zip(axes.flat, metrics):
         names, centers, lows, highs = [], [], [], []
         for method, row in summary["methods"].items():
             cell = row.get(metric, {})

@@ -51,9 +51,9 @@ def _has_accelerator() -> bool:
 
 @dataclass
 class SelectiveDPOConfig(DPOConfig):
-    r"""Configuration for [`SelectiveDPOTrainer`].
+    r"""Configuration for [`SelectiveDPOTrainer`][selective_po.SelectiveDPOTrainer].
 
-    Everything in [`~trl.DPOConfig`] applies. Changed defaults:
+    Everything in `trl.DPOConfig` applies. Changed defaults:
 
     > - `loss_type`: `["sdpo"]` instead of `["sigmoid"]`.
     > - `bf16`: on only when an accelerator is present (TRL turns it on everywhere, which a CPU-only
@@ -62,14 +62,14 @@ class SelectiveDPOConfig(DPOConfig):
     >   is kept).
 
     Parameters:
-        sdpo_threshold (`float`, *optional*, defaults to `0.6`):
+        sdpo_threshold:
             Quantile `q` in `[0, 1)` below which tokens are dropped: each response keeps its top
             `1 - q` share of tokens by score (`0.6` keeps the top 40%). `0` keeps every token (DPO).
-        ref_model_name_or_path (`str`, *optional*):
+        ref_model_name_or_path:
             Model used as the reference (a hub id, a local folder, or an embedded name such as
             `smollm2-135m-instruct`). `None` uses TRL's default, a frozen copy of the initial policy.
             Its tokenizer must have the policy's vocabulary.
-        ref_logps_cache_dir (`str`, *optional*):
+        ref_logps_cache_dir:
             Where `precompute_ref_log_probs=True` stores per-token reference log-probs (default
             `$SELECTIVE_PO_CACHE/ref_logps`). With `loss_type="sdpo"`, precomputing stores every
             token's value, not TRL's one sum per sequence, and the reference is then never kept in
@@ -396,7 +396,7 @@ ORACLE_FREE_RULES = ("confidence", "spans")
 
 @dataclass
 class SePOConfig(SelectiveDPOConfig):
-    r"""Configuration for [`SePOTrainer`]: SePO (Yang et al., arXiv 2408.13518).
+    r"""Configuration for [`SePOTrainer`][selective_po.SePOTrainer]: SePO (Yang et al., arXiv 2408.13518).
 
     An oracle (a model DPO-trained on the target data) and the oracle's own reference (the model it
     was trained from) give every response token a reward `log p_oracle - log p_oracle_ref`, computed
@@ -412,17 +412,17 @@ class SePOConfig(SelectiveDPOConfig):
     `"spans"` (the tokens the data names); the oracle fields and the two shares are then unused.
 
     Parameters:
-        oracle_model_name_or_path (`str`):
+        oracle_model_name_or_path:
             The oracle: a model DPO-trained on the target preference data. It may be smaller than the
             policy (weak-to-strong). It must share the policy's vocabulary unless
             `map_across_tokenizers=True`.
-        oracle_ref_model_name_or_path (`str`):
+        oracle_ref_model_name_or_path:
             The model the oracle was trained from (its DPO reference).
-        sepo_chosen_share (`float`, *optional*, defaults to `0.3`):
+        sepo_chosen_share:
             `k_w`: share of each chosen response's tokens kept, highest reward first, in `(0, 1]`.
-        sepo_rejected_share (`float`, *optional*, defaults to `0.3`):
+        sepo_rejected_share:
             `k_l`: share of each rejected response's tokens kept, lowest reward first, in `(0, 1]`.
-        sepo_gamma (`float`, *optional*, defaults to `0.0`):
+        sepo_gamma:
             Target margin `gamma` between `u(y_w)` and `u(y_l)`.
     """
 

@@ -329,8 +329,9 @@ def markdown(sections: dict[str, list[str]]) -> str:
         "Every option of TRL's `DPOConfig` and `DPOTrainer`, and every `TrainingArguments` field selective-po reads or",
         "sets, keeps TRL's meaning (honoured), is refused with an error that names it and what to use instead, or is",
         "not read at all (not applicable). `tests/test_parity.py` reads the option lists from TRL itself and fails when",
-        "TRL adds one that has no verdict here; every honoured option names the tests that check it. This page is",
-        "generated from `src/selective_po/parity.py` by `python -m selective_po.parity docs/trl_parity.md`.",
+        "TRL adds one that has no verdict here; every honoured option names the tests that check it, in a list under",
+        "its table. This page is generated from `src/selective_po/parity.py` by",
+        "`python -m selective_po.parity docs/trl_parity.md`.",
         "",
         "TRL's own loss types (`loss_type='sigmoid'`, `'ipo'`, ...) run TRL's code unchanged; the verdicts below are",
         "for `loss_type='sdpo'` (`SelectiveDPOConfig`) and `loss_type='sepo'` (`SePOConfig`). `loss_type='tgdpo'` and",
@@ -341,16 +342,24 @@ def markdown(sections: dict[str, list[str]]) -> str:
         "| --- | ---: | ---: | ---: |",
         *[f"| {method} | {c['honoured']} | {c['refused']} | {c['not applicable']} |" for method, c in totals.items()],
     ]
+    # The tests behind each verdict go in a list under each table rather than in a column of it: a fourth
+    # column of long test names squeezed the option names until they broke mid-word.
     for title, names in sections.items():
-        lines += ["", f"## {title}", "", "| option | Selective-DPO | SePO | checked by |", "| --- | --- | --- | --- |"]
+        lines += ["", f"## {title}", "", "| option | Selective-DPO | SePO |", "| --- | --- | --- |"]
+        checked_by = []
         for name in sorted(names):
             cells = [_cell(verdicts[name]).replace("|", "\\|") for verdicts in METHODS.values()]
-            checked = "<br>".join(dict.fromkeys(entry for verdicts in METHODS.values() for entry in _checks(verdicts[name])))
-            lines.append(f"| `{name}` | {cells[0]} | {'same' if cells[1] == cells[0] else cells[1]} | {checked} |")
+            lines.append(f"| `{name}` | {cells[0]} | {'same' if cells[1] == cells[0] else cells[1]} |")
+            checks = dict.fromkeys(entry for verdicts in METHODS.values() for entry in _checks(verdicts[name]))
+            if checks:
+                checked_by.append(f"- `{name}`: {', '.join(checks)}")
+        if checked_by:
+            lines += ["", "The tests that check each verdict, in `tests/`:", "", *checked_by]
     lines += ["", "## Where TRL's own DPO tests see another behaviour", "",
               "Run against these classes, TRL's own test file for its `DPOTrainer` meets two behaviours that differ on "
-              "purpose:", "", "| case | TRL | selective-po | checked by |", "| --- | --- | --- | --- |"]
-    lines += [f"| {case} | {trl} | {ours} | `{test}` |" for case, trl, ours, test in DIFFERENCES]
+              "purpose:", "", "| case | TRL | selective-po |", "| --- | --- | --- |"]
+    lines += [f"| {case} | {trl} | {ours} |" for case, trl, ours, _ in DIFFERENCES]
+    lines += ["", "The tests that check them:", "", *[f"- {case}: `{test}`" for case, _, _, test in DIFFERENCES]]
     return "\n".join(lines) + "\n"
 
 

@@ -70,7 +70,7 @@ SELECTIVE_DPO_PAPER = {
 class SelectiveDPOTrainer(DPOTrainer):
     """Trainer for Selective-DPO (and, unchanged, every TRL DPO loss).
 
-    Takes the same arguments as [`~trl.DPOTrainer`], with a [`SelectiveDPOConfig`] as `args`.
+    Takes the same arguments as `trl.DPOTrainer`, with a [`SelectiveDPOConfig`][selective_po.SelectiveDPOConfig] as `args`.
     `model` may also be an embedded name such as `"smollm2-135m-instruct"`, and
     `args.ref_model_name_or_path` loads the reference from a path instead of copying the policy.
 
@@ -82,6 +82,9 @@ class SelectiveDPOTrainer(DPOTrainer):
     args = SelectiveDPOConfig(output_dir="sdpo", loss_type="sdpo", sdpo_threshold=0.6)
     SelectiveDPOTrainer(model="smollm2-135m-instruct", args=args, train_dataset=dataset).train()
     ```
+
+    Attributes:
+        mask_unimportant_tokens: `methods.kept_token_sums`: the policy's and the reference's log-probs `(B, T)` summed over each response's Selective-DPO-kept tokens, `(B,)` each, ready for TRL's DPO loss.
     """
 
     _tag_names = ["trl", "dpo", "selective-po"]
@@ -142,22 +145,19 @@ class SelectiveDPOTrainer(DPOTrainer):
         return [m for m in (self.reference, *self.stored_models) if m is not None]
 
     def create_accelerator_and_postprocess(self) -> None:
-        """transformers' accelerator, refused if not the engine or process count the launch asked for; `share_prompt`
-        is settled here (the model is loaded by now, and nothing has been scored yet)."""
+        """transformers' accelerator, refused if not the engine or process count asked for; settles `share_prompt`."""
         super().create_accelerator_and_postprocess()
         engines.check_engine(self.accelerator)
         self._shared_prompt_mask = resolve_share_prompt(self)
 
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
-        """TRL's `train`; `resume_from_checkpoint=True` resumes from the last *complete* checkpoint (transformers would
-        pick the highest-numbered one, even one that a `kill -9` left without its `trainer_state.json`, written last)."""
+        """TRL's `train`; `resume_from_checkpoint=True` resumes from the last *complete* checkpoint, not a `kill -9`'s."""
         if resume_from_checkpoint is True:
             resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir)
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
-        """TRL's `evaluate`; with stored values, new data is scored by the reference object, which refuses only what it
-        cannot score any more (TRL refuses any once a step has run and no `ref_model` is kept)."""
+        """TRL's `evaluate`; with stored values, the reference object scores new data (TRL refuses once a step has run)."""
         if eval_dataset is None or isinstance(eval_dataset, str) or not (self.precompute_ref_logps and self.args.uses_selection):
             return super().evaluate(eval_dataset=eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
         named = eval_dataset if isinstance(eval_dataset, dict) else {None: eval_dataset}
@@ -321,7 +321,7 @@ class SelectiveDPOTrainer(DPOTrainer):
 class SePOTrainer(SelectiveDPOTrainer):
     """Trainer for SePO: reference-free training on oracle-selected tokens.
 
-    Takes a [`SePOConfig`]. Before training, the oracle and its reference score every response
+    Takes a [`SePOConfig`][selective_po.SePOConfig]. Before training, the oracle and its reference score every response
     token of the data once (`log p_oracle - log p_oracle_ref`, stored and keyed like Selective-DPO's
     reference log-probs); training then runs only the policy. Everything else is TRL's.
     """
