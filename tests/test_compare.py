@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 from pathlib import Path
 
 import numpy as np
@@ -216,3 +217,20 @@ def test_compare_reports_the_answers_that_end_per_prompt(tmp_path, tiny_model_di
     items = json.loads((run_dir(config, "dpo", 0) / "result.json").read_text())["per_item"]
     assert len(items["answers_that_end"]) == 4 and set(items["answers_that_end"]) <= {0.0, 1.0}
     assert "### answers_that_end" in (Path(config.output_dir) / "compare.md").read_text()
+
+
+def test_a_metric_the_baseline_lacks_on_some_seeds_pairs_only_where_both_have_it():
+    from selective_po.compare import summarize
+
+    def run(method, seed, with_end):
+        items = {"likelihood_accuracy": [1.0, 0.0, 1.0]}
+        if with_end:
+            items["answers_that_end"] = [1.0, 1.0, 0.0] if method == "x" else [0.0, 1.0, 0.0]
+        return {"method": method, "seed": seed, "per_item": items}
+
+    results = {"dpo/seed0": run("dpo", 0, True), "dpo/seed1": run("dpo", 1, False), "x/seed0": run("x", 0, True),
+               "x/seed1": run("x", 1, True)}  # fmt: skip
+    summary = summarize(SimpleNamespace(baseline="dpo"), results, resamples=100)
+    cell = summary["methods"]["x"]["answers_that_end"]
+    assert cell["difference"] == pytest.approx(1 / 3) and cell["interval_method"].startswith("bootstrap over items, 1 seed")
+    assert "answers_that_end" not in summary["methods"]["dpo"]  # not measured on every seed of the row

@@ -414,8 +414,10 @@ def summarize(config: CompareConfig, results: dict[str, dict], *, resamples: int
             cell = {"mean": float(values.mean()), "interval": interval,
                     "per_seed": values.mean(axis=1).tolist()}  # the seed spread, beside the interval it widens
             if method != config.baseline:
-                # The untrained start model is the same for every seed: pair it with each baseline seed.
-                shared = sorted(baseline) if method == "base" else sorted(set(seeds) & set(baseline))
+                # The untrained start model is the same for every seed: pair it with each baseline seed. Only the
+                # baseline's seeds that measured this metric pair (a run measured before a metric existed has none).
+                measured = {s for s, per_item in baseline.items() if metric in per_item}
+                shared = sorted(measured) if method == "base" else sorted(set(seeds) & measured)
                 mine = np.array([seeds[s if method != "base" else min(seeds)][metric] for s in shared], dtype=np.float64)
                 theirs = np.array([baseline[s][metric] for s in shared], dtype=np.float64)
                 if shared:
