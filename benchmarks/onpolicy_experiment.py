@@ -331,10 +331,11 @@ def experiment(opts) -> None:
     for name, grid_file, baseline in reports:
         config = CompareConfig.from_yaml(grid_file, **({"baseline": baseline} if baseline else {}))
         stem = "compare" if baseline is None else f"compare-vs-{baseline}"
-        results = finished_results(config)
         if docs and grid_file == main_grid:  # the stored runs of this grid too, also those whose models are gone
             wanted = {f"{method}/seed{seed}" for method, seed in config.runs()}
             results = {key: run for key, run in runs.items() if key in wanted}
+        else:
+            results = finished_results(config)
         try:
             summary = write_report(config, results, resamples=opts.resamples, stem=stem)
         except ValueError as error:

@@ -46,10 +46,19 @@ def paired_bootstrap_interval(
         raise ValueError(f"values must be (seeds, items), got shape {values.shape}.")
     if values.size == 0:
         return float("nan"), float("nan")
-    means = _paired_bootstrap_means(values, resamples=resamples, seed=seed)
+    return _percentile_interval(_paired_bootstrap_means(values, resamples=resamples, seed=seed), confidence)
+
+
+def _percentile_interval(means: np.ndarray, confidence: float) -> tuple[float, float]:
     tail = (1.0 - confidence) / 2 * 100
     low, high = np.percentile(means, [tail, 100 - tail])
     return float(low), float(high)
+
+
+def _two_sided_p(means: np.ndarray) -> float:
+    """Twice the share of resampled means on the far side of 0, at least 1 / resamples."""
+    tail = min((means <= 0).mean(), (means >= 0).mean())
+    return float(min(1.0, max(2.0 * tail, 1.0 / means.size)))
 
 
 def _paired_bootstrap_means(values: np.ndarray, *, resamples: int, seed: int) -> np.ndarray:
@@ -115,11 +124,9 @@ def seed_t_interval(values, *, confidence: float = 0.95) -> tuple[float, float, 
         df = (between + within) ** 2 / (between**2 / (seeds - 1) + within**2 / (items - 1))
         candidates.append((math.sqrt(between + within), df))
     quantile = 1.0 - (1.0 - confidence) / 2
-    widest = max(candidates, key=lambda c: student_t_quantile(quantile, c[1]) * c[0] if c[0] > 0 else 0.0)
-    error, df = widest
+    half, error, df = max((student_t_quantile(quantile, df) * error, error, df) for error, df in candidates)
     if error == 0.0:
         return mean, mean, 1.0 if mean == 0.0 else 0.0
-    half = student_t_quantile(quantile, df) * error
     p = 2.0 * (1.0 - student_t_cdf(abs(mean) / error, df))
     return mean - half, mean + half, min(1.0, max(p, 0.0))
 
@@ -127,9 +134,7 @@ def seed_t_interval(values, *, confidence: float = 0.95) -> tuple[float, float, 
 def bootstrap_p_value(values, *, resamples: int = 4000, seed: int = 0) -> float:
     """Two-sided p-value of "the mean of `values` `(S, N)` is 0" from the same paired bootstrap as
     `paired_bootstrap_interval`: twice the share of resampled means on the far side of 0, at least 1/resamples."""
-    means = _paired_bootstrap_means(np.asarray(values, dtype=np.float64), resamples=resamples, seed=seed)
-    tail = min((means <= 0).mean(), (means >= 0).mean())
-    return float(min(1.0, max(2.0 * tail, 1.0 / resamples)))
+    return _two_sided_p(_paired_bootstrap_means(np.asarray(values, dtype=np.float64), resamples=resamples, seed=seed))
 
 
 def holm(p_values: list[float]) -> list[float]:
@@ -149,12 +154,12 @@ def difference_summary(difference, *, resamples: int = 4000) -> dict:
     bootstrap over the items (which says nothing of the training seed). `bootstrap_interval` is the paired
     bootstrap over seeds and items in both cases, for comparison."""
     difference = np.asarray(difference, dtype=np.float64)
-    bootstrap = paired_bootstrap_interval(difference, resamples=resamples)
+    means = _paired_bootstrap_means(difference, resamples=resamples, seed=0)  # one draw for the interval and the p-value
+    bootstrap = _percentile_interval(means, 0.95)
     cell = {"difference": float(difference.mean()), "bootstrap_interval": bootstrap}
     if difference.shape[0] >= 2:
         low, high, p = seed_t_interval(difference)
         cell.update(difference_interval=(low, high), p_value=p, interval_method=f"t over {difference.shape[0]} seeds")
     else:
-        cell.update(difference_interval=bootstrap, p_value=bootstrap_p_value(difference, resamples=resamples),
-                    interval_method="bootstrap over items, 1 seed")  # fmt: skip
+        cell.update(difference_interval=bootstrap, p_value=_two_sided_p(means), interval_method="bootstrap over items, 1 seed")
     return cell

@@ -95,12 +95,16 @@ def end_of_sequence_mask(token_ids: Tensor, mask: Tensor, end_ids: list[int]) ->
     Returns:
         `(B, T)` bool, a subset of `mask`; empty for an empty completion.
     """
+    return end_and_after(end_of_turn_mask(token_ids, mask, end_ids), mask)
+
+
+def end_and_after(end_turn: Tensor, mask: Tensor) -> Tensor:
+    """`end_of_sequence_mask` from `end_of_turn_mask`'s output `(B, T)`: that token and every completion token after
+    it, or a truncated completion's last token."""
     mask = mask.bool()
-    is_end = torch.isin(token_ids, torch.tensor(end_ids, device=token_ids.device)) & mask  # (B, T)
-    after_first = is_end.long().cumsum(-1) > 0  # (B, T)
     positions = torch.arange(mask.size(-1), device=mask.device).expand_as(mask)
     last = positions == torch.where(mask, positions, -1).amax(-1, keepdim=True)  # (B, T)
-    return mask & torch.where(is_end.any(-1, keepdim=True), after_first, last)
+    return mask & torch.where(end_turn.any(-1, keepdim=True), end_turn.long().cumsum(-1) > 0, last)
 
 
 def end_of_turn_mask(token_ids: Tensor, mask: Tensor, end_ids: list[int]) -> Tensor:

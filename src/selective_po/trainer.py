@@ -47,7 +47,7 @@ from .progress import TickingProgressCallback
 from .reference_cache import PerTokenReferenceCollator
 from .reference_scoring import NON_MODEL_KEYS, forward_logps
 from .selection import RandomControlSeeds, compute_dtypes
-from .token_values import TokenValues, end_of_sequence_mask, end_of_turn_mask, end_token_ids
+from .token_values import TokenValues, end_and_after, end_of_turn_mask, end_token_ids
 from .weighting import length_desensitized_weights
 
 logger = logging.get_logger(__name__)
@@ -253,8 +253,8 @@ class SelectiveDPOTrainer(DPOTrainer):
         shift_mask = inputs["completion_mask"][:, 1:].bool()  # (2B, T-1): position t scores token t + 1
         stored = {m.value_name: m.values(inputs, shift_mask).chunk(2) for m in self.value_models() if m.value_name != "reference"}
         given = spans.given_keep(inputs, shift_mask) if self.args.selection_rule == "spans" else None
-        end = end_of_sequence_mask(inputs["input_ids"][:, 1:], shift_mask, self._end_ids).chunk(2)
-        end_turn = end_of_turn_mask(inputs["input_ids"][:, 1:], shift_mask, self._end_ids).chunk(2)
+        first_end = end_of_turn_mask(inputs["input_ids"][:, 1:], shift_mask, self._end_ids)  # (2B, T-1)
+        end, end_turn = end_and_after(first_end, shift_mask).chunk(2), first_end.chunk(2)
         generator = self._random_seeds.generator(self.state.global_step) if self.args.selection_rule == "random" else None
         return TokenValues(mask=shift_mask.chunk(2), stored=stored, given=given, end=end, end_turn=end_turn, generator=generator)
 
