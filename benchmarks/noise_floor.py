@@ -1,6 +1,7 @@
 """The noise of per-token log-probs by dtype, and what selection does with it.
 
     python benchmarks/noise_floor.py        # writes docs/results/noise_floor.json and .md
+    python benchmarks/noise_floor.py --markdown_only   # rewrites the .md from the committed JSON
 
 On the bundled model and the first 8 bundled arithmetic pairs, for float32, bfloat16 and float16
 weights (`model_init_kwargs: {dtype: ...}`), each through the trainer's own code:
@@ -292,23 +293,33 @@ def bin_labels() -> list[str]:
     return [f"p in ({edges[i + 1]:.4g}, {edges[i]:.4g}]" if i else f"p > {edges[1]:.4g}" for i in range(len(edges) - 1)]
 
 
+def mode_label(mode: str) -> str:
+    """`alone_vs_batch_fp32_head` -> `alone vs batch, fp32 head`: headers a browser can wrap."""
+    return mode.replace("_fp32_head", ", fp32 head").replace("_", " ")
+
+
 def markdown(result: dict) -> str:
+    # Each table keeps to a few columns so that it fits the docs page without scrolling sideways.
+    dtypes = list(result["noise"])
     lines = ["# Noise of per-token log-probs, and what selection does with it", "", f"Command: `{result['command']}` ({result['seconds']:.0f} s).", "",
              "## Noise: |difference| of per-token log-probs (nats), same weights and tokens", "",
              "Largest difference over the completion tokens of 8 pairs; the mean in brackets.", "",
-             "| dtype | " + " | ".join(result["modes"]) + " |", "| --- |" + " ---: |" * len(result["modes"])]  # fmt: skip
-    for dtype, found in result["noise"].items():
-        cells = [f"{found[m]['max_abs']:.2e} ({found[m]['mean_abs']:.1e})" if m in found else "–" for m in result["modes"]]
-        lines.append(f"| {dtype} | " + " | ".join(cells) + " |")
-    labels = bin_labels()
+             "| values compared | " + " | ".join(dtypes) + " |", "| --- |" + " ---: |" * len(dtypes)]  # fmt: skip
+    for mode in result["modes"]:
+        cells = [f"{found[mode]['max_abs']:.2e} ({found[mode]['mean_abs']:.1e})" if mode in found else "–" for found in result["noise"].values()]
+        lines.append(f"| {mode_label(mode)} | " + " | ".join(cells) + " |")
     lines += ["", "## By the token's probability", "",
               "Largest `alone_vs_batch` difference per probability bin (tokens in the bin), and the bound the trainer measured",
               "on its first batch of 4 pairs (twice the largest difference in the bin or any likelier one).", "",
-              "| dtype | | " + " | ".join(labels) + " |", "| --- | --- |" + " ---: |" * len(labels)]  # fmt: skip
-    for dtype, found in result["noise"].items():
-        cells = [f"{b['max_abs']:.1e} ({b['tokens']})" if b["max_abs"] is not None else f"– (0)" for b in found["alone_vs_batch"]["bins"]]
-        lines.append(f"| {dtype} | layouts | " + " | ".join(cells) + " |")
-        lines.append(f"| {dtype} | bound | " + " | ".join(f"{v:.1e}" for v in result["step0"][dtype]["measured_bound"]) + " |")
+              "| token probability | " + " | ".join(f"{d}: layouts | {d}: bound" for d in dtypes) + " |",
+              "| --- |" + " ---: |" * (2 * len(dtypes))]  # fmt: skip
+    for i, label in enumerate(bin_labels()):
+        cells = []
+        for dtype, found in result["noise"].items():
+            b = found["alone_vs_batch"]["bins"][i]
+            cells += [f"{b['max_abs']:.1e} ({b['tokens']})" if b["max_abs"] is not None else "– (0)",
+                      f"{result['step0'][dtype]['measured_bound'][i]:.1e}"]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
     lines += ["", "## Step 0 with the default reference: share of tokens kept (chosen / rejected)", "",
               "| dtype | stored values | live | stored, row fallback only |", "| --- | --- | --- | --- |"]
     fmt = lambda d: f"{d['kept_share_chosen']:.1%} / {d['kept_share_rejected']:.1%}"  # noqa: E731
@@ -320,15 +331,16 @@ def markdown(result: dict) -> str:
               "rounded to the dtype, as loading them in it does (the arithmetic's share of the disagreement). Fallback: share of",
               "responses that kept every token. Uncertain: share of the ranked responses' tokens whose decision lay within the",
               "noise bound. The one-band rule keeps every token within a tie band per dtype (9e-5, 0.15, 1.0 nats for float32,",
-              "fp16, bf16) of each response's cut.", "",
-              "| s | median / p90 \\|score\\| (float64) | dtype | agreement | same weights | kept share | fallback rows | uncertain | one band: agreement | kept share |",
-              "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]  # fmt: skip
+              "fp16, bf16) of each response's cut."]  # fmt: skip
     for scale, rows in result["fidelity"].items():
+        lines += ["", f"### s = {scale}: median / p90 |score| {rows['median_abs_score']:.3f} / {rows['p90_abs_score']:.3f} nats (float64)", "",
+                  "| weights | agreement | same weights | kept share | fallback rows | uncertain | one band: agreement | one band: kept share |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]  # fmt: skip
         for label, _, score_dtype in variants(result["dtypes"]):
             row = rows[label]
             earlier = "– | –" if score_dtype else f"{row['earlier_rule']['agreement']:.2%} | {row['earlier_rule']['kept_share']:.1%}"
-            lines.append(f"| {scale} | {rows['median_abs_score']:.3f} / {rows['p90_abs_score']:.3f} | {label} | {row['agreement']:.2%} | "
-                         f"{row['agreement_same_weights']:.2%} | {row['kept_share']:.1%} | {row['fallback_rows']:.1%} | {row['uncertain_share']:.1%} | {earlier} |")  # fmt: skip
+            lines.append(f"| {label} | {row['agreement']:.2%} | {row['agreement_same_weights']:.2%} | {row['kept_share']:.1%} | "
+                         f"{row['fallback_rows']:.1%} | {row['uncertain_share']:.1%} | {earlier} |")  # fmt: skip
     timed = [(scale, label, rows[label]["seconds_per_batch"]) for scale, rows in result["fidelity"].items()
              for label, _, score_dtype in variants(result["dtypes"]) if score_dtype]  # fmt: skip
     if timed:
@@ -347,7 +359,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output", default="docs/results/noise_floor.json")
     parser.add_argument("--dtypes", nargs="*", default=list(DTYPES))
+    parser.add_argument("--markdown_only", action="store_true", help="rewrite the .md from the JSON at --output; measure nothing")
     opts = parser.parse_args()
+    if opts.markdown_only:
+        output = Path(opts.output)
+        atomic_write(output.with_suffix(".md"), markdown(json.loads(output.read_text())).encode())
+        return
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)

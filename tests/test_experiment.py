@@ -309,3 +309,14 @@ def test_every_committed_report_names_its_runs_by_digest_and_reproduces_from_the
                     assert cell["difference_interval"] == pytest.approx([low, high]) and cell["p_value"] == pytest.approx(p)
                     checked += 1
     assert checked > 100
+
+
+def test_the_noise_report_is_what_its_json_gives_and_fits_the_page():
+    """docs/results/noise_floor.md is benchmarks/noise_floor.py's markdown of the committed JSON, and no table in it is
+    wider than eight columns (wider ones scroll sideways on the docs page)."""
+    noise = benchmark("noise_floor")
+    results = SCRIPT.parents[1] / "docs" / "results"
+    page = (results / "noise_floor.md").read_text()
+    assert page == noise.markdown(json.loads((results / "noise_floor.json").read_text()))
+    headers = [line for line in page.splitlines() if line.startswith("| ") and not line.startswith("| ---")]
+    assert headers and max(line.count(" | ") + 1 for line in headers) <= 8

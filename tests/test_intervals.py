@@ -33,41 +33,88 @@ def test_t_cdf_matches_the_closed_forms_for_one_and_two_degrees_of_freedom(t):
     assert student_t_cdf(t, 2) == pytest.approx(0.5 + t / (2 * math.sqrt(2 + t * t)), abs=1e-10)
 
 
-def seed_and_item_intervals(values):
-    """The two candidate half-widths, from `statistics` in float64: over the seed means (t on S - 1) and over seeds
-    and items (Welch-Satterthwaite)."""
+def upper_tail(t: float, df: float, points: int = 200_001) -> float:
+    """P(T > t) for t >= 0, by Simpson's rule in theta = atan(x / sqrt(df)), where the density becomes
+    cos(theta)^(df - 1) on a bounded range: accurate far into the tail, and independent of the code under test."""
+
+    def integral(start: float) -> float:
+        theta = np.linspace(start, math.pi / 2, points)
+        f = np.cos(theta) ** (df - 1)
+        return (theta[1] - theta[0]) / 3 * (f[0] + f[-1] + 4 * f[1:-1:2].sum() + 2 * f[2:-1:2].sum())
+
+    return 0.5 * integral(math.atan(t / math.sqrt(df))) / integral(0.0)
+
+
+@pytest.mark.parametrize("df", [1, 2.5, 5, 30])
+@pytest.mark.parametrize("t", [0.5, 2.0, 50.0, 1e3, 2e4])
+def test_t_cdf_holds_far_into_the_tails(df, t):
+    """The p-value of a near-constant difference lies far out: relative accuracy there, not only absolute."""
+    assert student_t_cdf(-t, df) == pytest.approx(upper_tail(t, df), rel=1e-6, abs=1e-300)
+    assert student_t_cdf(t, df) == pytest.approx(1.0 - upper_tail(t, df), rel=1e-9)
+
+
+def candidates(values):
+    """The three candidate intervals as (half-width, standard error, df), from `statistics` in float64: over the seed
+    means (t on S - 1), over seeds and items (Welch-Satterthwaite), and every value as one observation."""
     seeds, items = len(values), len(values[0])
     per_seed = [statistics.fmean(row) for row in values.tolist()]
     per_item = [statistics.fmean(column) for column in values.T.tolist()]
     a, b = statistics.variance(per_seed) / seeds, statistics.variance(per_item) / items
+    c = statistics.variance(values.ravel().tolist()) / values.size
     df = (a + b) ** 2 / (a * a / (seeds - 1) + b * b / (items - 1))
-    return (student_t_quantile(0.975, seeds - 1) * math.sqrt(a), seeds - 1), (student_t_quantile(0.975, df) * math.sqrt(a + b), df)
+    found = [(math.sqrt(a), seeds - 1), (math.sqrt(a + b), df), (math.sqrt(c), values.size - 1)]
+    return [(student_t_quantile(0.975, d) * e, e, d) for e, d in found]
+
+
+def p_of(mean: float, error: float, df: float) -> float:
+    return 2 * upper_tail(abs(mean) / error, df)
 
 
 @pytest.mark.parametrize("shared_items", [False, True], ids=["seeds-wider", "items-wider"])
-def test_the_seed_interval_is_the_wider_of_the_seed_means_and_the_seeds_and_items(shared_items):
+def test_the_seed_interval_is_the_widest_candidate_and_its_p_the_largest(shared_items):
     rng = np.random.default_rng(3)
     if shared_items:  # the items differ a lot, the same way for every seed: the seed means agree closely
         values = 0.3 + 2.0 * rng.normal(size=(1, 50)) + rng.normal(0.0, 0.05, (3, 50))
     else:
         values = rng.normal(0.1, 1.0, (3, 50)) + 0.6 * rng.normal(size=(3, 1))
     low, high, p = seed_t_interval(values)
-    (seed_half, _), (both_half, _) = seed_and_item_intervals(values)
+    (seed_half, *_), (both_half, *_), _ = found = candidates(values)
     assert (both_half > seed_half) == shared_items
     mean = statistics.fmean(values.ravel().tolist())
-    half = max(seed_half, both_half)
+    half = max(h for h, _, _ in found)
     assert (low, high) == pytest.approx((mean - half, mean + half), rel=1e-6)
+    assert p == pytest.approx(max(p_of(mean, e, d) for _, e, d in found), rel=1e-5)
     assert 0 < p < 1 and (p < 0.05) == (low > 0 or high < 0)
 
 
-def test_with_two_seeds_the_p_value_is_students():
-    values = np.array([[0.3, 0.1, 0.2, 0.6], [0.2, 0.25, 0.1, 0.05]])
+def test_with_two_seeds_a_smaller_level_is_judged_on_the_heavier_tail():
+    """Two seeds that agree: the seeds-and-items interval is the wider at 95%, but t on 1 degree of freedom has the
+    heavier tail, so at Holm's smaller levels it is the wider one; the p-value is the larger, never the kept one's."""
+    item = np.random.default_rng(0).normal(size=400)
+    values = np.stack([item + 0.175 - 0.005, item + 0.175 + 0.005])
+    (seed_half, seed_error, _), (both_half, both_error, df), _ = candidates(values)
+    assert both_half > seed_half
     low, high, p = seed_t_interval(values)
-    (seed_half, _), (both_half, df) = seed_and_item_intervals(values)
-    error = (high - low) / 2 / (student_t_quantile(0.975, 1) if seed_half >= both_half else student_t_quantile(0.975, df))
-    t = values.mean() / error
-    expected = 1 - 2 * math.atan(abs(t)) / math.pi if seed_half >= both_half else 2 * (1 - student_t_cdf(abs(t), df))
-    assert p == pytest.approx(expected, abs=1e-9)
+    seed_p = 1 - 2 * math.atan(values.mean() / seed_error) / math.pi  # df = 1: the closed form
+    assert p == pytest.approx(max(seed_p, p_of(values.mean(), both_error, df)), rel=1e-5)
+    assert p == pytest.approx(seed_p, rel=1e-5) and p > 3 * p_of(values.mean(), both_error, df)
+    assert holm([p, 0.5, 0.5])[0] > 0.05  # judged on the kept interval's p alone, it would "hold" in a family of 3
+
+
+def test_values_that_vary_only_seed_by_item_still_get_an_interval():
+    """Every seed mean and every item mean equal, the values not: the interval is not a point."""
+    low, high, p = seed_t_interval(np.array([[1.0, 3.0], [3.0, 1.0]]))
+    assert high - low > 1.0 and low < 2.0 < high and 0 < p < 1
+
+
+def test_missing_values_are_refused_not_counted():
+    with pytest.raises(ValueError, match="NaN"):
+        seed_t_interval(np.array([[1.0, np.nan], [2.0, 1.0]]))
+    with pytest.raises(ValueError, match="NaN"):
+        difference_summary(np.array([[1.0, np.nan, 2.0]]), resamples=50)
+    for family in ([np.nan, 0.01, 0.02], [0.01, 0.02, np.nan]):
+        with pytest.raises(ValueError, match="NaN"):
+            holm(family)
 
 
 def test_three_agreeing_seeds_no_longer_look_certain():

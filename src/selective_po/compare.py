@@ -519,7 +519,8 @@ def report_caption(config: CompareConfig) -> str:
         f"{config.model} on `{config.dataset}` ({config.train_split} trains, {config.eval_split} is held out); every "
         f"model measured against {config.reference or config.model} with beta {config.eval_beta}. Means over seeds and "
         f"items. 95% intervals, paired with {config.baseline} on the same seeds and items: with 2 or more seeds, Student's t "
-        "over the per-seed means (S - 1 degrees of freedom) or, where wider, over seeds and items together; with one seed, "
+        "over the per-seed means (S - 1 degrees of freedom) or, where wider, over seeds and items together (or every "
+        "seed-and-item value, a floor); with one seed, "
         "the bootstrap over items, which says nothing of another training seed. \"Excludes 0\" is per row, with no "
         "correction for the number of rows."
     )

@@ -74,60 +74,105 @@ def _paired_bootstrap_means(values: np.ndarray, *, resamples: int, seed: int) ->
     return means
 
 
+def _incomplete_beta(x: float, a: float, b: float) -> float:
+    """The regularized incomplete beta function I_x(a, b), from its continued fraction (modified Lentz),
+    taken on the side of `x` where it converges fast."""
+    if x <= 0.0:
+        return 0.0
+    if x >= 1.0:
+        return 1.0
+    if x > (a + 1.0) / (a + b + 2.0):
+        return 1.0 - _incomplete_beta(1.0 - x, b, a)
+    log_front = a * math.log(x) + b * math.log1p(-x) - math.log(a) - (math.lgamma(a) + math.lgamma(b) - math.lgamma(a + b))
+    tiny = 1e-300
+    c, d = 1.0, 1.0 - (a + b) * x / (a + 1.0)
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    fraction = d
+    for m in range(1, 10_000):
+        for numerator in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
+                          -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):  # fmt: skip
+            d = 1.0 + numerator * d
+            d = 1.0 / (d if abs(d) > tiny else tiny)
+            c = 1.0 + numerator / c
+            c = c if abs(c) > tiny else tiny
+            fraction *= c * d
+        if abs(c * d - 1.0) < 1e-15:
+            break
+    return math.exp(log_front) * fraction
+
+
 def student_t_cdf(t: float, df: float) -> float:
-    """P(T <= t) for Student's t with `df` (real, > 0) degrees of freedom (Simpson's rule on the density; no SciPy needed)."""
+    """P(T <= t) for Student's t with `df` (real, > 0) degrees of freedom, through the incomplete beta function
+    (no SciPy needed); accurate in the far tails too, where the p-values of near-constant differences lie."""
     if not df > 0:
         raise ValueError(f"Student's t needs df > 0, got {df}.")
-    if math.isinf(t):
-        return 1.0 if t > 0 else 0.0
-    x = np.linspace(0.0, abs(t), 20001)
-    log_norm = math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
-    density = np.exp(log_norm - (df + 1) / 2 * np.log1p(x * x / df))
-    h = x[1] - x[0]
-    half = h / 3 * (density[0] + density[-1] + 4 * density[1:-1:2].sum() + 2 * density[2:-1:2].sum())
-    return float(0.5 + math.copysign(min(half, 0.5), t))
+    if math.isnan(t):
+        raise ValueError("Student's t cdf of NaN.")
+    tail = _upper_tail(abs(t), df)
+    return 1.0 - tail if t > 0 else tail
+
+
+def _upper_tail(t: float, df: float) -> float:
+    """P(T > t) for t >= 0, computed directly: tiny tails keep their digits, where 1 - cdf would round them to 0."""
+    return 0.5 * _incomplete_beta(df / (df + t * t), df / 2.0, 0.5) if math.isfinite(t) else 0.0
 
 
 def student_t_quantile(q: float, df: float) -> float:
     """The `q` quantile of Student's t with `df` degrees of freedom (bisection on `student_t_cdf`)."""
     if not 0.0 < q < 1.0:
         raise ValueError(f"q must lie in (0, 1), got {q}.")
-    low, high = -1e4, 1e4
-    for _ in range(100):
+    if q < 0.5:
+        return -student_t_quantile(1.0 - q, df)
+    low, high = 0.0, 1.0
+    while student_t_cdf(high, df) < q:  # the bracket grows until it holds the quantile, however far out
+        low, high = high, 2.0 * high
+    for _ in range(200):
         middle = (low + high) / 2
+        if middle in (low, high):
+            break
         low, high = (middle, high) if student_t_cdf(middle, df) < q else (low, middle)
     return (low + high) / 2
+
+
+def _reject_nan(values: np.ndarray, what: str) -> None:
+    if np.isnan(values).any():
+        raise ValueError(f"{what} contains NaN: pair only the items both sides measured, and leave the rest out.")
 
 
 def seed_t_interval(values, *, confidence: float = 0.95) -> tuple[float, float, float]:
     """The interval of the mean of `values` `(S, N)` over seeds and items, and its two-sided p-value against 0.
 
-    Two t-intervals, the wider one kept:
+    Three t-intervals, the widest one kept:
 
     - over seeds: the S per-seed means as S observations, Student's t on S - 1 degrees of freedom (the held-out
       items taken as fixed: they are the same for every seed);
     - over seeds and items: standard error `sqrt(s^2 / S + v / N)`, `s^2` the per-seed means' variance and `v`
-      the per-item values' (averaged over seeds), on Welch-Satterthwaite's degrees of freedom.
+      the per-item means' (over seeds), on Welch-Satterthwaite's degrees of freedom;
+    - every (seed, item) value as one observation, on S N - 1 degrees of freedom: the floor when the seeds' and
+      the items' means happen to agree while the values themselves vary.
 
     The first never lets three agreeing seeds look certain; the second adds how the mean would move on other
-    items. Needs S >= 2. Returns `(low, high, p)`, the p-value of the interval kept.
+    items. The p-value is the largest of the three, so that it lies below 1 - `confidence` exactly when the
+    interval kept excludes 0, and a smaller level (Holm's) is judged as conservatively as this one. Needs S >= 2.
+    Returns `(low, high, p)`.
     """
     values = np.asarray(values, dtype=np.float64)
     if values.ndim != 2 or values.shape[0] < 2:
         raise ValueError(f"A t-interval over seeds needs values of shape (seeds >= 2, items), got {values.shape}.")
+    _reject_nan(values, "The paired differences")
     seeds, items = values.shape
     mean = float(values.mean())
     between = values.mean(axis=1).var(ddof=1) / seeds  # (the per-seed means' standard error)^2
     within = values.mean(axis=0).var(ddof=1) / items if items > 1 else 0.0
-    candidates = [(math.sqrt(between), seeds - 1.0)]
+    candidates = [(math.sqrt(between), seeds - 1.0), (math.sqrt(values.var(ddof=1) / values.size), values.size - 1.0)]
     if within > 0.0:
         df = (between + within) ** 2 / (between**2 / (seeds - 1) + within**2 / (items - 1))
         candidates.append((math.sqrt(between + within), df))
     quantile = 1.0 - (1.0 - confidence) / 2
-    half, error, df = max((student_t_quantile(quantile, df) * error, error, df) for error, df in candidates)
-    if error == 0.0:
+    half = max(student_t_quantile(quantile, df) * error for error, df in candidates)
+    if half == 0.0:  # every value equal
         return mean, mean, 1.0 if mean == 0.0 else 0.0
-    p = 2.0 * (1.0 - student_t_cdf(abs(mean) / error, df))
+    p = max(2.0 * _upper_tail(abs(mean) / error, df) if error > 0.0 else float(mean == 0.0) for error, df in candidates)
     return mean - half, mean + half, min(1.0, max(p, 0.0))
 
 
@@ -140,6 +185,7 @@ def bootstrap_p_value(values, *, resamples: int = 4000, seed: int = 0) -> float:
 def holm(p_values: list[float]) -> list[float]:
     """Holm's step-down adjusted p-values of one family of tests (in the order given): a test is rejected at level
     alpha when its adjusted p-value is at most alpha, which controls the family-wise error rate."""
+    _reject_nan(np.asarray(p_values, dtype=np.float64), "The family of p-values")
     order = sorted(range(len(p_values)), key=lambda i: p_values[i])
     adjusted, running = [1.0] * len(p_values), 0.0
     for rank, i in enumerate(order):
@@ -154,6 +200,7 @@ def difference_summary(difference, *, resamples: int = 4000) -> dict:
     bootstrap over the items (which says nothing of the training seed). `bootstrap_interval` is the paired
     bootstrap over seeds and items in both cases, for comparison."""
     difference = np.asarray(difference, dtype=np.float64)
+    _reject_nan(difference, "The paired differences")
     means = _paired_bootstrap_means(difference, resamples=resamples, seed=0)  # one draw for the interval and the p-value
     bootstrap = _percentile_interval(means, 0.95)
     cell = {"difference": float(difference.mean()), "bootstrap_interval": bootstrap}

@@ -238,8 +238,9 @@ def end_token_candidates(mask: Tensor, end_turn: Tensor, mode: str) -> Tensor:
 
 def end_token_keep(keep: Pair, end_turn: Pair, mode: str) -> Pair:
     """A selection's masks with `mode`'s rule for the end-of-turn token applied: `keep` adds it on both sides,
-    `paired` keeps it on a side only where the other side's is kept too; `candidate` and `exclude` leave the
-    masks as the rule chose them (`end_token_candidates` already removed it for `exclude`).
+    `paired` keeps it on a side only where the other side's is kept too (a side that loses it keeps one token fewer
+    than its share: no other token takes its place); `candidate` and `exclude` leave the masks as the rule chose them
+    (`end_token_candidates` already removed it for `exclude`).
 
     Args:
         keep: `(chosen, rejected)`, `(B, T)` bool each, the rule's kept tokens.
