@@ -50,8 +50,9 @@ from selective_po.progress import bar
 SWEEP = (0.2, 0.4, 0.6, 0.8, 1.0)
 SEPO_BETAS = {"sepo-beta01": 0.1, "sepo-beta03": 0.3, "sepo-beta1": 1.0}
 # Second views of the main grid: against Selective-DPO with the DPO reference (the stronger reference, the
-# share sweep, its random control) and against SePO (its random and all-token controls).
-CLAIM_BASELINES = ("sdpo-dpo-ref", "sepo")
+# share sweep, its random control), against SePO (its random and all-token controls) and against SePO and the
+# fixed-score variant as published (each with the end-of-turn token kept on both sides).
+CLAIM_BASELINES = ("sdpo-dpo-ref", "sepo", "sdpo-fixed-scores")
 
 PRESETS = {
     # Two runs at once on 2 CPU cores, one core each (together about 1.5 times the work per hour of one run on both: the

@@ -1,6 +1,7 @@
 """The tables of `docs/results.md` from an experiment's compare reports, so no figure is copied by hand.
 
-    python benchmarks/results_tables.py docs/results/cpu_main.json docs/results/cpu_main-vs-sdpo-dpo-ref.json
+    python benchmarks/results_tables.py docs/results/cpu_main.json docs/results/cpu_main-vs-sdpo-dpo-ref.json \
+        docs/results/cpu_main-vs-sepo.json docs/results/cpu_main-vs-sdpo-fixed-scores.json
 
 The first report is the grid against DPO; each further one is the same runs against another baseline
 (`onpolicy_experiment.py` writes `<preset>_main-vs-<baseline>.json`). Prints, in markdown:
@@ -91,6 +92,8 @@ CLAIMS = (
     ("SePO's random 30% loses to the oracle's 30%", "sepo-random", "sepo", -1, None),
     ("SePO with the end-of-turn token kept on both sides beats DPO", "sepo-end-keep", "dpo", +1, None),
     ("Our variant (fixed scores) with the end-of-turn token kept on both sides beats DPO", "sdpo-fixed-scores-end-keep", "dpo", +1, None),
+    ("SePO with the end-of-turn token kept on both sides beats SePO as published", "sepo-end-keep", "sepo", +1, None),
+    ("Our variant with the end-of-turn token kept on both sides beats it as published", "sdpo-fixed-scores-end-keep", "sdpo-fixed-scores", +1, None),
     ("TGDPO beats DPO", "tgdpo", "dpo", +1, None),
     ("TIS-DPO beats DPO", "tisdpo", "dpo", +1, None),
 )
@@ -130,22 +133,26 @@ def table(reports: list[dict], metrics: tuple[str, ...]) -> str:
 
 
 def seed_spread(report: dict, metrics: tuple[str, ...]) -> str:
-    """Each seed's mean per metric, and the median half-width of the paired differences on rows with every seed."""
+    """Each seed's mean per metric, one row per method with every seed (metrics as columns, so that the table stays
+    as narrow as the others however many rows a grid has), and last the median half-width of the paired
+    differences on those rows."""
     methods = report["summary"]["methods"]
     most = max(len(row["seeds"]) for row in methods.values())
     full = [m for m, row in methods.items() if len(row["seeds"]) == most and m not in ("base", report["baseline"])]
-    lines = ["| metric | " + " | ".join(LABELS.get(m, m) for m in [report["baseline"], *full]) + " | smallest resolvable difference |",
-             "| --- | " + " | ".join(["---"] * (len(full) + 1)) + " | ---: |"]  # fmt: skip
-    for metric in metrics:
-        cells = [HEADINGS[metric]]
-        for method in [report["baseline"], *full]:
+    lines = ["| method | " + " | ".join(HEADINGS[metric] for metric in metrics) + " |", "| --- |" + " --- |" * len(metrics)]
+    for method in [report["baseline"], *full]:
+        cells = [LABELS.get(method, method)]
+        for metric in metrics:
             per_seed = methods[method].get(metric, {}).get("per_seed")
             cells.append(" / ".join(value(metric, x) for x in per_seed) if per_seed else "n/a")
+        lines.append("| " + " | ".join(cells) + " |")
+    cells = ["smallest resolvable difference"]
+    for metric in metrics:
         halves = [(methods[m][metric]["difference_interval"][1] - methods[m][metric]["difference_interval"][0]) / 2
                   for m in full if "difference" in methods[m].get(metric, {})]  # fmt: skip
         scale, unit = (100, " points") if metric in PERCENT else (1, " nats")
         cells.append(f"{scale * statistics.median(halves):.1f}{unit}" if halves else "n/a")
-        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

@@ -184,7 +184,9 @@ def test_results_tables_are_the_reports_figures(tables, tmp_path, capsys, monkey
     assert "| ConfPO (confidence) | 0,1,2 | 62.0% | **+2.0 [+1.0, +3.0]** |" in shown  # excludes 0
     spread = tables.seed_spread(report, ("likelihood_accuracy",))
     # rows on every seed but the baseline: half-widths 1.95 and 1.0 points; the one-seed control is left out
-    assert "| likelihood acc. | 59.0% / 60.0% / 61.0% | 60.0% / 61.0% / 62.0% | 62.0% / 62.0% / 62.0% | 1.5 points |" in spread
+    assert spread.splitlines()[0] == "| method | likelihood acc. |"
+    assert spread.splitlines()[2:] == ["| DPO | 59.0% / 60.0% / 61.0% |", "| Selective-DPO, DPO model as reference, k=40% | 60.0% / 61.0% / 62.0% |",
+                                       "| ConfPO (confidence) | 62.0% / 62.0% / 62.0% |", "| smallest resolvable difference | 1.5 points |"]  # fmt: skip
     judged = tables.verdicts([report], ("likelihood_accuracy", "reward_accuracy"))
     assert "| ConfPO beats DPO | likelihood acc. | 0,1,2 | +2.0 [+1.0, +3.0] | 0.040 | holds |" in judged
     assert "| ConfPO beats DPO | reward acc. | 0,1,2 | −1.0 [−5.0, +3.0] | 0.600 | cannot tell |" in judged
@@ -243,7 +245,7 @@ def test_kept_tokens_splits_each_change_into_the_scorers_kept_share_and_the_rest
         kept.first_end([5, 6, 7], 1, end_id=2)
 
 
-@pytest.mark.parametrize("reports", [("cpu_main", "cpu_main-vs-sdpo-dpo-ref"), ("cuda_main",),
+@pytest.mark.parametrize("reports", [("cpu_main", "cpu_main-vs-sdpo-dpo-ref", "cpu_main-vs-sepo", "cpu_main-vs-sdpo-fixed-scores"), ("cuda_main",),
                                      ("cpu_40x4_main", "cpu_40x4_main-vs-sdpo-dpo-ref", "cpu_40x4_main-vs-sepo")])
 def test_the_results_page_shows_the_committed_reports_tables(tables, capsys, monkeypatch, reports):
     """Every table row of each grid's section in docs/results.md is what benchmarks/results_tables.py prints from the
