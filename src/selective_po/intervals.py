@@ -26,10 +26,7 @@ def bootstrap_interval(
     if values.size == 0:
         return float("nan"), float("nan")
     generator = np.random.default_rng(seed)
-    means = values[generator.integers(0, values.size, size=(resamples, values.size))].mean(axis=1)
-    tail = (1.0 - confidence) / 2 * 100
-    low, high = np.percentile(means, [tail, 100 - tail])
-    return float(low), float(high)
+    return _percentile_interval(values[generator.integers(0, values.size, size=(resamples, values.size))].mean(axis=1), confidence)
 
 
 def paired_bootstrap_interval(
